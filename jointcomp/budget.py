@@ -1,0 +1,142 @@
+"""Size accounting and target parsing.
+
+A target is given once, as a ratio ("500x", against fp32 of the compressible weights), a
+size ("96000b" bits, "12KB", "12KiB", "1.5MB") or a fraction ("0.2%"). A bare number
+means a ratio. Targets are resolved to bits against an `Accounting`, which says what one
+kept weight and one layer cost: the paper counts bits x non-zeros only; the checkpoint
+codec adds a "file" accounting on top of this same interface.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+DENSE_BITS = 32
+BIT_CHOICES = range(1, 9)
+
+_UNITS_BITS = {
+    "b": 1, "bit": 1, "bits": 1,
+    "B": 8, "byte": 8, "bytes": 8,
+    "KB": 8_000, "kB": 8_000, "KiB": 8 * 1024,
+    "MB": 8_000_000, "MiB": 8 * 1024 * 1024,
+}
+_TARGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*$")
+
+
+@dataclass(frozen=True)
+class LayerBounds:
+    """Per-layer limits honoured by both projections.
+
+    `dense=True` leaves the layer uncompressed (fp32, every weight kept); it still
+    counts against the budget at 32 bits per weight.
+    """
+
+    min_bits: int = 1
+    max_bits: int = 8
+    min_density: float = 0.0
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        lo, hi = BIT_CHOICES.start, BIT_CHOICES.stop - 1
+        if not lo <= self.min_bits <= self.max_bits <= hi:
+            raise ValueError(
+                f"layer bounds need {lo} <= min_bits <= max_bits <= {hi}, "
+                f"got min_bits={self.min_bits}, max_bits={self.max_bits}"
+            )
+        if not 0.0 <= self.min_density <= 1.0:
+            raise ValueError(f"min_density must lie in [0, 1], got {self.min_density}")
+
+    def min_keep(self, numel: int) -> int:
+        """Fewest weights this layer may keep (at least one, so the layer still exists)."""
+        return max(1, math.ceil(self.min_density * numel))
+
+
+class PaperAccounting:
+    """The paper's size: sum over compressed layers of bitwidth x non-zeros."""
+
+    name = "paper"
+
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        """Cost in bits of one kept weight of each layer at bitwidth `bits`."""
+        return bits.double()
+
+    def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        """Fixed cost in bits of each layer at bitwidth `bits` (codebook, headers)."""
+        return torch.zeros_like(bits, dtype=torch.float64)
+
+    def size_bits(self, bits: torch.Tensor, nnz: torch.Tensor, numel: torch.Tensor) -> float:
+        """Total cost of layers with these bitwidths and non-zero counts."""
+        per_layer = self.weight_bits(bits, numel) * nnz.double() + self.layer_bits(bits, numel)
+        return float(per_layer.sum())
+
+
+def parse_target(spec: str | float | int, dense_bits: int) -> float:
+    """Resolve a target to bits; `dense_bits` is fp32 x numel of the compressible weights."""
+    if isinstance(spec, bool):
+        raise ValueError(f"target {spec!r} is not a size; use e.g. '50x', '12KB' or '0.2%'")
+    if isinstance(spec, (int, float)):
+        number, unit = float(spec), "x"
+    else:
+        match = _TARGET_RE.match(str(spec))
+        if not match:
+            raise ValueError(
+                f"cannot read target {spec!r}; use a ratio ('50x'), a size ('96000b', '12KB', "
+                "'12KiB') or a fraction of the fp32 size ('0.2%')"
+            )
+        number, unit = float(match.group(1)), match.group(2) or "x"
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"target {spec!r} must be a positive number")
+    if unit in ("x", "X"):
+        return dense_bits / number
+    if unit == "%":
+        return dense_bits * number / 100.0
+    if unit not in _UNITS_BITS:
+        raise ValueError(
+            f"unknown unit {unit!r} in target {spec!r}; use x, %, b, B, KB, KiB, MB or MiB"
+        )
+    return number * _UNITS_BITS[unit]
+
+
+def feasible_range(
+    numel: list[int], bounds: list[LayerBounds], accounting: PaperAccounting
+) -> tuple[float, float]:
+    """Smallest and largest size (bits) a target may ask for with these layers."""
+    n = torch.tensor(numel, dtype=torch.float64)
+    dense = torch.tensor([b.dense for b in bounds])
+    min_bits = torch.tensor([b.min_bits for b in bounds])
+    keep = torch.tensor([b.min_keep(k) for b, k in zip(bounds, numel)], dtype=torch.float64)
+    smallest = accounting.weight_bits(min_bits, n) * keep + accounting.layer_bits(min_bits, n)
+    smallest = torch.where(dense, DENSE_BITS * n, smallest)
+    return float(smallest.sum()), float(DENSE_BITS * n.sum())
+
+
+def resolve_target(
+    spec: str | float | int,
+    numel: list[int],
+    bounds: list[LayerBounds],
+    accounting: PaperAccounting,
+) -> float:
+    """Parse `spec` and check it can be met; raise ValueError naming the feasible range."""
+    dense_bits = DENSE_BITS * sum(numel)
+    bits = parse_target(spec, dense_bits)
+    low, high = feasible_range(numel, bounds, accounting)
+    if not low <= bits <= high:
+        raise ValueError(
+            f"target {spec!r} = {format_bits(bits)} is outside what this model can reach: "
+            f"between {format_bits(low)} ({dense_bits / low:.0f}x) and "
+            f"{format_bits(high)} (1x, the dense fp32 weights)"
+        )
+    return bits
+
+
+def format_bits(bits: float) -> str:
+    """Human-readable size, in bytes with a decimal prefix."""
+    size = bits / 8
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")

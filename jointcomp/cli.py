@@ -1,0 +1,151 @@
+"""The command line: `python -m jointcomp {train,compress} ...` (see --help)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import DATASETS, load_dataset
+from .engine import CompressConfig, Engine, train_dense
+from .models import build_model, load_weights, save_weights
+from .records import EpochRecord, FinalRecord, Record, StartRecord
+from .rundir import RunDir, write_json
+
+DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, "resnet20": 30}
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help=f"data set: {', '.join(DATASETS)} (default digits)")
+    p.add_argument("--data-dir", help="folder with the data set's files")
+    p.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    defaults = CompressConfig()
+    p.add_argument("--model", default="mlp", help="mlp, lenet5, resnet20, torchvision:<name> or module:factory")
+    _data_args(p)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device, help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--out", required=True, help="run folder to write")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m jointcomp", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="dense training (no compression)")
+    _train_args(train)
+    train.add_argument("--epochs", type=int, default=None, help="default: per model")
+
+    comp = sub.add_parser("compress", help="prune + quantize jointly to a target size")
+    _train_args(comp)
+    comp.add_argument("--target", default="50x", help="e.g. 50x, 12KB, 96000b, 0.2%% (default 50x)")
+    comp.add_argument("--epochs", type=int, default=CompressConfig.epochs)
+    comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
+    comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
+    comp.add_argument("--rho", type=float, default=CompressConfig.rho)
+    comp.add_argument("--exclude", action="append", default=[], help="weight name glob to leave out")
+    comp.set_defaults(out=None)
+    for action in comp._actions:
+        if action.dest == "out":
+            action.required = False
+    comp.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
+    return root
+
+
+def _progress(records, total_steps: int) -> FinalRecord | None:
+    """Drive a run with a progress bar and one line per epoch; return the final record."""
+    final = None
+    with tqdm(total=total_steps, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+        for record in records:
+            if isinstance(record, StartRecord):
+                bar.total = (record.total_epochs + record.dense_epochs) * record.steps_per_epoch
+            elif record.kind == "step":
+                bar.update(1)
+            elif isinstance(record, EpochRecord):
+                bar.n = record.step
+                line = f"epoch {record.epoch + 1} [{record.phase}] accuracy {record.accuracy:.4f}"
+                if record.phase == "admm":
+                    line += f"  size {record.size_bits:.0f} bits ({record.ratio:.1f}x)"
+                tqdm.write(line)
+            elif isinstance(record, FinalRecord):
+                final = record
+    return final
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    data = load_dataset(args.data, args.data_dir, args.download)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, data.input_shape, data.num_classes)
+    config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
+    epochs = args.epochs if args.epochs is not None else DENSE_EPOCHS.get(args.model, 10)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last: Record | None = None
+    with tqdm(total=epochs, unit="epoch") as bar:
+        for record in train_dense(model, data, config, epochs):
+            if isinstance(record, EpochRecord):
+                last = record
+                bar.update(1)
+                bar.set_postfix(accuracy=f"{record.accuracy:.4f}")
+    save_weights(model, out / "dense.safetensors")
+    accuracy = last.accuracy if isinstance(last, EpochRecord) else float("nan")
+    write_json(out / "summary.json", {"model": args.model, "data": args.data, "epochs": epochs, "accuracy": accuracy})
+    print(f"dense accuracy {accuracy:.4f}; weights in {out / 'dense.safetensors'}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    if args.resume:
+        saved = RunDir(args.resume).read_config()
+        run_dir, resume = args.resume, True
+        config = CompressConfig.from_dict(saved["compress"])
+        model_name, data_name, data_dir = saved["model"], saved["data"], saved.get("data_dir")
+    else:
+        if not args.out:
+            raise ValueError("compress needs --out DIR (or --resume DIR)")
+        run_dir, resume = args.out, False
+        model_name, data_name, data_dir = args.model, args.data, args.data_dir
+        dense_epochs = 0 if args.pretrained else (
+            args.dense_epochs if args.dense_epochs is not None else DENSE_EPOCHS.get(args.model, 10)
+        )
+        config = CompressConfig(
+            target=args.target, epochs=args.epochs, dense_epochs=dense_epochs, batch_size=args.batch_size,
+            lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
+            seed=args.seed, device=args.device,
+        )
+    data = load_dataset(data_name, data_dir, getattr(args, "download", False))
+    torch.manual_seed(config.seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    if not resume and args.pretrained:
+        load_weights(model, args.pretrained)
+    meta = {"model": model_name, "data": data_name, "data_dir": data_dir,
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    engine = Engine(model, data, config, run_dir=run_dir, resume=resume, meta=meta)
+    final = _progress(engine, 0)
+    if final is None:
+        return 1
+    print(json.dumps({"accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
+                      "size_bits": final.size_bits, "target_bits": final.target_bits,
+                      "ratio": round(final.ratio, 2)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    command = {"train": cmd_train, "compress": cmd_compress}[args.command]
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume DIR", file=sys.stderr)
+        return 130

@@ -1,0 +1,366 @@
+"""The training loop: dense pre-training (optional), then ADMM joint pruning + quantization.
+
+`Engine` is an iterator of records (see records.py). It can be stopped (`stop()`) and its
+target moved (`set_target()`) from another thread; the next projection uses the new
+target. With a run folder it saves a resumable state after every epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .admm import Allocation, ADMMState, LayerSpec, Projector
+from .budget import DENSE_BITS, LayerBounds, PaperAccounting, resolve_target
+from .data import Dataset
+from .records import EpochRecord, FinalRecord, LayerRecord, Record, StartRecord, StepRecord
+from .rundir import RunDir
+
+
+@dataclass
+class CompressConfig:
+    """Everything a compression run needs besides the model and the data."""
+
+    target: str | float = "50x"
+    epochs: int = 15
+    dense_epochs: int = 0  # plain training first, for a model that is not pre-trained
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    rho: float = 2.0
+    project_every: int = 0  # steps between projections; 0 = once per epoch
+    layer_types: tuple[str, ...] = ("Conv2d", "Linear")
+    exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
+    bounds: dict[str, LayerBounds] = field(default_factory=dict)  # weight name glob -> bounds
+    budget_mode: str = "paper"
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.dense_epochs < 0:
+            raise ValueError("epochs must be at least 1 and dense_epochs at least 0")
+        if self.batch_size < 1 or self.lr <= 0 or self.rho < 0:
+            raise ValueError("batch_size and lr must be positive, rho non-negative")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.budget_mode not in ("paper",):
+            raise ValueError(f"unknown budget mode {self.budget_mode!r}; use 'paper'")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["bounds"] = {k: dataclasses.asdict(v) for k, v in self.bounds.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        data = dict(data)
+        data["bounds"] = {k: LayerBounds(**v) for k, v in data.get("bounds", {}).items()}
+        for key in ("layer_types", "exclude"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+def compressible_weights(model: nn.Module, config: CompressConfig) -> list[tuple[str, nn.Parameter, LayerBounds]]:
+    """The (name, weight, bounds) of every layer the config compresses, in model order."""
+    types = tuple(getattr(nn, t) for t in config.layer_types)
+    found, seen = [], set()
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, types) or not isinstance(weight, nn.Parameter) or id(weight) in seen:
+            continue
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
+            continue
+        seen.add(id(weight))
+        bounds = next((b for pat, b in config.bounds.items() if fnmatch.fnmatchcase(name, pat)), LayerBounds())
+        found.append((name, weight, bounds))
+    if not found:
+        raise ValueError(
+            f"the model has no {'/'.join(config.layer_types)} weights to compress "
+            "(check --exclude and the layer types)"
+        )
+    return found
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_per_epoch: int):
+    """The configured optimizer with a warm-up + cosine learning-rate schedule over `epochs`."""
+    params = list(model.parameters())
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps = max(1, epochs * steps_per_epoch)
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+
+    def factor(t: int) -> float:
+        return min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def batches(data: Dataset, config: CompressConfig, epoch: int, device: torch.device):
+    """Shuffled mini-batches of the training split; the order depends only on seed and epoch."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data.train_y), generator=gen)
+    for i in range(0, len(order), config.batch_size):
+        idx = order[i : i + config.batch_size]
+        yield data.train_x[idx].to(device), data.train_y[idx].to(device)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on the cross-entropy loss; returns the loss."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("training diverged (loss is not finite); lower --lr or --rho")
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, overrides: dict[str, torch.Tensor] | None = None) -> float:
+    """Validation accuracy, with some weights replaced by `overrides` (e.g. compressed ones)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data.val_y), 1000):
+        x = data.val_x[i : i + 1000].to(device)
+        y = data.val_y[i : i + 1000].to(device)
+        correct += int((functional_call(model, overrides or {}, (x,)).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(data.val_y)
+
+
+def train_dense(model: nn.Module, data: Dataset, config: CompressConfig, epochs: int) -> Iterator[Record]:
+    """Plain training (no compression) for `epochs`; yields step and epoch records."""
+    device = pick_device(config.device)
+    model.to(device)
+    torch.manual_seed(config.seed)
+    spe = math.ceil(len(data.train_y) / config.batch_size)
+    opt, sched = make_optimizer(model, config, epochs, spe)
+    dense_bits = float(DENSE_BITS * sum(w.numel() for _, w, _ in compressible_weights(model, config)))
+    for epoch in range(epochs):
+        tic = time.perf_counter()
+        for i, (x, y) in enumerate(batches(data, config, epoch, device)):
+            loss = train_step(model, opt, x, y)
+            yield StepRecord("dense", epoch * spe + i, epoch, loss, opt.param_groups[0]["lr"])
+            sched.step()
+        yield dense_epoch_record(model, data, epoch, (epoch + 1) * spe, time.perf_counter() - tic, dense_bits)
+
+
+def dense_epoch_record(model: nn.Module, data: Dataset, epoch: int, step: int, seconds: float, dense_bits: float) -> EpochRecord:
+    nan = float("nan")
+    return EpochRecord("dense", epoch, step, accuracy(model, data), dense_bits, 1.0, nan, nan, nan, nan, nan, seconds)
+
+
+class Engine:
+    """Compress `model` on `data` to `config.target`; iterate it to run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        config: CompressConfig,
+        run_dir: str | None = None,
+        resume: bool = False,
+        meta: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.meta = meta or {}  # stored with the run's config (e.g. model and data names)
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        self.data = data
+        layers = compressible_weights(model, config)
+        self.accounting = PaperAccounting()
+        self._numel = [w.numel() for _, w, _ in layers]
+        self._bounds = [b for _, _, b in layers]
+        self.dense_bits = float(DENSE_BITS * sum(self._numel))
+        self._target_bits = resolve_target(config.target, self._numel, self._bounds, self.accounting)
+        compressed = [(n, w, b) for n, w, b in layers if not b.dense]
+        reserved = float(DENSE_BITS * sum(w.numel() for _, w, b in layers if b.dense))
+        self.names = [n for n, _, _ in compressed]
+        self.specs = [LayerSpec(n, tuple(w.shape), b) for n, w, b in compressed]
+        self.projector = Projector(self.specs, self.accounting, reserved)
+        self.admm = ADMMState([w for _, w, _ in compressed], self.projector)
+        self.steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
+        self.run_dir = RunDir(run_dir) if run_dir else None
+        self.resume = resume
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.final: Allocation | None = None
+
+    # --- control from other threads -------------------------------------------------
+    @property
+    def target_bits(self) -> float:
+        with self._lock:
+            return self._target_bits
+
+    def set_target(self, target: str | float) -> float:
+        """Change the target of the running compression; returns it in bits."""
+        bits = resolve_target(target, self._numel, self._bounds, self.accounting)
+        with self._lock:
+            self._target_bits = bits
+        return bits
+
+    def stop(self) -> None:
+        """Ask the run to end after the current step; it still yields its final record."""
+        self._stop.set()
+
+    # --- the run --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Record]:
+        return self.run()
+
+    def run(self) -> Iterator[Record]:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+        state = self._load() if self.resume else None
+        done = int(state["epochs_done"]) if state else 0
+        elapsed = float(state["seconds"]) if state else 0.0
+        dense_accuracy = float(state["dense_accuracy"]) if state else float("nan")
+        if self.run_dir and not state:
+            self.run_dir.write_config({**self.meta, "compress": cfg.to_dict()})
+            self.run_dir.start_history()
+
+        yield self._emit(StartRecord(
+            cfg.epochs, self.steps_per_epoch, cfg.dense_epochs, self.dense_bits,
+            self.target_bits, self.names, str(self.device),
+        ))
+        total = cfg.dense_epochs + cfg.epochs
+        opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
+        if state and "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+
+        for epoch in range(done, total):
+            dense = epoch < cfg.dense_epochs
+            if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
+                dense_accuracy = self._accuracy(None)
+                weights = [p.detach() for p in self.admm.params]
+                self.admm.bits = self.projector.initial_bits(weights, self.target_bits)
+                if epoch > 0:
+                    opt, sched = self._optimizer(dense=False)
+            tic = time.perf_counter()
+            lams = (float("nan"), float("nan"))
+            for step_in_epoch, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
+                admm_step = (epoch - cfg.dense_epochs) * self.steps_per_epoch + step_in_epoch
+                every = cfg.project_every or self.steps_per_epoch
+                if not dense and admm_step % every == 0:
+                    lams = self.admm.project(self.target_bits)
+                loss = train_step(self.model, opt, x, y)
+                lr = opt.param_groups[0]["lr"]
+                sched.step()
+                if not dense:
+                    self.admm.pull(lr, cfg.rho)
+                yield self._emit(StepRecord(
+                    "dense" if dense else "admm",
+                    epoch * self.steps_per_epoch + step_in_epoch, epoch, loss, lr,
+                ))
+                if self._stop.is_set():
+                    break
+            if self._stop.is_set():
+                break
+            record = self._epoch_record(dense, epoch, lams, time.perf_counter() - tic)
+            yield self._emit(record)
+            self._save(epoch + 1, opt, sched, dense_accuracy, elapsed + time.perf_counter() - started)
+
+        if math.isnan(dense_accuracy):  # stopped during dense pre-training
+            dense_accuracy = self._accuracy(None)
+        seconds = elapsed + time.perf_counter() - started
+        yield self._emit(self._final_record(dense_accuracy, seconds))
+
+    # --- pieces ---------------------------------------------------------------------
+    def _optimizer(self, dense: bool):
+        epochs = self.config.dense_epochs if dense else self.config.epochs
+        return make_optimizer(self.model, self.config, epochs, self.steps_per_epoch)
+
+    def _accuracy(self, alloc: Allocation | None) -> float:
+        return accuracy(self.model, self.data, dict(zip(self.names, alloc.values)) if alloc else None)
+
+    def _emit(self, record: Record) -> Record:
+        if self.run_dir:
+            self.run_dir.append(record)
+        return record
+
+    def _layers(self, alloc: Allocation) -> list[LayerRecord]:
+        residual, dual = self.admm.residuals()
+        nnz = alloc.nnz.tolist()
+        return [
+            LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d))
+            for s, k, b, r, d in zip(self.specs, nnz, alloc.bits.tolist(), residual, dual)
+        ]
+
+    def _epoch_record(self, dense: bool, epoch: int, lams: tuple[float, float], seconds: float) -> EpochRecord:
+        step = (epoch + 1) * self.steps_per_epoch
+        target = self.target_bits
+        if dense:
+            return dense_epoch_record(self.model, self.data, epoch, step, seconds, self.dense_bits)
+        alloc = self.admm.deploy(target)
+        residual, dual = self.admm.residuals()
+        return EpochRecord(
+            "admm", epoch, step, self._accuracy(alloc), alloc.size_bits, self.dense_bits / alloc.size_bits,
+            target, lams[0], lams[1], float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
+            self._layers(alloc),
+        )
+
+    def _final_record(self, dense_accuracy: float, seconds: float) -> FinalRecord:
+        target = self.target_bits
+        alloc = self.admm.deploy(target)
+        if alloc.size_bits > target:
+            raise RuntimeError(f"deployable model is {alloc.size_bits:.0f} bits, over the target of {target:.0f}")
+        self.final = alloc
+        record = FinalRecord(
+            self._accuracy(alloc), dense_accuracy, alloc.size_bits, target, self.dense_bits / alloc.size_bits,
+            self.config.epochs, seconds, self._stop.is_set(), self._layers(alloc),
+        )
+        if self.run_dir:
+            self.run_dir.write_summary({
+                "target_bits": record.target_bits, "size_bits": record.size_bits, "ratio": record.ratio,
+                "accuracy": record.accuracy, "dense_accuracy": record.dense_accuracy,
+                "epochs": record.epochs, "seconds": record.seconds, "stopped": record.stopped,
+                "layers": [{"name": l.name, "numel": l.numel, "nnz": l.nnz, "bits": l.bits} for l in record.layers],
+            })
+        return record
+
+    def _save(self, epochs_done: int, opt, sched, dense_accuracy: float, seconds: float) -> None:
+        if not self.run_dir:
+            return
+        self.run_dir.save_state({
+            "epochs_done": epochs_done, "model": self.model.state_dict(), "admm": self.admm.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "target_bits": self.target_bits, "dense_accuracy": dense_accuracy, "seconds": seconds,
+        })
+
+    def _load(self) -> dict | None:
+        if not self.run_dir or not self.run_dir.has_state():
+            raise FileNotFoundError("nothing to resume: the run folder has no saved state")
+        state = self.run_dir.load_state()
+        self.model.load_state_dict(state["model"])
+        self.admm.load_state_dict(state["admm"])
+        with self._lock:
+            self._target_bits = float(state["target_bits"])
+        if state["epochs_done"] == self.config.dense_epochs:
+            del state["optimizer"]  # ADMM starts with a fresh optimizer
+        return state

@@ -1,0 +1,144 @@
+"""Built-in networks, torchvision models and users' own factories, by name.
+
+Names: "mlp", "lenet5" (Caffe LeNet-5 of the paper's experiments), "resnet20" (CIFAR,
+1x1 projection shortcuts), "torchvision:<name>", or "package.module:factory".
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import inspect
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUILTIN = ("mlp", "lenet5", "resnet20")
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (256, 128)) -> nn.Module:
+    """A small fully connected network (the digits default)."""
+    sizes = [math.prod(input_shape), *hidden]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(sizes[-1], num_classes))
+    return nn.Sequential(*layers)
+
+
+def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Caffe LeNet-5: no ReLU after the convolutions; 430,500 weights on 28x28 input."""
+    if tuple(input_shape[1:]) != (28, 28):
+        raise ValueError(
+            f"lenet5 needs 28x28 images, this data set has {input_shape}; "
+            "use --data fashion-mnist or mnist, or --model mlp"
+        )
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 20, 5), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, num_classes),
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ResNet-20 for 32x32 images, with 1x1 projection shortcuts (option B)."""
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(_Block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a model by name for data of this shape and number of classes."""
+    if name in BUILTIN:
+        return globals()[name](tuple(input_shape), num_classes)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        arch = name.split(":", 1)[1]
+        if arch not in torchvision.models.list_models():
+            raise ValueError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()")
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if ":" in name:
+        return _user_factory(name, tuple(input_shape), num_classes)
+    raise ValueError(
+        f"unknown model {name!r}; choose {', '.join(BUILTIN)}, torchvision:<name> "
+        "or package.module:factory"
+    )
+
+
+def _user_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Call `module.path:factory`, passing input_shape / num_classes if it takes them."""
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load model factory {name!r}: {err}") from err
+    params = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes)) if k in params}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+DENSE_FILE = "dense.safetensors"
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a model's state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    from .rundir import atomic_write
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, save(state))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load dense weights from a .safetensors / .pt state dict, or a `train` run folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DENSE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no pretrained weights at {path}; pass a .safetensors/.pt file or a `train` run folder")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit this model ({first}); was it trained with another --model?") from err
+    return model

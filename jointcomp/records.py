@@ -1,0 +1,135 @@
+"""What a run reports, as plain dataclasses, and its history as tidy pandas tables.
+
+The engine yields these records; the app, notebooks, CLI and files consume only them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+
+
+@dataclass
+class StartRecord:
+    """Sent once before training: what will run."""
+
+    total_epochs: int
+    steps_per_epoch: int
+    dense_epochs: int
+    dense_bits: float
+    target_bits: float
+    layers: list[str]
+    device: str
+    kind: str = "start"
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step."""
+
+    phase: str  # "dense" (pre-training) or "admm"
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    kind: str = "step"
+
+
+@dataclass
+class LayerRecord:
+    """One compressed layer at the end of an epoch (deployable model)."""
+
+    name: str
+    numel: int
+    nnz: int
+    density: float
+    bits: int
+    residual: float  # ||W - V||^2
+    dual_norm: float  # ||U||
+
+
+@dataclass
+class EpochRecord:
+    """End of an epoch: the deployable model's accuracy and size, and the multipliers."""
+
+    phase: str
+    epoch: int
+    step: int
+    accuracy: float
+    size_bits: float
+    ratio: float
+    target_bits: float
+    lambda_prune: float
+    lambda_quant: float
+    primal_residual: float
+    dual_norm: float
+    seconds: float
+    layers: list[LayerRecord] = field(default_factory=list)
+    kind: str = "epoch"
+
+
+@dataclass
+class FinalRecord:
+    """The end of a run: the deployable model that was checked to fit."""
+
+    accuracy: float
+    dense_accuracy: float
+    size_bits: float
+    target_bits: float
+    ratio: float
+    epochs: int
+    seconds: float
+    stopped: bool
+    layers: list[LayerRecord] = field(default_factory=list)
+    kind: str = "final"
+
+
+Record = StartRecord | StepRecord | EpochRecord | FinalRecord
+_KINDS = {cls.kind: cls for cls in (StartRecord, StepRecord, EpochRecord, FinalRecord)}  # type: ignore[attr-defined]
+
+
+def to_dict(record: Record) -> dict[str, Any]:
+    return dataclasses.asdict(record)
+
+
+def to_json(record: Record) -> str:
+    return json.dumps(to_dict(record), allow_nan=True)
+
+
+def from_dict(data: dict[str, Any]) -> Record:
+    """Rebuild a record written by `to_dict` (e.g. a line of history.jsonl)."""
+    cls = _KINDS.get(data.get("kind", ""))
+    if cls is None:
+        raise ValueError(f"not a jointcomp record: kind={data.get('kind')!r}")
+    data = dict(data)
+    if "layers" in data and cls is not StartRecord:
+        data["layers"] = [LayerRecord(**layer) for layer in data["layers"]]
+    return cls(**data)
+
+
+def steps_frame(history: Iterable[Record]) -> pd.DataFrame:
+    """One row per optimizer step."""
+    rows = [to_dict(r) for r in history if isinstance(r, StepRecord)]
+    return pd.DataFrame(rows, columns=[f.name for f in dataclasses.fields(StepRecord)])
+
+
+def epochs_frame(history: Iterable[Record]) -> pd.DataFrame:
+    """One row per epoch (without the per-layer detail)."""
+    cols = [f.name for f in dataclasses.fields(EpochRecord) if f.name != "layers"]
+    rows = [{c: getattr(r, c) for c in cols} for r in history if isinstance(r, EpochRecord)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def layers_frame(history: Iterable[Record]) -> pd.DataFrame:
+    """One row per epoch x layer, for the ADMM epochs."""
+    cols = ["epoch"] + [f.name for f in dataclasses.fields(LayerRecord)]
+    rows = [
+        {"epoch": r.epoch, **dataclasses.asdict(layer)}
+        for r in history
+        if isinstance(r, EpochRecord)
+        for layer in r.layers
+    ]
+    return pd.DataFrame(rows, columns=cols)
