@@ -3,8 +3,8 @@
 * `knapsack_prune`: keep the weights with the largest w^2 / cost until the budget is met
   (0-1 knapsack, greedy by score). Found by a two-pass radix select on the scores' bit
   patterns instead of a full sort.
-* `fit_codebooks`: 1-D k-means with 2^b non-zero centres for several b at once, on sorted
-  values with prefix sums, so one Lloyd step for every bitwidth is a single searchsorted.
+* `fit_codebooks`: 1-D k-means with 2^b centres for several b at once, on sorted values
+  with prefix sums, so one Lloyd step for every bitwidth is a single searchsorted.
 * `choose_bitwidths`: the multiple-choice knapsack over per-layer (cost, distortion)
   options, greedy on each layer's lower convex hull; `solve_mckp_exact` is the exact
   dynamic programme used to measure the greedy's gap.
@@ -75,30 +75,48 @@ def _cut_bucket(
     return cut, budget - above
 
 
-def fit_codebooks(
-    values: torch.Tensor, bit_choices: list[int], iters: int = 50
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """1-D k-means with 2^b centres for every b in `bit_choices`, in one batched pass.
+EXACT_BELOW = 128  # sets this small are clustered exactly (Lloyd's local optima hurt most here)
 
-    Centres start at evenly spaced quantiles (deterministic). Returns the sorted centres
-    for each b (float32) and the squared error of each fit (float64).
+
+def fit_codebooks(
+    values: torch.Tensor, bit_choices: list[int], iters: int = 50, exact_below: int = EXACT_BELOW
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """1-D k-means with 2^b centres for every b in `bit_choices`.
+
+    Fewer than `exact_below` values: the optimal clustering, by dynamic programming.
+    Otherwise Lloyd's algorithm, batched over bitwidths and over three deterministic starts
+    (evenly spaced quantiles, evenly spaced values, points spread with density p^(1/3));
+    a centre left with no values is moved to split the cluster with the largest error.
+    The best fit wins. Returns the
+    sorted centres for each b (float32) and the squared error of each fit (float64).
     """
     xs = values.detach().flatten().float().sort().values
     n = xs.numel()
     if n == 0:
         raise ValueError("cannot fit a codebook to an empty set of weights")
-    dev = xs.device
     x64 = xs.double()
     s1 = torch.cat([x64.new_zeros(1), x64.cumsum(0)])
     s2 = torch.cat([x64.new_zeros(1), x64.square().cumsum(0)])
+    if n < exact_below:
+        return _exact_codebooks(x64, s1, s2, bit_choices)
+    dev = xs.device
 
-    sizes = torch.tensor([2**b for b in bit_choices], device=dev)
-    seg = torch.repeat_interleave(torch.arange(len(bit_choices), device=dev), sizes)
-    rank = torch.arange(int(sizes.sum()), device=dev) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-    q = ((rank.double() + 0.5) / sizes[seg].double() * n).long().clamp_(0, n - 1)
-    centres = x64[q]
+    # segment = one (start, bitwidth) fit; centres of all segments live in one flat tensor
+    n_bits, n_starts = len(bit_choices), 3
+    sizes = torch.tensor([2**b for b in bit_choices] * n_starts, device=dev)
+    seg = torch.repeat_interleave(torch.arange(n_starts * n_bits, device=dev), sizes)
+    first = sizes.cumsum(0) - sizes
+    frac = (torch.arange(int(sizes.sum()), device=dev) - first[seg] + 0.5).double() / sizes[seg]
+    start = seg // n_bits
+    starts = (
+        x64[(frac * n).long().clamp_(0, n - 1)],  # evenly spaced quantiles
+        x64[0] + frac * (x64[-1] - x64[0]),  # evenly spaced values
+        _companded(x64, frac),  # the MSE-optimal point density
+    )
+    centres = torch.where(start == 0, starts[0], torch.where(start == 1, starts[1], starts[2]))
     has_next = torch.ones_like(seg, dtype=torch.bool)
-    has_next[(sizes.cumsum(0) - 1)] = False
+    has_next[first + sizes - 1] = False
+    has_prev = torch.roll(has_next, 1)
 
     def cluster_bounds(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mids = (c[:-1] + c[1:])[has_next[:-1]] / 2
@@ -106,22 +124,96 @@ def fit_codebooks(
         lo = torch.zeros_like(seg)
         hi = torch.full_like(seg, n)
         hi[has_next] = pos
-        lo[torch.roll(has_next, 1)] = pos
+        lo[has_prev] = pos
         return lo, hi
+
+    def cluster_sse(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return (s2[hi] - s2[lo]) - 2 * c * (s1[hi] - s1[lo]) + c.square() * (hi - lo)
+
+    def reseed_empty(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """The r-th empty centre of a segment takes the upper half of its r-th worst cluster."""
+        empty = hi == lo
+        worst = torch.sort(-cluster_sse(c, lo, hi), stable=True).indices
+        worst = worst[torch.sort(seg[worst], stable=True).indices]  # by segment, worst first
+        empties = torch.nonzero(empty).flatten()
+        rank = torch.cumsum(empty.long(), 0)[empties] - 1 - torch.cumsum(empty.long(), 0)[first[seg[empties]]] + empty[first[seg[empties]]].long()
+        donor = worst[first[seg[empties]] + rank]
+        ok = (hi[donor] - lo[donor] >= 2) & ~empty[donor]
+        empties, donor = empties[ok], donor[ok]
+        mid = (lo[donor] + hi[donor]) // 2
+        c = c.clone()
+        c[empties] = (s1[hi[donor]] - s1[mid]) / (hi[donor] - mid)
+        c[donor] = (s1[mid] - s1[lo[donor]]) / (mid - lo[donor])
+        order = torch.sort(c, stable=True).indices
+        return c[order[torch.sort(seg[order], stable=True).indices]]  # sorted within segments
 
     for _ in range(iters):
         lo, hi = cluster_bounds(centres)
         count = (hi - lo).double()
         means = torch.where(count > 0, (s1[hi] - s1[lo]) / count.clamp(min=1), centres)
+        if bool((count == 0).any()):
+            means = reseed_empty(means, lo, hi)
         if torch.equal(means, centres):
             break
         centres = means
 
     lo, hi = cluster_bounds(centres)
-    sse = (s2[hi] - s2[lo]) - 2 * centres * (s1[hi] - s1[lo]) + centres.square() * (hi - lo)
-    distortion = torch.zeros(len(bit_choices), dtype=torch.float64, device=dev).index_add_(0, seg, sse)
-    codebooks = list(centres.float().split(sizes.tolist()))
-    return codebooks, distortion.clamp_(min=0)
+    sse = cluster_sse(centres, lo, hi)
+    per_fit = torch.zeros(n_starts * n_bits, dtype=torch.float64, device=dev).index_add_(0, seg, sse)
+    error, best_start = per_fit.clamp_(min=0).view(n_starts, n_bits).min(0)
+    fits = centres.float().split(sizes.tolist())
+    codebooks = [fits[s * n_bits + i] for i, s in enumerate(best_start.tolist())]
+    return codebooks, error
+
+
+def _companded(x64: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 16) -> torch.Tensor:
+    """Points at quantiles `frac` of the measure with density p(x)^(1/3), the point density
+    that minimises squared error; p is estimated from the gaps between sorted values (an
+    evenly strided sample of them: a density needs no more)."""
+    x64 = x64[:: max(1, x64.numel() // sample)]
+    n = x64.numel()
+    if n < 3 or x64[-1] <= x64[0]:
+        return x64[(frac * n).long().clamp_(0, n - 1)]
+    gap = x64.diff()
+    density = (2.0 / (torch.cat([gap[:1], gap]) + torch.cat([gap, gap[-1:]])).clamp(min=1e-30)).pow(1 / 3)
+    mass = 0.5 * (density[1:] + density[:-1]) * gap
+    cdf = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
+    cdf = cdf / cdf[-1]
+    j = torch.searchsorted(cdf, frac).clamp_(1, n - 1)
+    t = (frac - cdf[j - 1]) / (cdf[j] - cdf[j - 1]).clamp(min=1e-300)
+    return x64[j - 1] + t * (x64[j] - x64[j - 1])
+
+
+def _exact_codebooks(
+    x64: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, bit_choices: list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Optimal 1-D k-means of sorted values for every bitwidth: one DP over cluster counts."""
+    n = x64.numel()
+    i = torch.arange(n + 1, device=x64.device)
+    span = (i[None, :] - i[:, None]).double()  # span[j, e] = size of the group x[j:e]
+    group_sse = (s2[None, :] - s2[:, None]) - (s1[None, :] - s1[:, None]).square() / span.clamp(min=1)
+    group_sse = torch.where(span > 0, group_sse.clamp(min=0), torch.inf)
+    k_max = min(n, 2 ** max(bit_choices))
+    best = [group_sse[0]]  # best[k-1][e]: least error of x[:e] in k groups
+    split = []
+    for _ in range(1, k_max):
+        value, arg = (best[-1][:, None] + group_sse).min(0)
+        best.append(value)
+        split.append(arg)
+
+    codebooks, errors = [], []
+    for b in bit_choices:
+        k = min(2**b, n)
+        ends = [n]
+        for level in range(k - 1, 0, -1):
+            ends.append(int(split[level - 1][ends[-1]]))
+        bounds = ends[::-1]
+        starts, stops = [0, *bounds[:-1]], bounds
+        means = torch.stack([(s1[e] - s1[a]) / (e - a) for a, e in zip(starts, stops)])
+        pad = means[-1].expand(2**b - k)  # more centres than values: repeat the last one
+        codebooks.append(torch.cat([means, pad]).float())
+        errors.append(best[k - 1][n])
+    return codebooks, torch.stack(errors).clamp(min=0)
 
 
 def assign(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
