@@ -51,8 +51,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
 
 
 def _find_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
-    """The first of --data-dir, $JOINTCOMP_DATA/<name>, /usr/share/datasets/<name> that exists."""
-    candidates = [Path(data_dir)] if data_dir else []
+    """--data-dir if given; else the first of $JOINTCOMP_DATA/<name>, /usr/share/datasets/<name>."""
+    if data_dir:
+        return Path(data_dir)
+    candidates = []
     if os.environ.get("JOINTCOMP_DATA"):
         candidates.append(Path(os.environ["JOINTCOMP_DATA"]) / name)
     candidates.append(Path("/usr/share/datasets") / name)
