@@ -73,6 +73,32 @@ class PaperAccounting:
         return float(per_layer.sum())
 
 
+class FileAccounting(PaperAccounting):
+    """The exported file's size: each kept weight also pays for its position (estimated
+    from its layer's density, refreshed by the engine), each layer for its codebook and
+    its header entry. The engine verifies the real file at the end and trims to fit."""
+
+    name = "file"
+    LAYER_HEADER_BITS = 8 * 24
+
+    def __init__(self, n_layers: int) -> None:
+        self.position_bits = torch.full((n_layers,), 1.0, dtype=torch.float64)
+
+    def set_density(self, density: torch.Tensor) -> None:
+        """Position cost per kept weight at these densities: entropy of the mask per non-zero
+        (what gap coding approaches), never more than a plain bitmap, plus a small margin."""
+        d = density.double().clamp(1e-9, 1 - 1e-9)
+        entropy = -(d * torch.log2(d) + (1 - d) * torch.log2(1 - d)) / d
+        self.position_bits = torch.minimum(entropy, 1 / d) * 1.05 + 0.05
+
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        pos = self.position_bits.to(bits.device)
+        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
+
+    def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        return 32.0 * 2.0 ** bits.double() + self.LAYER_HEADER_BITS
+
+
 def parse_target(spec: str | float | int, dense_bits: int) -> float:
     """Resolve a target to bits; `dense_bits` is fp32 x numel of the compressible weights."""
     if isinstance(spec, bool):
@@ -101,16 +127,17 @@ def parse_target(spec: str | float | int, dense_bits: int) -> float:
 
 
 def feasible_range(
-    numel: list[int], bounds: list[LayerBounds], accounting: PaperAccounting
+    numel: list[int], bounds: list[LayerBounds], accounting: PaperAccounting, reserved_bits: float = 0.0
 ) -> tuple[float, float]:
-    """Smallest and largest size (bits) a target may ask for with these layers."""
+    """Smallest and largest size (bits) a target may ask for with these layers, plus a
+    fixed part that no compression removes (`reserved_bits`)."""
     n = torch.tensor(numel, dtype=torch.float64)
     dense = torch.tensor([b.dense for b in bounds])
     min_bits = torch.tensor([b.min_bits for b in bounds])
     keep = torch.tensor([b.min_keep(k) for b, k in zip(bounds, numel)], dtype=torch.float64)
     smallest = accounting.weight_bits(min_bits, n) * keep + accounting.layer_bits(min_bits, n)
     smallest = torch.where(dense, DENSE_BITS * n, smallest)
-    return float(smallest.sum()), float(DENSE_BITS * n.sum())
+    return float(smallest.sum()) + reserved_bits, float(DENSE_BITS * n.sum()) + reserved_bits
 
 
 def resolve_target(
@@ -118,16 +145,20 @@ def resolve_target(
     numel: list[int],
     bounds: list[LayerBounds],
     accounting: PaperAccounting,
+    reserved_bits: float = 0.0,
+    reference_bits: float | None = None,
 ) -> float:
-    """Parse `spec` and check it can be met; raise ValueError naming the feasible range."""
-    dense_bits = DENSE_BITS * sum(numel)
+    """Parse `spec` and check it can be met; raise ValueError naming the feasible range.
+
+    Ratios and fractions are taken against `reference_bits` (default: fp32 of the weights)."""
+    dense_bits = reference_bits if reference_bits is not None else DENSE_BITS * sum(numel)
     bits = parse_target(spec, dense_bits)
-    low, high = feasible_range(numel, bounds, accounting)
+    low, high = feasible_range(numel, bounds, accounting, reserved_bits)
     if not low <= bits <= high:
         raise ValueError(
             f"target {spec!r} = {format_bits(bits)} is outside what this model can reach: "
             f"between {format_bits(low)} ({dense_bits / low:.0f}x) and "
-            f"{format_bits(high)} (1x, the dense fp32 weights)"
+            f"{format_bits(high)} ({dense_bits / high:.2g}x, the dense fp32 weights)"
         )
     return bits
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m jointcomp {train,compress} ...` (see --help)."""
+"""The command line: `python -m jointcomp {train,compress,export,inspect,evaluate,decompress}`."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from .data import DATASETS, load_dataset
-from .engine import CompressConfig, Engine, train_dense
+from .codec import CheckpointError, format_report, inspect, load_compressed
+from .engine import CompressConfig, Engine, accuracy, train_dense
 from .models import build_model, load_weights, save_weights
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import RunDir, write_json
@@ -56,7 +57,26 @@ def parser() -> argparse.ArgumentParser:
     for action in comp._actions:
         if action.dest == "out":
             action.required = False
+    comp.add_argument("--budget-mode", choices=("paper", "file"), default="paper",
+                      help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
     comp.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
+
+    export = sub.add_parser("export", help="write a run's compressed model as a .jcz file")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+
+    insp = sub.add_parser("inspect", help="per-layer byte breakdown of a .jcz file")
+    insp.add_argument("file")
+
+    ev = sub.add_parser("evaluate", help="accuracy of a .jcz model on a data set")
+    ev.add_argument("file")
+    _data_args(ev)
+    ev.add_argument("--allow-import", action="store_true", help="let the file name a module:factory to import")
+
+    dec = sub.add_parser("decompress", help="a .jcz as a plain dense .safetensors state dict")
+    dec.add_argument("file")
+    dec.add_argument("--out", required=True)
+    dec.add_argument("--allow-import", action="store_true")
     return root
 
 
@@ -102,48 +122,84 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_for_run(run_dir: str) -> Engine:
+    """An engine set up to continue (or export) the run saved in `run_dir`."""
+    saved = RunDir(run_dir).read_config()
+    config = CompressConfig.from_dict(saved["compress"])
+    data = load_dataset(saved["data"], saved.get("data_dir"))
+    torch.manual_seed(config.seed)
+    model = build_model(saved["model"], data.input_shape, data.num_classes)
+    meta = {k: saved[k] for k in ("model", "data", "data_dir", "input_shape", "num_classes")}
+    return Engine(model, data, config, run_dir=run_dir, resume=True, meta=meta)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     if args.resume:
-        saved = RunDir(args.resume).read_config()
-        run_dir, resume = args.resume, True
-        config = CompressConfig.from_dict(saved["compress"])
-        model_name, data_name, data_dir = saved["model"], saved["data"], saved.get("data_dir")
+        engine = _engine_for_run(args.resume)
     else:
         if not args.out:
             raise ValueError("compress needs --out DIR (or --resume DIR)")
-        run_dir, resume = args.out, False
-        model_name, data_name, data_dir = args.model, args.data, args.data_dir
         dense_epochs = 0 if args.pretrained else (
             args.dense_epochs if args.dense_epochs is not None else DENSE_EPOCHS.get(args.model, 10)
         )
         config = CompressConfig(
             target=args.target, epochs=args.epochs, dense_epochs=dense_epochs, batch_size=args.batch_size,
             lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
-            seed=args.seed, device=args.device,
+            budget_mode=args.budget_mode, seed=args.seed, device=args.device,
         )
-    data = load_dataset(data_name, data_dir, getattr(args, "download", False))
-    torch.manual_seed(config.seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
-    if not resume and args.pretrained:
-        load_weights(model, args.pretrained)
-    meta = {"model": model_name, "data": data_name, "data_dir": data_dir,
-            "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    engine = Engine(model, data, config, run_dir=run_dir, resume=resume, meta=meta)
+        data = load_dataset(args.data, args.data_dir, args.download)
+        torch.manual_seed(config.seed)
+        model = build_model(args.model, data.input_shape, data.num_classes)
+        if args.pretrained:
+            load_weights(model, args.pretrained)
+        meta = {"model": args.model, "data": args.data, "data_dir": args.data_dir,
+                "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+        engine = Engine(model, data, config, run_dir=args.out, meta=meta)
     final = _progress(engine, 0)
     if final is None:
         return 1
     print(json.dumps({"accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
                       "size_bits": final.size_bits, "target_bits": final.target_bits,
-                      "ratio": round(final.ratio, 2)}))
+                      "ratio": round(final.ratio, 2), "file_bytes": final.file_bytes}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    engine = _engine_for_run(args.run_dir)
+    engine.restore()
+    print(f"wrote {args.out}: {engine.export(args.out)} bytes")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    print(format_report(inspect(args.file)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model = load_compressed(args.file, allow_import=args.allow_import)
+    data = load_dataset(args.data, args.data_dir, args.download)
+    try:
+        acc = accuracy(model, data)
+    except RuntimeError as err:
+        raise ValueError(f"this model does not take {args.data} inputs ({str(err).splitlines()[0]})") from None
+    print(f"accuracy {acc:.4f} on {args.data} ({len(data.val_y)} validation examples)")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    save_weights(load_compressed(args.file, allow_import=args.allow_import), args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    command = {"train": cmd_train, "compress": cmd_compress}[args.command]
+    command = {"train": cmd_train, "compress": cmd_compress, "export": cmd_export, "inspect": cmd_inspect,
+               "evaluate": cmd_evaluate, "decompress": cmd_decompress}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

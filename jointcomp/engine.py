@@ -19,10 +19,14 @@ from torch import nn
 from torch.func import functional_call
 
 from .admm import Allocation, ADMMState, LayerSpec, Projector
-from .budget import DENSE_BITS, LayerBounds, PaperAccounting, resolve_target
+from .budget import DENSE_BITS, FileAccounting, LayerBounds, PaperAccounting, resolve_target
+from .codec import PackedLayer, encode, fp32_bytes
 from .data import Dataset
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StartRecord, StepRecord
-from .rundir import RunDir
+from .rundir import RunDir, atomic_write
+
+MODEL_FILE = "model.jcz"
+FILE_OVERHEAD_BYTES = 64  # magic, lengths, checksum and the model description
 
 
 @dataclass
@@ -54,8 +58,8 @@ class CompressConfig:
             raise ValueError("batch_size and lr must be positive, rho non-negative")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.budget_mode not in ("paper",):
-            raise ValueError(f"unknown budget mode {self.budget_mode!r}; use 'paper'")
+        if self.budget_mode not in ("paper", "file"):
+            raise ValueError(f"unknown budget mode {self.budget_mode!r}; use 'paper' or 'file'")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -193,16 +197,22 @@ class Engine:
         self.model = model.to(self.device)
         self.data = data
         layers = compressible_weights(model, config)
-        self.accounting = PaperAccounting()
-        self._numel = [w.numel() for _, w, _ in layers]
-        self._bounds = [b for _, _, b in layers]
-        self.dense_bits = float(DENSE_BITS * sum(self._numel))
-        self._target_bits = resolve_target(config.target, self._numel, self._bounds, self.accounting)
         compressed = [(n, w, b) for n, w, b in layers if not b.dense]
-        reserved = float(DENSE_BITS * sum(w.numel() for _, w, b in layers if b.dense))
         self.names = [n for n, _, _ in compressed]
         self.specs = [LayerSpec(n, tuple(w.shape), b) for n, w, b in compressed]
-        self.projector = Projector(self.specs, self.accounting, reserved)
+        self._numel = [s.numel for s in self.specs]
+        self._bounds = [s.bounds for s in self.specs]
+        self.fp32_bytes = fp32_bytes(model)
+        if config.budget_mode == "file":  # everything the file holds besides the compressed weights
+            self.accounting: PaperAccounting = FileAccounting(len(self.specs))
+            self._reserved = 8.0 * (self.fp32_bytes - 4 * sum(self._numel) + FILE_OVERHEAD_BYTES)
+            self.dense_bits = 8.0 * self.fp32_bytes
+        else:  # layers left dense count at 32 bits per weight
+            self.accounting = PaperAccounting()
+            self._reserved = float(DENSE_BITS * sum(w.numel() for _, w, b in layers if b.dense))
+            self.dense_bits = float(DENSE_BITS * sum(w.numel() for _, w, _ in layers))
+        self._target_bits = self._resolve(config.target)
+        self.projector = Projector(self.specs, self.accounting, self._reserved)
         self.admm = ADMMState([w for _, w, _ in compressed], self.projector)
         self.steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
         self.run_dir = RunDir(run_dir) if run_dir else None
@@ -210,6 +220,7 @@ class Engine:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.final: Allocation | None = None
+        self.final_file_bytes = 0
 
     # --- control from other threads -------------------------------------------------
     @property
@@ -219,10 +230,13 @@ class Engine:
 
     def set_target(self, target: str | float) -> float:
         """Change the target of the running compression; returns it in bits."""
-        bits = resolve_target(target, self._numel, self._bounds, self.accounting)
+        bits = self._resolve(target)
         with self._lock:
             self._target_bits = bits
         return bits
+
+    def _resolve(self, target: str | float) -> float:
+        return resolve_target(target, self._numel, self._bounds, self.accounting, self._reserved, self.dense_bits)
 
     def stop(self) -> None:
         """Ask the run to end after the current step; it still yields its final record."""
@@ -259,6 +273,7 @@ class Engine:
             if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
                 dense_accuracy = self._accuracy(None)
                 weights = [p.detach() for p in self.admm.params]
+                self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
                 self.admm.bits = self.projector.initial_bits(weights, self.target_bits)
                 if epoch > 0:
                     opt, sched = self._optimizer(dense=False)
@@ -269,6 +284,7 @@ class Engine:
                 every = cfg.project_every or self.steps_per_epoch
                 if not dense and admm_step % every == 0:
                     lams = self.admm.project(self.target_bits)
+                    self._estimate_positions(None)
                 loss = train_step(self.model, opt, x, y)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
@@ -318,28 +334,80 @@ class Engine:
         if dense:
             return dense_epoch_record(self.model, self.data, epoch, step, seconds, self.dense_bits)
         alloc = self.admm.deploy(target)
+        size = 8 * len(self.encode(alloc)) if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         residual, dual = self.admm.residuals()
         return EpochRecord(
-            "admm", epoch, step, self._accuracy(alloc), alloc.size_bits, self.dense_bits / alloc.size_bits,
+            "admm", epoch, step, self._accuracy(alloc), size, self.dense_bits / size,
             target, lams[0], lams[1], float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
             self._layers(alloc),
         )
 
-    def _final_record(self, dense_accuracy: float, seconds: float) -> FinalRecord:
+    def _estimate_positions(self, density: float | None) -> None:
+        """File mode: refresh the position cost per weight from the layers' densities."""
+        if isinstance(self.accounting, FileAccounting):
+            if density is None:
+                nnz = torch.tensor([float((p != 0).sum()) for p in self.admm.params])
+                self.accounting.set_density(nnz / torch.tensor(self._numel, dtype=torch.float64))
+            else:
+                self.accounting.set_density(torch.full((len(self.specs),), density))
+
+    def packed(self, alloc: Allocation) -> dict[str, PackedLayer]:
+        """The compressed layers of an allocation, as the codec stores them."""
+        return {
+            name: PackedLayer(spec.shape, int(bits), book.cpu(), mask.cpu(), codes.cpu())
+            for name, spec, bits, book, mask, codes in zip(
+                self.names, self.specs, alloc.bits.tolist(), alloc.codebooks, alloc.masks, alloc.codes
+            )
+        }
+
+    def encode(self, alloc: Allocation) -> bytes:
+        """The .jcz bytes of the model with this allocation's compressed weights."""
+        spec = {k: self.meta[k] for k in ("model", "input_shape", "num_classes")} if "model" in self.meta else None
+        return encode(self.model, self.packed(alloc), spec)
+
+    def finish(self) -> Allocation:
+        """The deployable model, checked to fit: in file mode the real file is measured and
+        the budget trimmed until it fits."""
         target = self.target_bits
-        alloc = self.admm.deploy(target)
-        if alloc.size_bits > target:
-            raise RuntimeError(f"deployable model is {alloc.size_bits:.0f} bits, over the target of {target:.0f}")
-        self.final = alloc
+        budget = target
+        for _ in range(50):
+            alloc = self.admm.deploy(budget)
+            file_bits = 8 * len(self.encode(alloc))
+            size = file_bits if isinstance(self.accounting, FileAccounting) else alloc.size_bits
+            if size <= target:
+                self.final, self.final_file_bytes = alloc, file_bits // 8
+                return alloc
+            budget -= (size - target) + 64
+        raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
+
+    def export(self, path: str) -> int:
+        """Write the final deployable model as a .jcz file; returns its size in bytes."""
+        if self.final is None:
+            raise ValueError("nothing to export yet: run the engine (or restore a run) first")
+        data = self.encode(self.final)
+        atomic_write(path, data)
+        return len(data)
+
+    def restore(self) -> Allocation:
+        """Load a saved run's state (no training) and compute its deployable model."""
+        self._load()
+        return self.finish()
+
+    def _final_record(self, dense_accuracy: float, seconds: float) -> FinalRecord:
+        alloc = self.finish()
+        size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         record = FinalRecord(
-            self._accuracy(alloc), dense_accuracy, alloc.size_bits, target, self.dense_bits / alloc.size_bits,
-            self.config.epochs, seconds, self._stop.is_set(), self._layers(alloc),
+            self._accuracy(alloc), dense_accuracy, size, self.target_bits, self.dense_bits / size,
+            self.config.epochs, seconds, self._stop.is_set(), self.final_file_bytes,
+            self.fp32_bytes / self.final_file_bytes, self._layers(alloc),
         )
         if self.run_dir:
+            self.export(str(self.run_dir.path / MODEL_FILE))
             self.run_dir.write_summary({
                 "target_bits": record.target_bits, "size_bits": record.size_bits, "ratio": record.ratio,
-                "accuracy": record.accuracy, "dense_accuracy": record.dense_accuracy,
-                "epochs": record.epochs, "seconds": record.seconds, "stopped": record.stopped,
+                "budget_mode": self.config.budget_mode, "accuracy": record.accuracy,
+                "dense_accuracy": record.dense_accuracy, "epochs": record.epochs, "seconds": record.seconds,
+                "stopped": record.stopped, "file_bytes": record.file_bytes, "file_ratio": record.file_ratio,
                 "layers": [{"name": l.name, "numel": l.numel, "nnz": l.nnz, "bits": l.bits} for l in record.layers],
             })
         return record

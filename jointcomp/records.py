@@ -83,6 +83,8 @@ class FinalRecord:
     epochs: int
     seconds: float
     stopped: bool
+    file_bytes: int = 0  # the exported .jcz
+    file_ratio: float = 0.0  # fp32 state dict bytes / file bytes
     layers: list[LayerRecord] = field(default_factory=list)
     kind: str = "final"
 

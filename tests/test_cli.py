@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,25 @@ def test_compress_digits_meets_target(tmp_path):
     assert sum('"kind": "epoch"' in line for line in lines) == 20 + 15  # dense pre-training + ADMM
     assert (out / "train_state.pt").is_file()
 
+    # the exported file: inspect tells its real size, evaluate reproduces the run's accuracy
+    jcz = out / "model.jcz"
+    assert summary["file_bytes"] == jcz.stat().st_size
+    report = jointcomp("inspect", jcz).stdout
+    assert f"file size: {jcz.stat().st_size} B" in report and "paper-accounting size" in report
+    evaluated = jointcomp("evaluate", jcz, "--data", "digits").stdout
+    assert f"accuracy {summary['accuracy']:.4f}" in evaluated
+    jointcomp("export", out, "--out", tmp_path / "again.jcz")
+    assert (tmp_path / "again.jcz").read_bytes() == jcz.read_bytes()
+    jointcomp("decompress", jcz, "--out", tmp_path / "dense.safetensors")
+    from safetensors.torch import load_file
+
+    from jointcomp import load_compressed
+
+    dense = load_file(str(tmp_path / "dense.safetensors"))
+    decoded = load_compressed(jcz).state_dict()
+    assert dense.keys() == decoded.keys()
+    assert all(torch.equal(dense[k], decoded[k]) for k in dense)
+
 
 def test_train_then_compress_pretrained_then_resume(tmp_path):
     jointcomp("train", "--model", "mlp", "--epochs", "5", "--out", tmp_path / "dense")
@@ -56,6 +76,8 @@ def test_train_then_compress_pretrained_then_resume(tmp_path):
         (["compress", "--pretrained", "NOWHERE", "--out", "X"], "no pretrained weights"),
         (["compress", "--resume", "EMPTY"], "no config.json"),
         (["compress", "--model", "lenet5", "--out", "X"], "28x28"),
+        (["inspect", "NOWHERE"], "cannot read"),
+        (["evaluate", "EMPTY"], "cannot read"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
