@@ -388,6 +388,21 @@ class Engine:
         atomic_write(path, data)
         return len(data)
 
+    def plan(self, target: str | float | None = None) -> FinalRecord:
+        """What the method would start from at `target`, without training: one pruning and
+        one quantization projection of the current weights (the "what-if" view)."""
+        if target is not None:
+            self.set_target(target)
+        weights = [p.detach() for p in self.admm.params]
+        self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
+        self.admm.bits = self.projector.initial_bits(weights, self.target_bits)
+        alloc = self.finish()
+        size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
+        return FinalRecord(
+            self._accuracy(alloc), self._accuracy(None), size, self.target_bits, self.dense_bits / size, 0, 0.0,
+            False, self.final_file_bytes, self.fp32_bytes / self.final_file_bytes, self._layers(alloc),
+        )
+
     def restore(self) -> Allocation:
         """Load a saved run's state (no training) and compute its deployable model."""
         self._load()
