@@ -12,16 +12,17 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .admm import Allocation, ADMMState, LayerSpec, Projector
+from .admm import Allocation, LayerSpec, Projector
 from .budget import DENSE_BITS, FileAccounting, LayerBounds, PaperAccounting, resolve_target
 from .codec import PackedLayer, encode, fp32_bytes
 from .data import Dataset
+from .methods import METHODS, make_method
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StartRecord, StepRecord
 from .rundir import RunDir, atomic_write
 
@@ -47,7 +48,8 @@ class CompressConfig:
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
     exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
     bounds: dict[str, LayerBounds] = field(default_factory=dict)  # weight name glob -> bounds
-    budget_mode: str = "paper"
+    budget_mode: str = "paper"  # "paper" (bits x non-zeros) or "file" (bytes of the .jcz)
+    method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
 
@@ -60,6 +62,10 @@ class CompressConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.budget_mode not in ("paper", "file"):
             raise ValueError(f"unknown budget mode {self.budget_mode!r}; use 'paper' or 'file'")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.budget_mode == "file" and self.method != "admm":
+            raise ValueError("the file budget mode needs method 'admm' (the baselines cannot trim to a file size)")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -213,8 +219,9 @@ class Engine:
             self.dense_bits = float(DENSE_BITS * sum(w.numel() for _, w, _ in layers))
         self._target_bits = self._resolve(config.target)
         self.projector = Projector(self.specs, self.accounting, self._reserved)
-        self.admm = ADMMState([w for _, w, _ in compressed], self.projector)
         self.steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
+        self.params = [w for _, w, _ in compressed]
+        self.method = make_method(config.method, self.params, self.projector, config.epochs, self.steps_per_epoch)
         self.run_dir = RunDir(run_dir) if run_dir else None
         self.resume = resume
         self._stop = threading.Event()
@@ -272,9 +279,8 @@ class Engine:
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
                 dense_accuracy = self._accuracy(None)
-                weights = [p.detach() for p in self.admm.params]
                 self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
-                self.admm.bits = self.projector.initial_bits(weights, self.target_bits)
+                self.method.start(self.target_bits)
                 if epoch > 0:
                     opt, sched = self._optimizer(dense=False)
             tic = time.perf_counter()
@@ -282,14 +288,15 @@ class Engine:
             for step_in_epoch, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
                 admm_step = (epoch - cfg.dense_epochs) * self.steps_per_epoch + step_in_epoch
                 every = cfg.project_every or self.steps_per_epoch
-                if not dense and admm_step % every == 0:
-                    lams = self.admm.project(self.target_bits)
+                projected = None if dense else self.method.before_step(admm_step, every, self.target_bits)
+                if projected:
+                    lams = projected
                     self._estimate_positions(None)
                 loss = train_step(self.model, opt, x, y)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 if not dense:
-                    self.admm.pull(lr, cfg.rho)
+                    self.method.after_step(lr, cfg.rho)
                 yield self._emit(StepRecord(
                     "dense" if dense else "admm",
                     epoch * self.steps_per_epoch + step_in_epoch, epoch, loss, lr,
@@ -321,7 +328,7 @@ class Engine:
         return record
 
     def _layers(self, alloc: Allocation) -> list[LayerRecord]:
-        residual, dual = self.admm.residuals()
+        residual, dual = self.method.residuals()
         nnz = alloc.nnz.tolist()
         return [
             LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d))
@@ -333,9 +340,9 @@ class Engine:
         target = self.target_bits
         if dense:
             return dense_epoch_record(self.model, self.data, epoch, step, seconds, self.dense_bits)
-        alloc = self.admm.deploy(target)
+        alloc = self.method.deployable(target)
         size = 8 * len(self.encode(alloc)) if isinstance(self.accounting, FileAccounting) else alloc.size_bits
-        residual, dual = self.admm.residuals()
+        residual, dual = self.method.residuals()
         return EpochRecord(
             "admm", epoch, step, self._accuracy(alloc), size, self.dense_bits / size,
             target, lams[0], lams[1], float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
@@ -346,7 +353,7 @@ class Engine:
         """File mode: refresh the position cost per weight from the layers' densities."""
         if isinstance(self.accounting, FileAccounting):
             if density is None:
-                nnz = torch.tensor([float((p != 0).sum()) for p in self.admm.params])
+                nnz = torch.tensor([float((p != 0).sum()) for p in self.params])
                 self.accounting.set_density(nnz / torch.tensor(self._numel, dtype=torch.float64))
             else:
                 self.accounting.set_density(torch.full((len(self.specs),), density))
@@ -365,13 +372,14 @@ class Engine:
         spec = {k: self.meta[k] for k in ("model", "input_shape", "num_classes")} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
-    def finish(self) -> Allocation:
+    def finish(self, deploy: Callable[[float], Allocation] | None = None) -> Allocation:
         """The deployable model, checked to fit: in file mode the real file is measured and
         the budget trimmed until it fits."""
+        deploy = deploy or self.method.deployable
         target = self.target_bits
         budget = target
         for _ in range(50):
-            alloc = self.admm.deploy(budget)
+            alloc = deploy(budget)
             file_bits = 8 * len(self.encode(alloc))
             size = file_bits if isinstance(self.accounting, FileAccounting) else alloc.size_bits
             if size <= target:
@@ -393,10 +401,10 @@ class Engine:
         one quantization projection of the current weights (the "what-if" view)."""
         if target is not None:
             self.set_target(target)
-        weights = [p.detach() for p in self.admm.params]
+        weights = [p.detach() for p in self.params]
         self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
-        self.admm.bits = self.projector.initial_bits(weights, self.target_bits)
-        alloc = self.finish()
+        bits = self.projector.initial_bits(weights, self.target_bits)
+        alloc = self.finish(lambda budget: self.projector.deploy(weights, bits, budget))
         size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         return FinalRecord(
             self._accuracy(alloc), self._accuracy(None), size, self.target_bits, self.dense_bits / size, 0, 0.0,
@@ -431,7 +439,7 @@ class Engine:
         if not self.run_dir:
             return
         self.run_dir.save_state({
-            "epochs_done": epochs_done, "model": self.model.state_dict(), "admm": self.admm.state_dict(),
+            "epochs_done": epochs_done, "model": self.model.state_dict(), "method": self.method.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "target_bits": self.target_bits, "dense_accuracy": dense_accuracy, "seconds": seconds,
         })
@@ -441,7 +449,7 @@ class Engine:
             raise FileNotFoundError("nothing to resume: the run folder has no saved state")
         state = self.run_dir.load_state()
         self.model.load_state_dict(state["model"])
-        self.admm.load_state_dict(state["admm"])
+        self.method.load_state_dict(state["method"])
         with self._lock:
             self._target_bits = float(state["target_bits"])
         if state["epochs_done"] == self.config.dense_epochs:

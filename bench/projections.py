@@ -1,0 +1,78 @@
+"""Time of one full projection (knapsack pruning + codebooks for all bitwidths 1..8 +
+bitwidth knapsack), as a multiple of one torch.sort of the same weights in the same run.
+
+Weights: ResNet-50 for CIFAR-10 (torchvision's, 10 classes: 23.5 M weights in 54 layers,
+at its own random initialisation) at 27x and 840x, and LeNet-5 (430,500 weights).
+
+    python bench/projections.py [--device cuda] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torchvision
+
+from common import machine
+from jointcomp import CompressConfig
+from jointcomp.admm import LayerSpec, Projector
+from jointcomp.budget import PaperAccounting, parse_target
+from jointcomp.engine import compressible_weights
+from jointcomp.models import lenet5
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, repeat: int) -> str:
+    layers = compressible_weights(model, CompressConfig())
+    weights = [w.detach().to(device) for _, w, _ in layers]
+    specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
+    projector = Projector(specs, PaperAccounting())
+    budget = parse_target(target, 32 * sum(w.numel() for w in weights))
+    bits = torch.full((len(weights),), 4)
+    flat = torch.cat([w.flatten() for w in weights])
+
+    def project() -> None:
+        masks, _ = projector.prune(weights, bits, budget)
+        projector.quantize(weights, masks, budget)
+
+    project()  # warm-up
+    sort_s = min(timed(lambda: torch.sort(flat), device) for _ in range(repeat))
+    prune_s = min(timed(lambda: projector.prune(weights, bits, budget), device) for _ in range(repeat))
+    full_s = min(timed(project, device) for _ in range(repeat))
+    return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.3f} | "
+            f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(num_classes=10)
+    rows = [
+        f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}",
+        "",
+        "| weights | size / layers | target | one torch.sort s | pruning s | full projection s | full / sort |",
+        "|---|---|---|---|---|---|---|",
+        bench("ResNet-50 (CIFAR-10)", resnet, "27x", device, args.repeat),
+        bench("ResNet-50 (CIFAR-10)", resnet, "840x", device, args.repeat),
+        bench("LeNet-5", lenet5((1, 28, 28), 10), "27x", device, args.repeat),
+        bench("LeNet-5", lenet5((1, 28, 28), 10), "840x", device, args.repeat),
+    ]
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""How the compressed layers are trained: jointcomp's ADMM, and two baselines.
+
+Every method shares the engine's data, model, schedule and epochs, and answers the same
+four hooks: `start` (when compression begins), `before_step` (projections), `after_step`
+(after each optimizer step) and `deployable` (the model that would ship now).
+
+* admm: the paper's method (admm.py).
+* uniform: one global density and one bitwidth for every layer, chosen to hit the
+  target; magnitude pruning + k-means, then fine-tuning with masks and code assignments
+  fixed (Deep Compression style: each centre becomes the mean of its cluster's weights).
+* sequential: prune first (knapsack with one bitwidth for every layer) and fine-tune with
+  the mask fixed; halfway, choose bitwidths (knapsack), quantize, and fine-tune as uniform.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .admm import ADMMState, Allocation, Projector
+from .budget import BIT_CHOICES
+
+METHODS = ("admm", "uniform", "sequential")
+
+
+@torch.no_grad()
+def snap(params: list[nn.Parameter], alloc: Allocation) -> None:
+    """Shared-centroid step: every centre becomes the mean of its cluster's current weights,
+    and every weight its centre (zeros stay zero). Masks and assignments do not change."""
+    for i, (p, mask, codes) in enumerate(zip(params, alloc.masks, alloc.codes)):
+        kept = p.detach()[mask].float()
+        book = alloc.codebooks[i]
+        total = torch.zeros_like(book).index_add_(0, codes, kept)
+        count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(kept))
+        book = torch.where(count > 0, total / count.clamp(min=1), book)
+        alloc.codebooks[i] = book
+        value = torch.zeros_like(p, dtype=torch.float32)
+        value[mask] = book[codes]
+        alloc.values[i] = value
+        p.copy_(value)
+
+
+class Admm:
+    """ADMM with knapsack projections (the paper)."""
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+        self.state = ADMMState(params, projector)
+        self.projector = projector
+
+    def start(self, budget: float) -> None:
+        self.state.bits = self.projector.initial_bits([p.detach() for p in self.state.params], budget)
+
+    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
+        return self.state.project(budget) if step % every == 0 else None
+
+    def after_step(self, lr: float, rho: float) -> None:
+        self.state.pull(lr, rho)
+
+    def deployable(self, budget: float) -> Allocation:
+        return self.state.deploy(budget)
+
+    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.state.residuals()
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
+
+
+class _FixedAllocation:
+    """Shared by the baselines: an allocation decided once, then fine-tuned in place."""
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+        self.params = params
+        self.projector = projector
+        self.alloc: Allocation | None = None
+
+    def after_step(self, lr: float, rho: float) -> None:
+        assert self.alloc is not None
+        snap(self.params, self.alloc)
+
+    def deployable(self, budget: float) -> Allocation:
+        assert self.alloc is not None
+        return self.alloc
+
+    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros(len(self.params), dtype=torch.float64)
+        return zeros, zeros
+
+    def state_dict(self) -> dict:
+        a = self.alloc
+        return {} if a is None else {"masks": a.masks, "codes": a.codes, "codebooks": a.codebooks, "bits": a.bits}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            values = [p.detach().float().clone() for p in self.params]
+            size = self.projector.accounting.size_bits(
+                state["bits"], torch.tensor([float(m.sum()) for m in state["masks"]]), self.projector.numel
+            ) + self.projector.reserved_bits
+            self.alloc = Allocation(state["masks"], state["bits"], state["codebooks"], state["codes"], values, size, 0.0, 0.0)
+
+    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
+        return None
+
+
+class Uniform(_FixedAllocation):
+    """One density and one bitwidth for all layers, magnitude pruning, then fine-tuning."""
+
+    def start(self, budget: float) -> None:
+        weights = [p.detach() for p in self.params]
+        numel = self.projector.numel
+        best, best_err = None, float("inf")
+        for b in BIT_CHOICES:
+            bits = self.projector.clamp_bits(torch.full((len(weights),), b))
+            unit = self.projector.accounting.weight_bits(bits, numel)
+            room = budget - self.projector.reserved_bits - float(self.projector.accounting.layer_bits(bits, numel).sum())
+            density = room / float((unit * numel).sum())
+            if density <= 0:
+                continue
+            keep = [max(1, min(int(n), int(density * n))) for n in numel.tolist()]
+            masks = [_top_k_mask(w, k) for w, k in zip(weights, keep)]
+            alloc = self.projector.quantize(weights, masks, budget, bits=bits)
+            if alloc.size_bits > budget:
+                continue
+            err = sum(float((w - q).square().sum()) for w, q in zip(weights, alloc.values))
+            if err < best_err:
+                best, best_err = alloc, err
+        if best is None:
+            raise ValueError("no uniform density and bitwidth fits this target; try a larger one")
+        self.alloc = best
+        snap(self.params, self.alloc)
+
+
+class Sequential(_FixedAllocation):
+    """Prune (knapsack at one bitwidth) and fine-tune; then choose bitwidths, quantize, fine-tune."""
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+        super().__init__(params, projector, epochs, steps_per_epoch)
+        self.switch_step = (epochs // 2) * steps_per_epoch
+        self.masks: list[torch.Tensor] | None = None
+
+    def start(self, budget: float) -> None:
+        weights = [p.detach() for p in self.params]
+        bits = self.projector.initial_bits(weights, budget)
+        self.masks, _ = self.projector.prune(weights, bits, budget)
+        self._apply_masks()
+
+    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
+        if step == self.switch_step and self.alloc is None:
+            assert self.masks is not None
+            self.alloc = self.projector.quantize([p.detach() for p in self.params], self.masks, budget)
+            snap(self.params, self.alloc)
+            return float("nan"), self.alloc.lambda_quant
+        return None
+
+    def after_step(self, lr: float, rho: float) -> None:
+        if self.alloc is None:
+            self._apply_masks()
+        else:
+            snap(self.params, self.alloc)
+
+    def deployable(self, budget: float) -> Allocation:
+        if self.alloc is not None:
+            return self.alloc
+        assert self.masks is not None
+        return self.projector.quantize([p.detach() for p in self.params], self.masks, budget)
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        assert self.masks is not None
+        for p, m in zip(self.params, self.masks):
+            p.mul_(m)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "prune_masks": self.masks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = state.pop("prune_masks")
+        super().load_state_dict(state)
+
+
+def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[w.detach().flatten().abs().topk(k).indices] = True
+    return mask.view(w.shape)
+
+
+def make_method(name: str, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int):
+    classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
+    if name not in classes:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return classes[name](params, projector, epochs, steps_per_epoch)
