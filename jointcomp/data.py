@@ -50,6 +50,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+def available(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The data sets that can be loaded here without downloading anything."""
+    found = ["digits"]
+    for name in ("fashion-mnist", "mnist"):
+        root = _find_dir(name, data_dir)
+        if all((root / f).is_file() for pair in _IDX_FILES.values() for f in pair):
+            found.append(name)
+    if (_find_dir("cifar10", data_dir) / "cifar-10-batches-py").is_dir():
+        found.append("cifar10")
+    return found
+
+
 def _find_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
     """--data-dir if given; else the first of $JOINTCOMP_DATA/<name>, /usr/share/datasets/<name>."""
     if data_dir:

@@ -369,7 +369,8 @@ class Engine:
 
     def encode(self, alloc: Allocation) -> bytes:
         """The .jcz bytes of the model with this allocation's compressed weights."""
-        spec = {k: self.meta[k] for k in ("model", "input_shape", "num_classes")} if "model" in self.meta else None
+        keys = ("model", "data", "input_shape", "num_classes")
+        spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
     def finish(self, deploy: Callable[[float], Allocation] | None = None) -> Allocation:

@@ -1,0 +1,190 @@
+"""Runs in a background thread, for the app and the notebooks.
+
+A `Runner` drives one engine and keeps its records; a `Sweep` runs several targets and
+methods one after another. Both expose only records, progress and files, never tensors.
+Control (stop, live target) is thread-safe.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from torch import nn
+
+from .data import Dataset, load_dataset
+from .engine import CompressConfig, Engine, train_dense
+from .models import build_model
+from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord, epochs_frame, layers_frame
+
+
+@dataclass
+class Progress:
+    fraction: float
+    elapsed: float
+    eta: float | None
+    epoch: int = 0  # compression epochs finished
+    total_epochs: int = 0
+
+
+def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0,
+            data_dir: str | None = None) -> tuple[nn.Module, Dataset, float]:
+    """A dense-trained model, its data, and its validation accuracy (the start of every run)."""
+    import torch
+
+    data = load_dataset(data_name, data_dir)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    accuracy = float("nan")
+    for record in train_dense(model, data, CompressConfig(seed=seed), dense_epochs):
+        if isinstance(record, EpochRecord):
+            accuracy = record.accuracy
+    return model, data, accuracy
+
+
+def meta_for(model_name: str, data: Dataset) -> dict:
+    return {"model": model_name, "data": data.name, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes}
+
+
+class Runner:
+    """One compression run in a background thread; records accumulate in `records`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.records: list[Record] = []
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
+                 run_dir: str | None = None) -> "Runner":
+        """Start compressing a copy of `model` (the caller's model is left as it is)."""
+        engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=meta_for(model_name, data))
+        return cls(engine).start()
+
+    def start(self) -> "Runner":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for record in self.engine:
+                self.records.append(record)
+        except Exception as err:  # shown to the user; the app must not die with the worker
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.finished_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, wait: float = 0.0) -> None:
+        self.engine.stop()
+        if wait:
+            self._thread.join(wait)
+
+    def set_target(self, target: str | float) -> float:
+        return self.engine.set_target(target)
+
+    @property
+    def target_bits(self) -> float:
+        return self.engine.target_bits
+
+    @property
+    def final(self) -> FinalRecord | None:
+        last = self.records[-1] if self.records else None
+        return last if isinstance(last, FinalRecord) else None
+
+    def progress(self) -> Progress:
+        start = next((r for r in self.records if isinstance(r, StartRecord)), None)
+        end = self.finished_at or time.monotonic()
+        elapsed = end - self.started
+        if start is None:
+            return Progress(0.0, elapsed, None)
+        total = (start.total_epochs + start.dense_epochs) * start.steps_per_epoch
+        done = sum(1 for r in self.records if isinstance(r, StepRecord))
+        fraction = 1.0 if self.final else min(done / max(total, 1), 1.0)
+        eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else (0.0 if fraction >= 1 else None)
+        epoch = sum(1 for r in self.records if isinstance(r, EpochRecord) and r.phase == "admm")
+        return Progress(fraction, elapsed, eta, epoch, start.total_epochs)
+
+    def epochs(self) -> pd.DataFrame:
+        return epochs_frame(list(self.records))
+
+    def layers(self) -> pd.DataFrame:
+        return layers_frame(list(self.records))
+
+    def checkpoint(self) -> bytes:
+        """The compressed model as .jcz bytes (after the run)."""
+        if self.final is None:
+            raise ValueError("the run has not finished yet")
+        if self.engine.run_dir:
+            return (self.engine.run_dir.path / "model.jcz").read_bytes()
+        return self.engine.encode(self.engine.final)
+
+
+class Sweep:
+    """Several (target, method) runs one after another in a background thread."""
+
+    def __init__(self, make_engine: Callable[[str, str], Engine], targets: list[str], methods: list[str]) -> None:
+        self.jobs = [(t, m) for t in targets for m in methods]
+        self.make_engine = make_engine
+        self.results: list[dict] = []
+        self.error: str | None = None
+        self.current: Engine | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Sweep":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for target, method in self.jobs:
+                if self._stop.is_set():
+                    break
+                self.current = self.make_engine(target, method)
+                final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
+                self.results.append({
+                    "target": target, "method": method, "accuracy": final.accuracy,
+                    "dense_accuracy": final.dense_accuracy, "size_bits": final.size_bits,
+                    "size_kb": final.size_bits / 8000, "ratio": final.ratio, "file_bytes": final.file_bytes,
+                    "stopped": final.stopped,
+                })
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.current is not None:
+            self.current.stop()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.results, columns=["target", "method", "accuracy", "dense_accuracy", "size_bits",
+                                                   "size_kb", "ratio", "file_bytes", "stopped"])
+
+
+def new_run_dir(root: str | Path | None = None) -> str:
+    """A fresh folder for a run (under $JOINTCOMP_RUNS, default runs/app), so that nothing
+    a run produced is lost."""
+    root = root or os.environ.get("JOINTCOMP_RUNS", "runs/app")
+    path = Path(root) / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while (candidate := path.with_name(f"{path.name}-{suffix}" if suffix else path.name)).exists():
+        suffix += 1
+    candidate.mkdir(parents=True)
+    return str(candidate)

@@ -1,0 +1,59 @@
+"""Sweep: several targets one after another -> accuracy against size, jointcomp beside a baseline."""
+from __future__ import annotations
+
+import copy
+
+import streamlit as st
+
+import ui
+from jointcomp import CompressConfig, Engine, charts
+from jointcomp.runner import Sweep, meta_for
+
+st.set_page_config(page_title="jointcomp · sweep", layout="wide")
+st.title("Sweep: accuracy against size")
+st.caption("Runs each target with jointcomp (admm) and the chosen baselines, same data, epochs and schedule.")
+
+choices = ui.sidebar(with_method=False)
+try:
+    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed)
+except (ValueError, FileNotFoundError) as err:
+    st.error(str(err))
+    st.stop()
+
+targets = st.multiselect("Targets", [f"{r}x" for r in ui.RATIOS], default=["20x", "50x", "100x", "200x"], key="targets")
+methods = st.multiselect("Methods", ["admm", "uniform", "sequential"], default=["admm", "uniform"], key="methods")
+sweep: Sweep | None = st.session_state.get("sweep")
+running = sweep is not None and sweep.running
+
+go, stop = st.columns([1, 5])
+if go.button("Run sweep", type="primary", disabled=running or not targets or not methods, key="run_sweep"):
+    def make_engine(target: str, method: str) -> Engine:
+        config = CompressConfig(**{**vars(choices.config), "target": target, "method": method})
+        return Engine(copy.deepcopy(model), data, config, meta=meta_for(choices.model, data))
+
+    st.session_state.sweep = Sweep(make_engine, targets, methods).start()
+    st.rerun()
+if stop.button("Stop", disabled=not running, key="stop_sweep"):
+    sweep.stop()
+    st.rerun()
+
+
+@st.fragment(run_every=1.0 if running else None)
+def results() -> None:
+    s: Sweep | None = st.session_state.get("sweep")
+    if s is None:
+        return
+    done = len(s.results)
+    st.progress(done / len(s.jobs), text=f"{done} of {len(s.jobs)} runs done")
+    if s.error:
+        st.error(f"The sweep failed: {s.error}")
+    frame = s.frame()
+    if not frame.empty:
+        st.altair_chart(charts.sweep(frame))
+        st.dataframe(frame, hide_index=True)
+    if running and not s.running:
+        st.rerun(scope="app")
+
+
+results()
+st.caption(f"Dense accuracy of the starting model: {dense_accuracy:.2%}")

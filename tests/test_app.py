@@ -1,0 +1,90 @@
+"""The Streamlit pages through streamlit.testing.v1.AppTest: widgets, defaults, a real run."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from jointcomp import load_compressed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("JOINTCOMP_RUNS", str(tmp_path / "runs"))
+
+
+def wait_until(at: AppTest, condition, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        time.sleep(0.5)
+        at.run()
+
+
+def test_defaults_and_what_if():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert at.selectbox(key="data").value == "digits"
+    assert at.selectbox(key="model_digits").value == "mlp"
+    assert at.select_slider(key="target_ratio").value == 50
+    assert [b.label for b in at.button] == ["Start", "Stop"]
+    labels = [m.label for m in at.metric]
+    assert "Size (paper accounting)" in labels and ".jcz file" in labels
+    size_50 = at.metric[0].value
+    at.select_slider(key="target_ratio").set_value(500).run()  # the what-if follows the slider
+    assert at.metric[0].value != size_50
+
+
+def test_start_run_to_the_end_then_download():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    at.slider(key="epochs").set_value(3).run()
+    at.button(key="start").click().run()
+    runner = at.session_state["runner"]
+    wait_until(at, lambda: not runner.running)
+    assert not at.exception and not at.error
+    assert "Accuracy (compressed)" in [m.label for m in at.metric]
+    assert runner.final.size_bits <= runner.final.target_bits
+    model_file = Path(runner.engine.run_dir.path) / "model.jcz"
+    assert load_compressed(model_file) is not None
+
+
+def test_stop_ends_a_long_run_and_a_second_start_is_impossible_while_running():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    at.slider(key="epochs").set_value(200).run()
+    at.button(key="start").click().run()
+    runner = at.session_state["runner"]
+    assert runner.running
+    assert at.button(key="start").disabled  # reruns cannot start a second run
+    at.select_slider(key="target_ratio").set_value(100).run()
+    assert at.session_state["runner"] is runner  # a widget rerun kept the same run
+    assert runner.target_bits == pytest.approx(runner.engine.dense_bits / 100)
+    at.button(key="stop").click().run()
+    assert not runner.running
+    assert runner.final.stopped and runner.final.size_bits <= runner.final.target_bits
+
+
+def test_worker_errors_show_in_the_page():
+    from jointcomp import CompressConfig, Engine, build_model, load_dataset
+    from jointcomp.runner import Runner
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    data = load_dataset("digits")
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    diverging = Runner(Engine(model, data, CompressConfig(lr=1e9, momentum=0.0, dense_epochs=1, epochs=1))).start()
+    diverging._thread.join(60)
+    at.session_state["runner"] = diverging
+    at.run()
+    assert not at.exception  # the page lives on
+    assert any("The run failed" in e.value and "diverged" in e.value for e in at.error)
+
+
+def test_inspect_page_asks_for_a_file():
+    at = AppTest.from_file(str(REPO / "pages" / "2_Inspect.py"), default_timeout=60).run()
+    assert not at.exception
+    assert any("Upload a .jcz file" in i.value for i in at.info)

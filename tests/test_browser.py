@@ -1,0 +1,123 @@
+"""End to end in a real browser: a real `streamlit run app.py` server on localhost, driven by
+Debian's Chromium through Playwright. Screenshots land in test-artifacts/ (not committed)."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from jointcomp import load_compressed
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: `make system-deps` (apt-get install chromium chromium-driver)")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w")
+    env = {**os.environ, "JOINTCOMP_RUNS": str(tmp_path_factory.mktemp("runs"))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            pytest.fail(f"streamlit did not start: {Path(log.name).read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def slider(page, label: str):
+    return page.locator('[data-testid="stSlider"]', has_text=label).get_by_role("slider")
+
+
+def test_run_steer_stop_download(app_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    page.goto(app_url)
+    page.get_by_text("jointcomp: compress a network").wait_for(timeout=90_000)
+    page.get_by_text("What-if").wait_for(timeout=90_000)
+    page.screenshot(path=ARTIFACTS / "1-start-page.png", full_page=True)
+
+    epochs = slider(page, "Compression epochs")
+    epochs.focus()
+    epochs.press("End")  # the longest run, so there is time to steer it
+    page.get_by_role("button", name="Start").click()
+    page.get_by_text(re.compile(r"compression epoch (?:[2-9]|\d{2,}) of 200")).wait_for(timeout=90_000)
+    assert page.locator(".vega-embed").count() >= 5  # accuracy/size, multipliers, residuals, bars, heatmap
+    page.screenshot(path=ARTIFACTS / "2-running.png", full_page=True)
+
+    # move the target slider during the run: 50x -> 70x -> 100x
+    mlp_weight_bytes = 4 * (64 * 256 + 256 * 128 + 128 * 10)
+    target = slider(page, "Target size")
+    target.focus()
+    target.press("ArrowRight")
+    target.press("ArrowRight")
+    page.get_by_text(f"target {mlp_weight_bytes / 100 / 1000:.2f} KB").wait_for(timeout=30_000)
+    page.get_by_text("100x").first.wait_for(timeout=10_000)
+    page.screenshot(path=ARTIFACTS / "3-target-moved.png", full_page=True)
+
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("Result (stopped early)").wait_for(timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "4-result.png", full_page=True)
+    with page.expect_download(timeout=30_000) as download:
+        page.get_by_role("button", name="Download compressed checkpoint (.jcz)").click()
+    saved = tmp_path / "model.jcz"
+    download.value.save_as(saved)
+    model = load_compressed(saved)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    page.close()
+
+
+def test_inspect_page_rejects_bad_file_and_reads_good_one(app_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{app_url}/Inspect")
+    page.get_by_text("Inspect a compressed checkpoint").wait_for(timeout=60_000)
+    bad = tmp_path / "bad.jcz"
+    bad.write_bytes(b"JCZ\x01 this is not a checkpoint")
+    page.locator('input[type="file"]').set_input_files(str(bad))
+    page.get_by_text("This file cannot be opened").wait_for(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "5-inspect-bad.png", full_page=True)
+    page.close()

@@ -1,0 +1,65 @@
+"""Streamlit widgets shared by app.py and the pages: choices, the cached dense model, the
+log-scale target slider. Pages consume only records and the public jointcomp API."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+
+from jointcomp import CompressConfig
+from jointcomp.budget import format_bits
+from jointcomp.data import available
+from jointcomp.runner import prepare
+
+MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"], "cifar10": ["resnet20", "mlp"]}
+DENSE_EPOCHS = {"mlp": 20, "lenet5": 3, "resnet20": 10}
+RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]
+RATIOS = [int(r) for r in RATIOS]  # a log scale of round ratios: 2x, 3x, 5x, 7x, 10x, 15x ... 3000x
+
+
+@dataclass
+class Choices:
+    model: str
+    data: str
+    dense_epochs: int
+    config: CompressConfig
+
+
+def sidebar(with_method: bool = True) -> Choices:
+    """Model, data and training settings; advanced options folded away."""
+    sb = st.sidebar
+    sb.header("Network and data")
+    data = sb.selectbox("Data set", available(), key="data", help="Fashion-MNIST appears once installed: apt-get install dataset-fashion-mnist")
+    model = sb.selectbox("Model", MODELS_FOR[data], key=f"model_{data}")
+    sb.header("Training")
+    epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
+    rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
+    lr = sb.select_slider("Learning rate", [0.005, 0.01, 0.02, 0.05, 0.1], value=0.05 if model == "mlp" else 0.02, key=f"lr_{model}")
+    method, budget_mode = "admm", "paper"
+    with sb.expander("Advanced"):
+        dense_epochs = st.number_input("Dense pre-training epochs", 1, 200, DENSE_EPOCHS[model], key=f"dense_{model}")
+        batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
+        seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
+        if with_method:
+            method = st.selectbox("Method", ["admm", "uniform", "sequential"], key="method",
+                                  help="admm is jointcomp; the others are baselines")
+            budget_mode = st.selectbox("Budget counts", ["paper", "file"], key="budget_mode",
+                                       help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
+    config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed),
+                            method=method, budget_mode=budget_mode if method == "admm" else "paper")
+    return Choices(model, data, int(dense_epochs), config)
+
+
+@st.cache_resource(show_spinner="Training the dense model once (cached for this session's server)…")
+def dense_model(model: str, data: str, dense_epochs: int, seed: int):
+    """The dense-trained starting point of every run with these choices (read-only)."""
+    return prepare(model, data, dense_epochs, seed)
+
+
+def target_slider(dense_bits: float, key: str = "target_ratio") -> int:
+    """Target as a compression ratio on a log scale, showing the equivalent size."""
+    return st.select_slider(
+        "Target size", RATIOS, value=50, key=key,
+        format_func=lambda r: f"{r}x  ({format_bits(dense_bits / r)})",
+        help="Compression ratio against the fp32 weights; the size it means is shown beside it.",
+    )
