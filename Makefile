@@ -23,10 +23,10 @@ system-deps:
 	fi
 
 run: setup
-	$(PY) -m jointcomp compress --model mlp --data digits --target 50x --epochs 15 --out runs/demo
+	$(VENV)/bin/streamlit run app.py --browser.gatherUsageStats false
 
 test: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/projections.py
+	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) quality.py --quick
