@@ -228,6 +228,7 @@ class Engine:
         self._lock = threading.Lock()
         self.final: Allocation | None = None
         self.final_file_bytes = 0
+        self.final_target = 0.0  # the target `final` was fitted to (the live one may move on)
 
     # --- control from other threads -------------------------------------------------
     @property
@@ -384,7 +385,7 @@ class Engine:
             file_bits = 8 * len(self.encode(alloc))
             size = file_bits if isinstance(self.accounting, FileAccounting) else alloc.size_bits
             if size <= target:
-                self.final, self.final_file_bytes = alloc, file_bits // 8
+                self.final, self.final_file_bytes, self.final_target = alloc, file_bits // 8, target
                 return alloc
             budget -= (size - target) + 64
         raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
@@ -408,7 +409,7 @@ class Engine:
         alloc = self.finish(lambda budget: self.projector.deploy(weights, bits, budget))
         size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         return FinalRecord(
-            self._accuracy(alloc), self._accuracy(None), size, self.target_bits, self.dense_bits / size, 0, 0.0,
+            self._accuracy(alloc), self._accuracy(None), size, self.final_target, self.dense_bits / size, 0, 0.0,
             False, self.final_file_bytes, self.fp32_bytes / self.final_file_bytes, self._layers(alloc),
         )
 
@@ -421,7 +422,7 @@ class Engine:
         alloc = self.finish()
         size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         record = FinalRecord(
-            self._accuracy(alloc), dense_accuracy, size, self.target_bits, self.dense_bits / size,
+            self._accuracy(alloc), dense_accuracy, size, self.final_target, self.dense_bits / size,
             self.config.epochs, seconds, self._stop.is_set(), self.final_file_bytes,
             self.fp32_bytes / self.final_file_bytes, self._layers(alloc),
         )
