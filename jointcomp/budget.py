@@ -165,9 +165,9 @@ def resolve_target(
 
 def format_bits(bits: float) -> str:
     """Human-readable size, in bytes with a decimal prefix."""
-    size = bits / 8
+    size, unit = bits / 8, "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+            break
         size /= 1000
-    raise AssertionError("unreachable")
+    return f"{size:.0f} B" if unit == "B" else f"{size:.2f} {unit}"

@@ -280,7 +280,7 @@ class Engine:
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
                 dense_accuracy = self._accuracy(None)
-                self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
+                self._estimate_positions(self._initial_density())
                 self.method.start(self.target_bits)
                 if epoch > 0:
                     opt, sched = self._optimizer(dense=False)
@@ -350,6 +350,10 @@ class Engine:
             self._layers(alloc),
         )
 
+    def _initial_density(self) -> float:
+        """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
+        return min(1.0, self.target_bits / (4.0 * sum(self._numel)))
+
     def _estimate_positions(self, density: float | None) -> None:
         """File mode: refresh the position cost per weight from the layers' densities."""
         if isinstance(self.accounting, FileAccounting):
@@ -404,7 +408,7 @@ class Engine:
         if target is not None:
             self.set_target(target)
         weights = [p.detach() for p in self.params]
-        self._estimate_positions(min(1.0, self.target_bits / (4.0 * sum(self._numel))))
+        self._estimate_positions(self._initial_density())
         bits = self.projector.initial_bits(weights, self.target_bits)
         alloc = self.finish(lambda budget: self.projector.deploy(weights, bits, budget))
         size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
