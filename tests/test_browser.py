@@ -74,6 +74,11 @@ def slider(page, label: str):
     return page.locator('[data-testid="stSlider"]', has_text=label).get_by_role("slider")
 
 
+def button(page, key: str):
+    """An app button by its Streamlit key: text can also match Streamlit's own status-bar buttons."""
+    return page.locator(f".st-key-{key} button")
+
+
 def test_run_steer_stop_download(app_url, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
     page.goto(app_url)
@@ -84,7 +89,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     epochs = slider(page, "Compression epochs")
     epochs.focus()
     epochs.press("End")  # the longest run, so there is time to steer it
-    page.get_by_role("button", name="Start").click()
+    button(page, "start").click()
     page.get_by_text(re.compile(r"compression epoch (?:[2-9]|\d{2,}) of 200")).wait_for(timeout=90_000)
     # accuracy/size, multipliers, residuals, bars, heatmap: vega draws them asynchronously
     page.locator(".vega-embed").nth(4).wait_for(timeout=30_000)
@@ -100,11 +105,11 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     page.get_by_text("100x").first.wait_for(timeout=10_000)
     page.screenshot(path=ARTIFACTS / "3-target-moved.png", full_page=True)
 
-    page.get_by_role("button", name="Stop").click()
+    button(page, "stop").click()
     page.get_by_text("Result (stopped early)").wait_for(timeout=60_000)
     page.screenshot(path=ARTIFACTS / "4-result.png", full_page=True)
     with page.expect_download(timeout=30_000) as download:
-        page.get_by_role("button", name="Download compressed checkpoint (.jcz)").click()
+        button(page, "download").click()
     saved = tmp_path / "model.jcz"
     download.value.save_as(saved)
     model = load_compressed(saved)
