@@ -72,6 +72,13 @@ class PaperAccounting:
         per_layer = self.weight_bits(bits, numel) * nnz.double() + self.layer_bits(bits, numel)
         return float(per_layer.sum())
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to price weights exactly as before."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class FileAccounting(PaperAccounting):
     """The exported file's size: each kept weight also pays for its position (estimated
@@ -90,6 +97,12 @@ class FileAccounting(PaperAccounting):
         d = density.double().clamp(1e-9, 1 - 1e-9)
         entropy = -(d * torch.log2(d) + (1 - d) * torch.log2(1 - d)) / d
         self.position_bits = torch.minimum(entropy, 1 / d) * 1.05 + 0.05
+
+    def state_dict(self) -> dict:
+        return {"position_bits": self.position_bits}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position_bits = state["position_bits"].double()
 
     def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         pos = self.position_bits.to(bits.device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -195,6 +196,10 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    log = logging.getLogger("jointcomp")  # notes such as an adapted first layer, one line each
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
     command = {"train": cmd_train, "compress": cmd_compress, "export": cmd_export, "inspect": cmd_inspect,
                "evaluate": cmd_evaluate, "decompress": cmd_decompress}[args.command]
     try:

@@ -7,16 +7,23 @@ Layout, little-endian:
 The body holds, per compressed tensor: its codebook (2^b float32), the codes bit-packed at
 exactly b bits (zstd'd when that is smaller), and the positions of the non-zeros in the
 cheapest of three encodings (bitmap, zstd'd bitmap, zstd'd varint gaps); then every other
-parameter and buffer, raw or zstd'd. The header says how long each piece is.
+tensor of the state dict in its own dtype, raw or zstd'd. The header says how long each
+piece is.
 
-Reading never unpickles and never imports code unless asked (`allow_import=True`); every
-length is checked against the file before anything is allocated, and any damage raises
-`CheckpointError`.
+Reading is safe on hostile files. It never unpickles and never imports code unless asked
+(`allow_import=True`). The header is checked whole (types, unique names, section lengths
+that add up to the body, element counts the file can justify) before any tensor is
+decoded; every zstd section is stream-decompressed with a cap known beforehand; any damage
+raises `CheckpointError`. Memory: reading a file of N bytes whose header declares tensors
+of S bytes in all (as float32 for compressed weights) allocates at most
+`READ_MEMORY_BOUND(N, S)`, and S is refused above `MAX_ELEMENTS_PER_FILE_BYTE` elements
+per file byte before anything is allocated.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -32,9 +39,20 @@ from .rundir import atomic_write
 
 MAGIC = b"JCZ"
 VERSION = 1
-MAX_WEIGHTS_PER_FILE_BYTE = 4096  # no real checkpoint expands more; bounds what a file may make us allocate
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
-           "bool": torch.bool, "uint8": torch.uint8, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PREAMBLE_BYTES = 8  # magic, version, header length
+CRC_BYTES = 4
+CODEBOOK_VALUE_BYTES = 4  # float32 centres
+MAX_ELEMENTS_PER_FILE_BYTE = 4096  # no real checkpoint expands more; bounds what a file may make us allocate
+HEADER_EXPANSION = 16  # the JSON header is at most this many times the file's size (+64 KiB)
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+)}
+
+
+def READ_MEMORY_BOUND(file_bytes: int, tensor_bytes: int) -> int:
+    """The most memory (bytes) that reading a file may allocate: see the module docstring."""
+    return 64 * file_bytes + 4 * tensor_bytes + 32 * 2**20
 
 
 class CheckpointError(Exception):
@@ -49,11 +67,11 @@ class PackedLayer:
     bits: int
     codebook: torch.Tensor  # 2^bits float32 values
     mask: torch.Tensor  # bool, shape `shape`
-    codes: torch.Tensor  # int, one per kept entry in flat order
+    codes: torch.Tensor  # integer, one per kept entry in flat order
 
     def weight(self) -> torch.Tensor:
         out = torch.zeros(self.mask.numel(), dtype=torch.float32)
-        out[self.mask.flatten()] = self.codebook[self.codes.long()]
+        out[self.mask.flatten()] = torch.index_select(self.codebook, 0, self.codes.int())
         return out.view(self.shape)
 
 
@@ -94,17 +112,17 @@ class Report:
 # --- bit-level encodings ----------------------------------------------------------------
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
     """Codes < 2^bits packed at exactly `bits` bits each."""
-    c = codes.cpu().numpy().astype(np.uint16)
-    planes = ((c[:, None] >> np.arange(bits, dtype=np.uint16)) & 1).astype(np.uint8)
+    c = codes.cpu().numpy().astype(np.uint8)
+    planes = np.unpackbits(c[:, None], axis=1, count=bits, bitorder="little")
     return np.packbits(planes.ravel(), bitorder="little").tobytes()
 
 
 def unpack_codes(data: bytes, count: int, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`, as uint8 (one byte a code: bits <= 8)."""
     if len(data) != (count * bits + 7) // 8:
         raise CheckpointError("codes section has the wrong length")
     planes = np.unpackbits(np.frombuffer(data, np.uint8), count=count * bits, bitorder="little")
-    values = planes.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
-    return torch.from_numpy(values)
+    return torch.from_numpy(np.packbits(planes.reshape(count, bits), axis=1, bitorder="little").reshape(count))
 
 
 def _varint(values: np.ndarray) -> bytes:
@@ -116,17 +134,20 @@ def _varint(values: np.ndarray) -> bytes:
     return (groups | more)[k[None, :] < length[:, None]].tobytes()
 
 
-def _unvarint(data: bytes, count: int) -> np.ndarray:
+def _unvarint(data: bytes, count: int, below: int) -> np.ndarray:
+    """`count` varints, each < `below`; a few bytes of scratch per value, in int64."""
     b = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(b < 0x80)
-    if len(ends) != count or (count and ends[-1] != len(b) - 1):
+    if len(ends) != count or (count and ends[-1] != len(b) - 1) or (not count and len(b)):
         raise CheckpointError("positions section is malformed")
-    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-    group = np.concatenate([[0], np.cumsum(b[:-1] < 0x80)]).astype(np.int64)
-    k = np.arange(len(b)) - starts[group]
-    if len(k) and k.max() >= 5:
+    lengths = np.diff(ends, prepend=-1)
+    if count and lengths.max() > max(1, math.ceil(max(below, 1).bit_length() / 7)):
         raise CheckpointError("positions section has an oversized gap")
-    return np.add.reduceat((b & 0x7F).astype(np.int64) << (7 * k), starts) if count else np.zeros(0, np.int64)
+    values = np.zeros(count, np.int64)
+    for k in range(int(lengths.max()) if count else 0):
+        has = lengths > k
+        values[has] |= (b[ends[has] - lengths[has] + 1 + k] & 0x7F).astype(np.int64) << (7 * k)
+    return values
 
 
 def encode_positions(mask: torch.Tensor) -> tuple[str, bytes]:
@@ -144,22 +165,30 @@ def encode_positions(mask: torch.Tensor) -> tuple[str, bytes]:
     return name, options[name]
 
 
+def _gap_bytes_limit(numel: int, nnz: int) -> int:
+    """Most bytes minimal varints of `nnz` gaps inside `numel` entries can take: one byte a
+    gap, plus at most one more per 128 entries skipped."""
+    return nnz + numel // 128 + 1
+
+
 def decode_positions(encoding: str, data: bytes, numel: int, nnz: int) -> torch.Tensor:
     if encoding in ("bitmap", "bitmap+zstd"):
         raw = _unzstd(data, (numel + 7) // 8) if encoding == "bitmap+zstd" else data
         if len(raw) != (numel + 7) // 8:
             raise CheckpointError("bitmap has the wrong length")
-        flat = np.unpackbits(np.frombuffer(raw, np.uint8), count=numel, bitorder="little").astype(bool)
+        flat = np.unpackbits(np.frombuffer(raw, np.uint8), count=numel, bitorder="little").view(bool)
     elif encoding == "gaps+zstd":
-        gaps = _unvarint(_unzstd(data, 5 * nnz), nnz)
-        positions = np.cumsum(gaps + 1) - 1
+        positions = _unvarint(_unzstd(data, _gap_bytes_limit(numel, nnz)), nnz, numel)
+        positions += 1
+        np.cumsum(positions, out=positions)
+        positions -= 1
         if nnz and (positions[-1] >= numel):
             raise CheckpointError("positions run past the end of the tensor")
         flat = np.zeros(numel, dtype=bool)
         flat[positions] = True
     else:
         raise CheckpointError(f"unknown positions encoding {encoding!r}")
-    if int(flat.sum()) != nnz:
+    if int(np.count_nonzero(flat)) != nnz:
         raise CheckpointError("positions disagree with the number of non-zeros")
     return torch.from_numpy(flat)
 
@@ -169,10 +198,12 @@ def _zstd(data: bytes) -> bytes:
 
 
 def _unzstd(data: bytes, limit: int) -> bytes:
+    """Decompress one zstd frame of at most `limit` bytes, whatever size the frame claims:
+    a stream read with a cap, so a bomb costs `limit` bytes, not what it expands to."""
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(limit, 1))
+        out = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False).read(limit + 1)
     except zstandard.ZstdError as err:
-        raise CheckpointError(f"compressed section is damaged ({err})") from err
+        raise CheckpointError(f"compressed section is damaged ({err})") from None
     if len(out) > limit:
         raise CheckpointError("compressed section expands beyond its declared size")
     return out
@@ -183,18 +214,23 @@ def fp32_bytes(model: nn.Module) -> int:
     return 4 * sum(t.numel() for t in model.state_dict().values())
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of any tensor (0-dim and empty ones too), in its own dtype."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 # --- writing ----------------------------------------------------------------------------
-def encode(model: nn.Module, layers: dict[str, PackedLayer], spec: dict[str, Any] | None = None,
-           dense_dtype: str = "float32") -> bytes:
-    """The bytes of a .jcz file for `model` whose weights `layers` are compressed."""
-    if dense_dtype not in ("float32", "float16"):
-        raise ValueError("dense_dtype must be 'float32' or 'float16'")
+def encode(model: nn.Module, layers: dict[str, PackedLayer], spec: dict[str, Any] | None = None) -> bytes:
+    """The bytes of a .jcz file for `model` whose weights `layers` are compressed; every
+    other tensor of its state dict is stored exactly, in its own dtype."""
     body = io.BytesIO()
     compressed = []
     for name, layer in layers.items():
         book = layer.codebook.detach().cpu().float().contiguous()
         if len(book) != 2**layer.bits:
             raise ValueError(f"{name}: codebook has {len(book)} entries, expected {2 ** layer.bits}")
+        if not bool(torch.isfinite(book).all()):
+            raise ValueError(f"{name}: the codebook holds NaN or infinite values; the training diverged")
         codes_raw = pack_codes(layer.codes, layer.bits)
         codes_z = _zstd(codes_raw)
         codes_enc, codes = ("zstd", codes_z) if len(codes_z) < len(codes_raw) else ("raw", codes_raw)
@@ -210,15 +246,13 @@ def encode(model: nn.Module, layers: dict[str, PackedLayer], spec: dict[str, Any
     for name, tensor in model.state_dict().items():
         if name in layers:
             continue
-        t = tensor.detach().cpu()
-        if t.is_floating_point():
-            t = t.to(getattr(torch, dense_dtype))
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
             raise ValueError(f"{name}: cannot store dtype {dtype}")
-        dense.append([name, dtype, list(t.shape)])
-        dense_buf.write(raw)
+        if tensor.is_floating_point() and bool(tensor.isnan().any()):
+            raise ValueError(f"{name} holds NaN values; the training diverged")
+        dense.append([name, dtype, list(tensor.shape)])
+        dense_buf.write(tensor_bytes(tensor))
     dense_raw = dense_buf.getvalue()
     dense_z = _zstd(dense_raw)
     dense_enc, dense_bytes = ("zstd", dense_z) if len(dense_z) < len(dense_raw) else ("raw", dense_raw)
@@ -232,112 +266,196 @@ def encode(model: nn.Module, layers: dict[str, PackedLayer], spec: dict[str, Any
 
 
 def save_compressed(path: str | Path, model: nn.Module, layers: dict[str, PackedLayer],
-                    spec: dict[str, Any] | None = None, dense_dtype: str = "float32") -> int:
+                    spec: dict[str, Any] | None = None) -> int:
     """Write a .jcz file atomically; returns its size in bytes."""
-    data = encode(model, layers, spec, dense_dtype)
+    data = encode(model, layers, spec)
     atomic_write(path, data)
     return len(data)
 
 
 # --- reading ----------------------------------------------------------------------------
 @dataclass
-class _Parsed:
+class _CompressedEntry:
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    nnz: int
+    codes_enc: str
+    codes: memoryview
+    pos_enc: str
+    positions: memoryview
+    codebook: memoryview
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class _Layout:
+    """A checked header and the body cut into its sections; nothing decoded yet."""
+
+    data: bytes
     header: dict[str, Any]
-    layers: dict[str, PackedLayer]
-    dense: dict[str, torch.Tensor]
-    report: Report
+    compressed: list[_CompressedEntry]
+    dense: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    dense_payload: memoryview
+    header_bytes: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**{e.name: e.shape for e in self.compressed}, **{n: s for n, _, s in self.dense}}
+
+    def report(self) -> Report:
+        rows = [LayerBytes(e.name, e.shape, e.nnz, e.bits, len(e.codes), len(e.positions), e.pos_enc, len(e.codebook))
+                for e in self.compressed]
+        numel = sum(e.numel for e in self.compressed)
+        fp32 = 4 * (numel + sum(math.prod(s) for _, _, s in self.dense))
+        return Report(rows, len(self.dense_payload), self.header_bytes, len(self.data), fp32,
+                      sum(r.bits * r.nnz for r in rows), numel, self.header.get("model"))
 
 
-def _parse(data: bytes) -> _Parsed:
-    if len(data) < 12 or data[:3] != MAGIC:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > 8 or not all(_is_int(d) and d >= 0 for d in value):
+        raise CheckpointError(f"{name}: bad tensor shape")
+    return tuple(value)
+
+
+def _layout(data: bytes) -> _Layout:
+    """Check the file's frame and header and cut the body into sections. Allocates nothing
+    in proportion to what the header claims."""
+    if len(data) < PREAMBLE_BYTES + CRC_BYTES or data[:3] != MAGIC:
         raise CheckpointError("not a jointcomp checkpoint (bad magic)")
     if data[3] != VERSION:
         raise CheckpointError(f"format version {data[3]} is not supported (this jointcomp reads {VERSION})")
-    (crc,) = struct.unpack("<I", data[-4:])
-    if zlib.crc32(data[:-4]) != crc:
+    (crc,) = struct.unpack("<I", data[-CRC_BYTES:])
+    if zlib.crc32(memoryview(data)[:-CRC_BYTES]) != crc:
         raise CheckpointError("checksum mismatch: the file is damaged or truncated")
     (header_len,) = struct.unpack("<I", data[4:8])
-    if header_len > len(data) - 12:
+    if header_len > len(data) - PREAMBLE_BYTES - CRC_BYTES:
         raise CheckpointError("header length runs past the end of the file")
-    header_raw = _unzstd(data[8 : 8 + header_len], 64 * len(data))
-    header = json.loads(header_raw)
-    budget = MAX_WEIGHTS_PER_FILE_BYTE * len(data)  # elements the file may ask us to allocate
-    pos, end = 8 + header_len, len(data) - 4
+    view = memoryview(data)
+    raw = _unzstd(view[PREAMBLE_BYTES : PREAMBLE_BYTES + header_len], HEADER_EXPANSION * len(data) + 2**16)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError("the header is not valid JSON") from err
+    if not isinstance(header, dict) or not isinstance(header.get("c"), list) or not isinstance(header.get("d"), list):
+        raise CheckpointError("the header lacks its tensor tables")
+    if header.get("de") not in ("raw", "zstd") or not _is_int(header.get("dl")) or not _is_int(header.get("dr")):
+        raise CheckpointError("the header's dense section entry is malformed")
 
-    def take(n: int) -> bytes:
+    pos, end = PREAMBLE_BYTES + header_len, len(data) - CRC_BYTES
+
+    def take(n: Any, what: str) -> memoryview:
         nonlocal pos
-        if not isinstance(n, int) or n < 0 or pos + n > end:
-            raise CheckpointError("a section runs past the end of the file")
-        chunk = data[pos : pos + n]
+        if not _is_int(n) or n < 0 or pos + n > end:
+            raise CheckpointError(f"{what} runs past the end of the file")
         pos += n
-        return chunk
+        return view[pos - n : pos]
 
-    def numel_of(shape: list) -> int:
-        nonlocal budget
-        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape):
-            raise CheckpointError("bad tensor shape")
-        n = int(np.prod(shape, dtype=object)) if shape else 1
-        budget -= n
-        if budget < 0:
+    names: set[str] = set()
+
+    def new_name(name: Any) -> str:
+        if not isinstance(name, str) or not name:
+            raise CheckpointError("a tensor has no name")
+        if name in names:
+            raise CheckpointError(f"tensor {name!r} appears twice")
+        names.add(name)
+        return name
+
+    elements = 0  # what the file would make us allocate, checked against its size as we go
+    limit = MAX_ELEMENTS_PER_FILE_BYTE * len(data)
+
+    def count(shape: tuple[int, ...]) -> int:
+        nonlocal elements
+        elements += math.prod(shape)
+        if elements > limit:
             raise CheckpointError("tensor sizes are larger than this file can justify")
-        return n
+        return math.prod(shape)
 
-    layers, rows = {}, []
-    for name, shape, bits, nnz, codes_enc, codes_len, pos_enc, pos_len in header["c"]:
-        numel = numel_of(shape)
-        if not (isinstance(bits, int) and 1 <= bits <= 8 and isinstance(nnz, int) and 0 <= nnz <= numel):
+    compressed = []
+    for row in header["c"]:
+        if not isinstance(row, list) or len(row) != 8:
+            raise CheckpointError("a compressed-tensor entry is malformed")
+        name, shape, bits, nnz, codes_enc, codes_len, pos_enc, pos_len = row
+        name = new_name(name)
+        shape = _shape(shape, name)
+        numel = count(shape)
+        if not (_is_int(bits) and 1 <= bits <= 8 and _is_int(nnz) and 0 <= nnz <= numel):
             raise CheckpointError(f"{name}: bad bitwidth or non-zero count")
-        book = torch.frombuffer(bytearray(take(4 * 2**bits)), dtype=torch.float32)
-        codes_raw = take(codes_len)
-        if codes_enc == "zstd":
-            codes_raw = _unzstd(codes_raw, (nnz * bits + 7) // 8)
-        elif codes_enc != "raw":
-            raise CheckpointError(f"{name}: unknown codes encoding")
-        codes = unpack_codes(codes_raw, nnz, bits)
-        mask = decode_positions(pos_enc, take(pos_len), numel, nnz).view(shape)
-        layers[name] = PackedLayer(tuple(shape), bits, book, mask, codes)
-        rows.append(LayerBytes(name, tuple(shape), nnz, bits, codes_len, pos_len, pos_enc, 4 * 2**bits))
+        if codes_enc not in ("raw", "zstd") or pos_enc not in ("bitmap", "bitmap+zstd", "gaps+zstd"):
+            raise CheckpointError(f"{name}: unknown section encoding")
+        book = take(CODEBOOK_VALUE_BYTES * 2**bits, f"{name}'s codebook")
+        compressed.append(_CompressedEntry(
+            name, shape, bits, nnz, codes_enc, take(codes_len, f"{name}'s codes"),
+            pos_enc, take(pos_len, f"{name}'s positions"), book,
+        ))
 
-    dense_payload = take(header["dl"])
-    expected = 0
-    for name, dtype, shape in header["d"]:
-        if dtype not in _DTYPES:
+    dense, expected = [], 0
+    for row in header["d"]:
+        if not isinstance(row, list) or len(row) != 3:
+            raise CheckpointError("a dense-tensor entry is malformed")
+        name, dtype, shape = row
+        name = new_name(name)
+        if dtype not in DTYPES:
             raise CheckpointError(f"{name}: unknown dtype {dtype!r}")
-        expected += numel_of(shape) * torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+        shape = _shape(shape, name)
+        expected += count(shape) * DTYPES[dtype].itemsize
+        dense.append((name, DTYPES[dtype], shape))
     if header["dr"] != expected:
         raise CheckpointError("dense section size disagrees with its tensors")
-    if header["de"] == "zstd":
-        dense_payload = _unzstd(dense_payload, expected)
-    elif header["de"] != "raw":
-        raise CheckpointError("unknown dense encoding")
-    if len(dense_payload) != expected:
-        raise CheckpointError("dense section has the wrong length")
+    payload = take(header["dl"], "the dense section")
     if pos != end:
         raise CheckpointError("unexpected bytes after the last section")
+    return _Layout(data, header, compressed, dense, payload, PREAMBLE_BYTES + header_len)
+
+
+def _decode_layer(e: _CompressedEntry) -> PackedLayer:
+    book = torch.from_numpy(np.frombuffer(e.codebook, np.float32).copy())
+    if not bool(torch.isfinite(book).all()):
+        raise CheckpointError(f"{e.name}: the codebook holds NaN or infinite values")
+    codes_raw = _unzstd(e.codes, (e.nnz * e.bits + 7) // 8) if e.codes_enc == "zstd" else e.codes
+    codes = unpack_codes(codes_raw, e.nnz, e.bits)
+    mask = decode_positions(e.pos_enc, e.positions, e.numel, e.nnz).view(e.shape)
+    return PackedLayer(e.shape, e.bits, book, mask, codes)
+
+
+def _decode_dense(layout: _Layout) -> dict[str, torch.Tensor]:
+    expected = layout.header["dr"]
+    payload = _unzstd(layout.dense_payload, expected) if layout.header["de"] == "zstd" else layout.dense_payload
+    if len(payload) != expected:
+        raise CheckpointError("dense section has the wrong length")
     dense, offset = {}, 0
-    for name, dtype, shape in header["d"]:
-        t = torch.empty(shape, dtype=_DTYPES[dtype])
-        n = t.numel() * t.element_size()
+    for name, dtype, shape in layout.dense:
+        n = math.prod(shape) * dtype.itemsize
         if n:
-            t.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(dense_payload[offset : offset + n]), dtype=torch.uint8))
+            t = torch.from_numpy(np.frombuffer(payload, np.uint8, count=n, offset=offset).copy()).view(dtype).view(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype)
+        if t.is_floating_point() and bool(t.isnan().any()):
+            raise CheckpointError(f"{name} holds NaN values")
         dense[name] = t
         offset += n
-
-    fp32 = 4 * (sum(layer.mask.numel() for layer in layers.values()) + sum(t.numel() for t in dense.values()))
-    report = Report(
-        rows, header["dl"], 8 + header_len, len(data), fp32,
-        sum(r.bits * r.nnz for r in rows), sum(layer.mask.numel() for layer in layers.values()), header.get("model"),
-    )
-    return _Parsed(header, layers, dense, report)
+    return dense
 
 
-def _read(path: str | Path) -> _Parsed:
+def _layout_of(path: str | Path) -> _Layout:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    return _guarded(path, _layout, data)
+
+
+def _guarded(path: str | Path, fn, *args):
+    """Run a reading step, turning anything a damaged file can provoke into CheckpointError."""
     try:
-        return _parse(data)
+        return fn(*args)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError, struct.error) as err:
@@ -345,21 +463,29 @@ def _read(path: str | Path) -> _Parsed:
 
 
 def inspect(path: str | Path) -> Report:
-    """Per-layer byte breakdown and totals of a .jcz file."""
-    return _read(path).report
+    """Per-layer byte breakdown and totals of a .jcz file (every section is decoded and
+    checked, so a file that inspects cleanly also loads)."""
+    layout = _layout_of(path)
+    for entry in layout.compressed:
+        _guarded(path, _decode_layer, entry)
+    _guarded(path, _decode_dense, layout)
+    return layout.report()
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None, allow_import: bool = False) -> nn.Module:
     """Rebuild the model from a .jcz file, with the compressed weights decoded exactly.
 
-    Built-in and torchvision models are rebuilt from the header; a `module:factory` model
-    is imported only with `allow_import=True` (or pass your own `model` instance).
+    Built-in and torchvision classification models are rebuilt from the header; a
+    `module:factory` model is imported only with `allow_import=True` (or pass your own
+    `model` instance).
     """
-    parsed = _read(path)
-    state = {name: layer.weight() for name, layer in parsed.layers.items()}
-    state.update(parsed.dense)
+    layout = _layout_of(path)
     if model is None:
-        model = _model_from_spec(path, parsed.header.get("model"), allow_import, state)
+        model = _model_from_spec(path, layout.header.get("model"), allow_import, layout.shapes)
+    state: dict[str, torch.Tensor] = {}
+    for entry in layout.compressed:
+        state[entry.name] = _guarded(path, _decode_layer, entry).weight()
+    state.update(_guarded(path, _decode_dense, layout))
     own = model.state_dict()
     for name, t in state.items():
         if name in own and own[name].is_floating_point() and t.is_floating_point():
@@ -371,26 +497,31 @@ def load_compressed(path: str | Path, model: nn.Module | None = None, allow_impo
     return model.eval()
 
 
-def _model_from_spec(path, spec: Any, allow_import: bool, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the model the header names: first without memory (meta device), so that a
-    header describing a model larger than the file's tensors is refused before allocating."""
-    from .models import BUILTIN, build_model
+def _model_from_spec(path, spec: Any, allow_import: bool, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """Build the model the header names: first without memory (meta device) and without
+    any pretrained weights, so that a header describing another model is refused before
+    anything is allocated or fetched."""
+    from .models import check_model_name, build_model
 
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
         raise CheckpointError(f"{path}: holds no model description; pass the model instance to load it into")
     name = spec["model"]
-    if ":" in name and not name.startswith("torchvision:") and not allow_import:
-        raise CheckpointError(f"{path}: model {name!r} needs code to be imported; pass allow_import=True if you trust it")
-    if name not in BUILTIN and ":" not in name:
-        raise CheckpointError(f"{path}: unknown model {name!r}")
     try:
-        shape, classes = tuple(int(d) for d in spec["input_shape"]), int(spec["num_classes"])
+        kind = check_model_name(name)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if kind == "import" and not allow_import:
+        raise CheckpointError(f"{path}: model {name!r} needs code to be imported; pass allow_import=True if you trust it")
+    input_shape, classes = _shape(spec.get("input_shape"), f"{path}: input_shape"), spec.get("num_classes")
+    if not _is_int(classes) or classes < 1:
+        raise CheckpointError(f"{path}: bad number of classes")
+    try:
         with torch.device("meta"):
-            model = build_model(name, shape, classes)
-    except (ValueError, KeyError, TypeError, RuntimeError, OverflowError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild model {name!r} ({err})") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if expected != {k: tuple(v.shape) for k, v in state.items()}:
+            model = build_model(name, input_shape, classes)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception as err:  # whatever a model's constructor raises on nonsense arguments
+        raise CheckpointError(f"{path}: cannot rebuild model {name!r} ({type(err).__name__})") from None
+    if expected != shapes:
         raise CheckpointError(f"{path}: the tensors do not match model {name!r}")
     return model.to_empty(device="cpu")
 

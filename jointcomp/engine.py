@@ -446,7 +446,7 @@ class Engine:
             return
         self.run_dir.save_state({
             "epochs_done": epochs_done, "model": self.model.state_dict(), "method": self.method.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "accounting": self.accounting.state_dict(),
             "target_bits": self.target_bits, "dense_accuracy": dense_accuracy, "seconds": seconds,
         })
 
@@ -456,6 +456,7 @@ class Engine:
         state = self.run_dir.load_state()
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
+        self.accounting.load_state_dict(state["accounting"])
         with self._lock:
             self._target_bits = float(state["target_bits"])
         if state["epochs_done"] == self.config.dense_epochs:

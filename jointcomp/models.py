@@ -6,15 +6,17 @@ Names: "mlp", "lenet5" (Caffe LeNet-5 of the paper's experiments), "resnet20" (C
 from __future__ import annotations
 
 import importlib
-import os
 import inspect
+import logging
 import math
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 BUILTIN = ("mlp", "lenet5", "resnet20")
+log = logging.getLogger("jointcomp")
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (256, 128)) -> nn.Module:
@@ -69,23 +71,64 @@ def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a model by name for data of this shape and number of classes."""
+def check_model_name(name: str) -> str:
+    """What kind of model a name is ("builtin", "torchvision" or "import"); ValueError for
+    names that are neither a built-in, a torchvision classification model nor module:factory."""
     if name in BUILTIN:
-        return globals()[name](tuple(input_shape), num_classes)
+        return "builtin"
     if name.startswith("torchvision:"):
+        arch = name.split(":", 1)[1]
+        if arch not in torchvision_classifiers():
+            raise ValueError(
+                f"{name!r} is not a torchvision classification model; "
+                "see torchvision.models.list_models(module=torchvision.models)"
+            )
+        return "torchvision"
+    module_name, _, attr = name.partition(":")
+    if module_name and attr.isidentifier() and all(p.isidentifier() for p in module_name.split(".")):
+        return "import"
+    raise ValueError(
+        f"unknown model {name!r}; choose {', '.join(BUILTIN)}, torchvision:<name> or package.module:factory"
+    )
+
+
+def torchvision_classifiers() -> list[str]:
+    """torchvision's image classification models (no detection, segmentation or video:
+    those build backbones with pretrained weights and take other inputs)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a model by name for data of this shape and number of classes (no pretrained
+    weights are ever fetched)."""
+    kind = check_model_name(name)
+    if kind == "builtin":
+        return globals()[name](tuple(input_shape), num_classes)
+    if kind == "torchvision":
         import torchvision
 
-        arch = name.split(":", 1)[1]
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()")
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    if ":" in name:
-        return _user_factory(name, tuple(input_shape), num_classes)
-    raise ValueError(
-        f"unknown model {name!r}; choose {', '.join(BUILTIN)}, torchvision:<name> "
-        "or package.module:factory"
-    )
+        model = torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
+        return _adapt_input_channels(model, name, input_shape[0])
+    return _user_factory(name, tuple(input_shape), num_classes)
+
+
+def _adapt_input_channels(model: nn.Module, name: str, channels: int) -> nn.Module:
+    """Give the first convolution `channels` inputs (torchvision's models expect RGB)."""
+    path, first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if first is None or first.in_channels == channels:
+        return model
+    if first.groups != 1:
+        raise ValueError(f"{name} cannot take {channels}-channel images (its first convolution is grouped)")
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.Conv2d(
+        channels, first.out_channels, first.kernel_size, first.stride, first.padding,
+        first.dilation, bias=first.bias is not None, padding_mode=first.padding_mode,
+    ))
+    log.info("%s: first convolution %s adapted from %d to %d input channels", name, path, first.in_channels, channels)
+    return model
 
 
 def _user_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -93,11 +136,16 @@ def _user_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> 
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load model factory {name!r}: {err}") from err
-    params = inspect.signature(factory).parameters
-    kwargs = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes)) if k in params}
-    model = factory(**kwargs)
+    except Exception as err:  # importing user code can raise anything
+        raise ValueError(f"cannot load model factory {name!r}: {type(err).__name__}: {err}") from None
+    if not callable(factory):
+        raise ValueError(f"{name!r} is not a callable model factory")
+    try:
+        params = inspect.signature(factory).parameters
+        kwargs = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes)) if k in params}
+        model = factory(**kwargs)
+    except Exception as err:
+        raise ValueError(f"model factory {name!r} failed: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
     return model
