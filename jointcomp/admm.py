@@ -67,12 +67,23 @@ class Projector:
         hi = torch.tensor([s.bounds.max_bits for s in self.specs])
         return bits.clamp(lo, hi)
 
+    def _room(self, bits: torch.Tensor, budget: float) -> tuple[torch.Tensor, float]:
+        """Cost of one kept weight per layer, and the budget left for kept weights."""
+        unit = self.accounting.weight_bits(bits, self.numel)
+        return unit, budget - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
+
+    def fits(self, bits: torch.Tensor, budget: float) -> bool:
+        """Whether every layer can keep its fewest weights at these bitwidths."""
+        unit, room = self._room(bits, budget)
+        return float((unit * torch.tensor(self.min_keep, dtype=torch.float64)).sum()) <= room
+
     def prune(
         self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float
     ) -> tuple[list[torch.Tensor], float]:
         """Knapsack masks for these bitwidths; the multiplier at the cut."""
-        unit = self.accounting.weight_bits(bits, self.numel)
-        room = budget - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
+        if not self.fits(bits, budget):
+            raise ValueError("the budget cannot hold one weight per layer at these bitwidths")
+        unit, room = self._room(bits, budget)
         return knapsack_prune(weights, unit.tolist(), room, self.min_keep)
 
     def quantize(
@@ -130,6 +141,8 @@ class Projector:
         best, best_err = None, float("inf")
         for b in BIT_CHOICES:
             bits = self.clamp_bits(torch.full((len(self.specs),), b))
+            if not self.fits(bits, budget):
+                continue
             alloc = self.deploy(weights, bits, budget)
             err = sum(float((w.detach() - q).square().sum()) for w, q in zip(weights, alloc.values))
             if err < best_err:

@@ -177,10 +177,12 @@ def resolve_target(
 
 
 def format_bits(bits: float) -> str:
-    """Human-readable size, in bytes with a decimal prefix."""
+    """Human-readable size, in bytes with a decimal prefix (in bits below one byte)."""
+    if bits < 8:
+        return f"{bits:.3g} bits"
     size, unit = bits / 8, "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             break
         size /= 1000
-    return f"{size:.0f} B" if unit == "B" else f"{size:.2f} {unit}"
+    return f"{size:.4g} B" if unit == "B" else f"{size:.2f} {unit}"

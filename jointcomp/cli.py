@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -15,7 +15,7 @@ from .codec import CheckpointError, format_report, inspect, load_compressed
 from .engine import CompressConfig, Engine, accuracy, train_dense
 from .models import build_model, load_weights, save_weights
 from .records import EpochRecord, FinalRecord, Record, StartRecord
-from .rundir import RunDir, write_json
+from .rundir import DENSE_FILE, RunDir, write_json
 
 DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, "resnet20": 30}
 
@@ -60,7 +60,11 @@ def parser() -> argparse.ArgumentParser:
             action.required = False
     comp.add_argument("--budget-mode", choices=("paper", "file"), default="paper",
                       help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
-    comp.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
+    comp.add_argument("--resume", metavar="DIR",
+                      help="continue an interrupted run in DIR; with it, only --lr, --rho, --epochs, --target and "
+                           "--device may be given, to change what made it fail (recorded in its history)")
+    for p in (train, comp):
+        p.add_argument("--overwrite", action="store_true", help="start over in an --out folder that holds a run")
 
     export = sub.add_parser("export", help="write a run's compressed model as a .jcz file")
     export.add_argument("run_dir")
@@ -101,14 +105,28 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
     return final
 
 
+RESUME_OVERRIDES = ("lr", "rho", "epochs", "target", "device")
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """The options a command line gives explicitly (argparse fills the rest with defaults)."""
+    root = parser()
+    for sub in root._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        sub._defaults.clear()
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(root.parse_args(argv))) - {"command"}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    out = RunDir(args.out, overwrite=args.overwrite).path  # checked before any training
     data = load_dataset(args.data, args.data_dir, args.download)
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.input_shape, data.num_classes)
     config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
     epochs = args.epochs if args.epochs is not None else DENSE_EPOCHS.get(args.model, 10)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     last: Record | None = None
     with tqdm(total=epochs, unit="epoch") as bar:
         for record in train_dense(model, data, config, epochs):
@@ -116,17 +134,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                 last = record
                 bar.update(1)
                 bar.set_postfix(accuracy=f"{record.accuracy:.4f}")
-    save_weights(model, out / "dense.safetensors")
+    save_weights(model, out / DENSE_FILE)
     accuracy = last.accuracy if isinstance(last, EpochRecord) else float("nan")
     write_json(out / "summary.json", {"model": args.model, "data": args.data, "epochs": epochs, "accuracy": accuracy})
-    print(f"dense accuracy {accuracy:.4f}; weights in {out / 'dense.safetensors'}")
+    print(f"dense accuracy {accuracy:.4f}; weights in {out / DENSE_FILE}")
     return 0
 
 
-def _engine_for_run(run_dir: str) -> Engine:
-    """An engine set up to continue (or export) the run saved in `run_dir`."""
-    saved = RunDir(run_dir).read_config()
-    config = CompressConfig.from_dict(saved["compress"])
+def _engine_for_run(run_dir: str, overrides: dict | None = None) -> Engine:
+    """An engine set up to continue (or export) the run saved in `run_dir`, with some
+    training settings changed (`overrides`, keys from RESUME_OVERRIDES)."""
+    saved = RunDir(run_dir, resume=True).read_config()
+    try:
+        config = dataclasses.replace(CompressConfig.from_dict(saved["compress"]), **(overrides or {}))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{run_dir}/config.json is not a jointcomp run's config ({err}); start a new run") from None
     data = load_dataset(saved["data"], saved.get("data_dir"))
     torch.manual_seed(config.seed)
     model = build_model(saved["model"], data.input_shape, data.num_classes)
@@ -134,9 +156,13 @@ def _engine_for_run(run_dir: str) -> Engine:
     return Engine(model, data, config, run_dir=run_dir, resume=True, meta=meta)
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.resume:
-        engine = _engine_for_run(args.resume)
+        fixed = explicit - {"resume", *RESUME_OVERRIDES}
+        if fixed:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(fixed))
+            raise ValueError(f"{names} cannot change when resuming; only --{', --'.join(RESUME_OVERRIDES)} can")
+        engine = _engine_for_run(args.resume, {k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit})
     else:
         if not args.out:
             raise ValueError("compress needs --out DIR (or --resume DIR)")
@@ -155,7 +181,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             load_weights(model, args.pretrained)
         meta = {"model": args.model, "data": args.data, "data_dir": args.data_dir,
                 "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-        engine = Engine(model, data, config, run_dir=args.out, meta=meta)
+        engine = Engine(model, data, config, run_dir=args.out, meta=meta, overwrite=args.overwrite)
     final = _progress(engine, 0)
     if final is None:
         return 1
@@ -195,17 +221,18 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     log = logging.getLogger("jointcomp")  # notes such as an adapted first layer, one line each
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
-    command = {"train": cmd_train, "compress": cmd_compress, "export": cmd_export, "inspect": cmd_inspect,
-               "evaluate": cmd_evaluate, "decompress": cmd_decompress}[args.command]
+    commands = {"train": cmd_train, "compress": lambda a: cmd_compress(a, explicit_options(argv)),
+                "export": cmd_export, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "decompress": cmd_decompress}
     try:
-        return command(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return commands[args.command](args)
+    except (ValueError, OSError, FloatingPointError, CheckpointError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume DIR", file=sys.stderr)

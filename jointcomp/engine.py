@@ -24,9 +24,8 @@ from .codec import PackedLayer, encode, fp32_bytes
 from .data import Dataset
 from .methods import METHODS, make_method
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StartRecord, StepRecord
-from .rundir import RunDir, atomic_write
+from .rundir import MODEL_FILE, RunDir, atomic_write
 
-MODEL_FILE = "model.jcz"
 FILE_OVERHEAD_BYTES = 64  # magic, lengths, checksum and the model description
 
 
@@ -56,8 +55,11 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.dense_epochs < 0:
             raise ValueError("epochs must be at least 1 and dense_epochs at least 0")
-        if self.batch_size < 1 or self.lr <= 0 or self.rho < 0:
-            raise ValueError("batch_size and lr must be positive, rho non-negative")
+        for name in ("lr", "rho", "momentum", "weight_decay", "warmup_epochs"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.lr == 0:
+            raise ValueError("batch_size and lr must be positive")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.budget_mode not in ("paper", "file"):
@@ -136,13 +138,21 @@ def batches(data: Dataset, config: CompressConfig, epoch: int, device: torch.dev
         yield data.train_x[idx].to(device), data.train_y[idx].to(device)
 
 
+def set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
+    """Give a loaded optimizer and schedule a new peak learning rate (a resumed run's --lr)."""
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched.last_epoch)
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
     """One optimizer step on the cross-entropy loss; returns the loss."""
     model.train()
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     if not torch.isfinite(loss):
-        raise FloatingPointError("training diverged (loss is not finite); lower --lr or --rho")
+        raise FloatingPointError("training diverged (the loss is not finite)")
     loss.backward()
     opt.step()
     return loss.item()
@@ -196,6 +206,7 @@ class Engine:
         run_dir: str | None = None,
         resume: bool = False,
         meta: dict | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         self.meta = meta or {}  # stored with the run's config (e.g. model and data names)
@@ -222,13 +233,14 @@ class Engine:
         self.steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
         self.params = [w for _, w, _ in compressed]
         self.method = make_method(config.method, self.params, self.projector, config.epochs, self.steps_per_epoch)
-        self.run_dir = RunDir(run_dir) if run_dir else None
+        self.run_dir = RunDir(run_dir, resume=resume, overwrite=overwrite) if run_dir else None
         self.resume = resume
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.final: Allocation | None = None
         self.final_file_bytes = 0
         self.final_target = 0.0  # the target `final` was fitted to (the live one may move on)
+        self._saved_epochs, self._saved_accuracy = 0, float("-inf")  # the state a resume starts from
 
     # --- control from other threads -------------------------------------------------
     @property
@@ -262,20 +274,35 @@ class Engine:
         done = int(state["epochs_done"]) if state else 0
         elapsed = float(state["seconds"]) if state else 0.0
         dense_accuracy = float(state["dense_accuracy"]) if state else float("nan")
-        if self.run_dir and not state:
+        changes = self._changes(state["config"]) if state else {}
+        if self.run_dir and (changes or not state):
             self.run_dir.write_config({**self.meta, "compress": cfg.to_dict()})
+        if self.run_dir and not state:
             self.run_dir.start_history()
 
         yield self._emit(StartRecord(
             cfg.epochs, self.steps_per_epoch, cfg.dense_epochs, self.dense_bits,
-            self.target_bits, self.names, str(self.device),
+            self.target_bits, self.names, str(self.device), done, changes,
         ))
         total = cfg.dense_epochs + cfg.epochs
         opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
         if state and "optimizer" in state:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            set_base_lr(opt, sched, cfg.lr)
+        if not state:  # a state to come back to, whatever happens in the first epoch
+            self._save(0, opt, sched, dense_accuracy, 0.0, float("-inf"))
 
+        try:
+            yield from self._epochs(done, total, opt, sched, dense_accuracy, elapsed, started)
+        except FloatingPointError as err:
+            where = (f"; the run folder keeps the state after epoch {self._saved_epochs}: resume it with a "
+                     f"lower learning rate (--resume {self.run_dir.path} --lr {cfg.lr / 10:g})") if self.run_dir else ""
+            raise FloatingPointError(f"{err}{where}") from None
+
+    def _epochs(self, done: int, total: int, opt, sched, dense_accuracy: float, elapsed: float,
+                started: float) -> Iterator[Record]:
+        cfg = self.config
         for epoch in range(done, total):
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
@@ -308,7 +335,8 @@ class Engine:
                 break
             record = self._epoch_record(dense, epoch, lams, time.perf_counter() - tic)
             yield self._emit(record)
-            self._save(epoch + 1, opt, sched, dense_accuracy, elapsed + time.perf_counter() - started)
+            if self._healthy(record.accuracy):
+                self._save(epoch + 1, opt, sched, dense_accuracy, elapsed + time.perf_counter() - started, record.accuracy)
 
         if math.isnan(dense_accuracy):  # stopped during dense pre-training
             dense_accuracy = self._accuracy(None)
@@ -441,10 +469,23 @@ class Engine:
             })
         return record
 
-    def _save(self, epochs_done: int, opt, sched, dense_accuracy: float, seconds: float) -> None:
+    def _healthy(self, accuracy: float) -> bool:
+        """Whether an epoch's state is worth keeping to resume from: finite accuracy, and not
+        a fall to chance from a state that was better (a divergence keeps the last good one)."""
+        chance = 1.0 / self.data.num_classes
+        return math.isfinite(accuracy) and (accuracy > chance or self._saved_accuracy <= chance)
+
+    def _changes(self, saved: dict) -> dict:
+        """The settings this resumed run changes, against the saved run's."""
+        now = self.config.to_dict()
+        return {k: v for k, v in now.items() if saved.get(k) != v}
+
+    def _save(self, epochs_done: int, opt, sched, dense_accuracy: float, seconds: float, accuracy: float) -> None:
         if not self.run_dir:
             return
+        self._saved_epochs, self._saved_accuracy = epochs_done, accuracy
         self.run_dir.save_state({
+            "config": self.config.to_dict(), "accuracy": self._saved_accuracy,
             "epochs_done": epochs_done, "model": self.model.state_dict(), "method": self.method.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "accounting": self.accounting.state_dict(),
             "target_bits": self.target_bits, "dense_accuracy": dense_accuracy, "seconds": seconds,
@@ -457,8 +498,10 @@ class Engine:
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.accounting.load_state_dict(state["accounting"])
-        with self._lock:
-            self._target_bits = float(state["target_bits"])
+        self._saved_epochs, self._saved_accuracy = int(state["epochs_done"]), float(state["accuracy"])
+        if self.config.target == state["config"]["target"]:  # else the resumed run was given a new target
+            with self._lock:
+                self._target_bits = float(state["target_bits"])
         if state["epochs_done"] == self.config.dense_epochs:
             del state["optimizer"]  # ADMM starts with a fresh optimizer
         return state

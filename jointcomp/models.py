@@ -10,10 +10,13 @@ import inspect
 import logging
 import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .rundir import DENSE_FILE, atomic_write
 
 BUILTIN = ("mlp", "lenet5", "resnet20")
 log = logging.getLogger("jointcomp")
@@ -151,14 +154,10 @@ def _user_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> 
     return model
 
 
-DENSE_FILE = "dense.safetensors"
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Save a model's state dict as safetensors, atomically."""
     from safetensors.torch import save
 
-    from .rundir import atomic_write
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, save(state))
@@ -180,13 +179,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("model", state) if isinstance(state, dict) else state
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} is not a plain state dict (it holds pickled objects); save it with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
+        raise ValueError(f"cannot read pretrained weights {path}: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path} does not fit this model ({first}); was it trained with another --model?") from err
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{path} does not fit this model ({detail}); was it trained with another --model?") from None
     return model

@@ -23,6 +23,8 @@ class StartRecord:
     target_bits: float
     layers: list[str]
     device: str
+    resumed_at: int = 0  # epochs already done when a run is resumed
+    changes: dict[str, Any] = field(default_factory=dict)  # settings a resumed run changed
     kind: str = "start"
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from jointcomp.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,19 +73,109 @@ def test_train_then_compress_pretrained_then_resume(tmp_path):
     "args, message",
     [
         (["compress", "--target", "0x", "--out", "X"], "must be a positive number"),
-        (["compress", "--target", "1b", "--epochs", "1", "--out", "X"], "outside what this model can reach"),
+        (["compress", "--target", "1b", "--epochs", "1", "--out", "X"], "= 1 bits is outside what this model can reach: between 3 bits"),
         (["compress", "--data", "fashion-mnist", "--data-dir", "EMPTY", "--model", "lenet5", "--out", "X"], "apt-get install"),
         (["compress", "--pretrained", "NOWHERE", "--out", "X"], "no pretrained weights"),
-        (["compress", "--resume", "EMPTY"], "no config.json"),
+        (["compress", "--pretrained", "PICKLE", "--out", "X"], "not a plain state dict"),
+        (["compress", "--resume", "EMPTY"], "nothing to resume"),
+        (["compress", "--resume", "NOWHERE"], "nothing to resume"),
         (["compress", "--model", "lenet5", "--out", "X"], "28x28"),
+        (["compress", "--model", "os:system", "--out", "X"], "model factory 'os:system' failed"),
+        (["compress", "--model", "no_such_module:make", "--out", "X"], "cannot load model factory"),
+        (["compress", "--model", "torchvision:fasterrcnn_resnet50_fpn", "--out", "X"], "not a torchvision classification model"),
+        (["compress", "--lr", "nan", "--out", "X"], "lr must be a finite number"),
+        (["compress", "--lr", "inf", "--out", "X"], "lr must be a finite number"),
+        (["compress", "--rho", "nan", "--out", "X"], "rho must be a finite number"),
+        (["compress", "--out", "FILE"], "is a file, not a folder"),
+        (["compress", "--out", "FILE/run"], "lies under a file"),
+        (["compress", "--out", "RUN"], "already holds a run"),
+        (["compress", "--resume", "RUN", "--model", "lenet5"], "--model cannot change when resuming"),
+        (["train", "--epochs", "0", "--out", "X"], "--epochs must be at least 1"),
+        (["train", "--epochs", "-3", "--out", "X"], "--epochs must be at least 1"),
         (["inspect", "NOWHERE"], "cannot read"),
         (["evaluate", "EMPTY"], "cannot read"),
+        (["export", "RUN", "--out", "FILE/model.jcz"], "config.json is not a jointcomp run's config"),
     ],
 )
-def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+def test_bad_input_gives_one_clear_line(tmp_path, capsys, args, message):
     (tmp_path / "EMPTY").mkdir()
-    args = [str(tmp_path / a) if a in ("X", "EMPTY", "NOWHERE") else a for a in args]
-    result = jointcomp(*args, check=False)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "RUN" / "config.json").write_text("{}")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "PICKLE")  # a whole pickled model, not a state dict
+    names = ("X", "EMPTY", "NOWHERE", "FILE", "FILE/run", "RUN", "PICKLE", "FILE/model.jcz")
+    args = [str(tmp_path / a) if a in names else a for a in args]
+    code = main(args)  # in process, for speed: the same code path as `python -m jointcomp`
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert not (tmp_path / "NOWHERE").exists()  # a failed resume creates nothing
+    assert (tmp_path / "RUN" / "config.json").read_text() == "{}"  # another run's files are never touched
+
+
+def test_a_folder_without_write_permission_is_refused_before_training(tmp_path):
+    """As an unprivileged user (root may write anywhere), in a folder it may not write."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    tmp_path.chmod(0o755)
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "jointcomp",
+           "compress", "--out", str(locked / "run")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: cannot write in") and "Permission denied" in result.stderr
+    assert "epoch" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 96 KiB tmpfs: room for a run's first files, not for its training state."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("this machine does not let the test mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_disk_full_while_saving_keeps_the_old_state(tiny_disk):
+    from jointcomp.rundir import RunDir
+
+    run = RunDir(tiny_disk / "run")
+    run.save_state({"w": torch.ones(1000)})
+    with pytest.raises(OSError, match="No space left on device.*previous state is kept"):
+        run.save_state({"w": torch.ones(100_000)})
+    assert [p.name for p in (tiny_disk / "run").iterdir()] == ["train_state.pt"]  # no temporary file
+    assert torch.equal(torch.load(tiny_disk / "run" / "train_state.pt")["w"], torch.ones(1000))
+
+    result = jointcomp("compress", "--epochs", "1", "--dense-epochs", "1", "--out", tiny_disk / "cli", check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: cannot save")
+    assert not list((tiny_disk / "cli").glob(".*.tmp"))
+
+
+def test_divergence_then_resume_with_a_lower_lr(tmp_path):
+    out = tmp_path / "run"
+    failed = jointcomp("compress", "--dense-epochs", "1", "--epochs", "2", "--lr", "1e4", "--out", out, check=False)
+    assert failed.returncode == 2
+    assert "diverged" in failed.stderr and f"--resume {out} --lr 1000" in failed.stderr
+    (out / ".train_state.pt.tmp").write_bytes(b"left by a kill during a save")
+    jointcomp("compress", "--resume", out, "--lr", "0.05")
+    assert not (out / ".train_state.pt.tmp").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["size_bits"] <= summary["target_bits"] and summary["accuracy"] > 0.5
+    starts = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if '"start"' in line]
+    assert [s["changes"] for s in starts] == [{}, {"lr": 0.05}]
+    assert json.loads((out / "config.json").read_text())["compress"]["lr"] == 0.05
+
+
+def test_overwrite_starts_over_and_extreme_targets_still_fit(tmp_path):
+    out = tmp_path / "run"
+    jointcomp("compress", "--dense-epochs", "1", "--epochs", "1", "--target", "20x", "--out", out)
+    jointcomp("compress", "--dense-epochs", "1", "--epochs", "1", "--target", "500000x", "--out", out, "--overwrite")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target_bits"] == pytest.approx(32 * (64 * 256 + 256 * 128 + 128 * 10) / 500000)
+    assert summary["size_bits"] <= summary["target_bits"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["compress"]["target"] == "500000x"
