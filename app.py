@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pandas as pd
@@ -27,8 +28,8 @@ except (ValueError, FileNotFoundError) as err:
     st.stop()
 
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode)
-if st.session_state.get("preview_key") != key:  # a per-session engine for what-if projections
-    st.session_state.preview = Engine(model, data, choices.config, meta=meta_for(choices.model, data))
+if st.session_state.get("preview_key") != key:  # a per-session engine, on its own copy, for what-if projections
+    st.session_state.preview = Engine(copy.deepcopy(model), data, choices.config, meta=meta_for(choices.model, data))
     st.session_state.preview_key = key
 preview: Engine = st.session_state.preview
 
@@ -77,7 +78,13 @@ def live() -> None:
     st.progress(p.fraction, text=f"{p.fraction:.0%} · {p.elapsed:.0f} s elapsed{eta}")
     if r.error:
         st.error(f"The run failed: {r.error}")
-    st.caption(f"compression epoch {p.epoch} of {p.total_epochs} · target {format_bits(r.target_bits)}")
+    phase = {"admm": "ADMM: learning which weights to keep and how many bits each layer gets",
+             "finetune": "final phase: training the network in exactly the shape that ships (codebooks only)",
+             "dense": "dense pre-training"}.get(p.phase, "")
+    st.caption(f"compression epoch {p.epoch} of {p.total_epochs} · target {format_bits(r.target_bits)}"
+               + (f" · {phase}" if phase else ""))
+    for note in p.notes:
+        st.info(note)
     epochs, layers = r.epochs(), r.layers()
     if p.epoch:
         a, b, c = st.columns(3)

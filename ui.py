@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from jointcomp import CompressConfig
+from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
 from jointcomp.data import available
 from jointcomp.runner import prepare
@@ -41,12 +42,16 @@ def sidebar(with_method: bool = True) -> Choices:
         batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         if with_method:
-            method = st.selectbox("Method", ["admm", "uniform", "sequential"], key="method",
+            method = st.selectbox("Method", list(METHODS), key="method",
                                   help="admm is jointcomp; the others are baselines")
             budget_mode = st.selectbox("Budget counts", ["paper", "file"], key="budget_mode",
                                        help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
-    config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed),
-                            method=method, budget_mode=budget_mode if method == "admm" else "paper")
+        finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, CompressConfig.finetune, 0.1, key="finetune",
+                             help="admm trains the last part of the run in exactly the shape that ships")
+        distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
+                            help="weight of the dense model's soft targets in the loss (0 = off), for every method")
+    config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed), method=method,
+                            budget_mode=budget_mode if method == "admm" else "paper", finetune=finetune, distill=distill)
     return Choices(model, data, int(dense_epochs), config)
 
 

@@ -1,5 +1,7 @@
-"""Time of one full projection (knapsack pruning + codebooks for all bitwidths 1..8 +
-bitwidth knapsack), as a multiple of one torch.sort of the same weights in the same run.
+"""Time of one projection, as a multiple of one torch.sort of the same weights in the same
+run: the two knapsacks in turn (pruning at fixed bitwidths, then codebooks for all bitwidths
+1..8 and the bitwidth knapsack) and the joint projection that training uses (every layer's
+(kept count, bitwidth) options priced by one multiplier, then pruning and codebooks).
 
 Weights: ResNet-50 for CIFAR-10 (torchvision's, 10 classes: 23.5 M weights in 54 layers,
 at its own random initialisation) at 27x and 840x, and LeNet-5 (430,500 weights).
@@ -49,8 +51,9 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     sort_s = min(timed(lambda: torch.sort(flat), device) for _ in range(repeat))
     prune_s = min(timed(lambda: projector.prune(weights, bits, budget), device) for _ in range(repeat))
     full_s = min(timed(project, device) for _ in range(repeat))
+    joint_s = min(timed(lambda: projector.joint(weights, budget), device) for _ in range(repeat))
     return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.3f} | "
-            f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} |")
+            f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} | {joint_s:.3f} | {joint_s / sort_s:.2f} |")
 
 
 def main() -> None:
@@ -64,8 +67,9 @@ def main() -> None:
     rows = [
         f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}",
         "",
-        "| weights | size / layers | target | one torch.sort s | pruning s | full projection s | full / sort |",
-        "|---|---|---|---|---|---|---|",
+        "| weights | size / layers | target | one torch.sort s | pruning s | two knapsacks s | two / sort "
+        "| joint projection s | joint / sort |",
+        "|---|---|---|---|---|---|---|---|---|",
         bench("ResNet-50 (CIFAR-10)", resnet, "27x", device, args.repeat),
         bench("ResNet-50 (CIFAR-10)", resnet, "840x", device, args.repeat),
         bench("LeNet-5", lenet5((1, 28, 28), 10), "27x", device, args.repeat),

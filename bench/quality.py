@@ -1,46 +1,71 @@
 """Accuracy at equal size and equal training: jointcomp's ADMM against the uniform and
-sequential baselines (see jointcomp/methods.py), from one cached dense model.
+sequential baselines (see jointcomp/methods.py), from one cached dense start per seed.
 
-    python bench/quality.py            # LeNet-5 on Fashion-MNIST (apt-get install dataset-fashion-mnist)
-    python bench/quality.py --quick    # the digits MLP, a few minutes
+    python bench/quality.py                                  # LeNet-5 / Fashion-MNIST, the issue's grid
+    python bench/quality.py --model mlp --data digits --targets 50x 200x 800x
+    python bench/quality.py --budget-mode file --targets 20KB 12KB 8KB --methods admm
+
+Prints one markdown row per target and method: mean accuracy over the seeds with its
+min-max, and for admm the per-layer bitwidths at the first and last compression epoch.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
-from common import dense_model, machine
-from jointcomp import CompressConfig, Engine, FinalRecord
+from common import LR, dense_model, machine
+from jointcomp import CompressConfig, Engine, EpochRecord, FinalRecord
+from jointcomp.methods import METHODS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="digits MLP instead of LeNet-5 / Fashion-MNIST")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    if args.quick:
-        model_name, data_name, dense_epochs, targets, epochs = "mlp", "digits", 20, ["50x", "100x", "200x", "400x"], 15
-        lr = 0.05
-    else:
-        model_name, data_name, dense_epochs, targets, epochs = "lenet5", "fashion-mnist", 5, ["100x", "300x", "600x", "1200x"], 6
-        lr = 0.02
-    epochs = args.epochs or epochs
-    dense, data = dense_model(model_name, data_name, dense_epochs)
-    meta = {"model": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    print(f"Machine: {machine()}; {model_name} on {data_name}, dense model trained {dense_epochs} epochs, "
-          f"every method {epochs} epochs (lr {lr}, SGD, cosine)\n")
-    print("| target | method | accuracy | dense accuracy | paper ratio | file bytes | minutes |")
-    print("|---|---|---|---|---|---|---|")
-    for target in targets:
-        for method in ("admm", "uniform", "sequential"):
-            config = CompressConfig(target=target, epochs=epochs, method=method, lr=lr, device=args.device)
-            tic = time.perf_counter()
-            final = [r for r in Engine(copy.deepcopy(dense), data, config, meta=meta) if isinstance(r, FinalRecord)][0]
-            minutes = (time.perf_counter() - tic) / 60
-            print(f"| {target} | {method} | {final.accuracy:.4f} | {final.dense_accuracy:.4f} | "
-                  f"{final.ratio:.1f}x | {final.file_bytes:,} | {minutes:.1f} |", flush=True)
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--dense-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--targets", nargs="+", default=["100x", "300x", "600x", "1200x", "2000x"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--budget-mode", default="paper", choices=("paper", "file"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="other CompressConfig settings for every run, e.g. distill=0.5 finetune=0")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    extra = {k: type(getattr(CompressConfig, k))(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    lr = LR.get(args.model, 0.02)
+    starts = {seed: dense_model(args.model, args.data, args.dense_epochs, seed, args.batch_size) for seed in args.seeds}
+    data = starts[args.seeds[0]][1]
+    meta = {"model": args.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    print(f"Machine: {machine()}; {args.model} on {args.data}; dense start trained {args.dense_epochs} epochs "
+          f"per seed; every method {args.epochs} epochs (lr {lr}, batch {args.batch_size}, SGD, cosine); seeds {args.seeds}; "
+          f"budget mode {args.budget_mode}; settings {extra or 'defaults'}\n")
+    print("| target | method | accuracy mean (min-max) | dense accuracy | paper ratio | file bytes | bits first -> last (admm) | minutes per run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for target in args.targets:
+        for method in args.methods:
+            accs, dense, ratios, files, bits, minutes = [], [], [], [], "", []
+            for seed in args.seeds:
+                config = CompressConfig(target=target, epochs=args.epochs, method=method, lr=lr, seed=seed,
+                                        batch_size=args.batch_size,
+                                        budget_mode=args.budget_mode, device=args.device, **extra)
+                tic = time.perf_counter()
+                records = list(Engine(copy.deepcopy(starts[seed][0]), data, config, meta=meta))
+                minutes.append((time.perf_counter() - tic) / 60)
+                final = next(r for r in records if isinstance(r, FinalRecord))
+                accs.append(final.accuracy)
+                dense.append(final.dense_accuracy)
+                ratios.append(final.ratio)
+                files.append(final.file_bytes)
+                epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase != "dense"]
+                if method == "admm" and not bits:
+                    bits = " -> ".join(",".join(str(layer.bits) for layer in e.layers) for e in (epochs[0], epochs[-1]))
+            print(f"| {target} | {method} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | "
+                  f"{statistics.mean(dense):.4f} | {statistics.mean(ratios):.1f}x | {statistics.mean(files):,.0f} | "
+                  f"{bits} | {statistics.mean(minutes):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
-from .projections import assign, choose_bitwidths, fit_codebooks, knapsack_prune
+from .projections import assign, choose_bitwidths, fit_codebooks, joint_options, knapsack_prune
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,42 @@ class Projector:
         size = self.accounting.size_bits(bits, nnz, self.numel) + self.reserved_bits
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 
+    def joint_bits(self, weights: list[torch.Tensor], budget: float) -> tuple[torch.Tensor, float]:
+        """Bitwidths of the joint projection, and its multiplier.
+
+        Every layer offers (kept count, bitwidth) options, each with its pruning plus
+        quantization error and its cost in the budget's accounting; one multiplier prices
+        a bit of budget in squared error, and each layer takes the option that minimises
+        error + multiplier x cost (the multiple-choice knapsack on convex hulls). So a layer
+        can trade kept weights for bits in either direction, whatever its bits were before.
+        """
+        choices = list(BIT_CHOICES)
+        tables = [joint_options(w, choices, keep) for w, keep in zip(weights, self.min_keep)]
+        width = max(len(keeps) for keeps, _ in tables) * len(choices)
+        inf = torch.tensor(float("inf"), dtype=torch.float64)
+        bits = torch.ones(len(tables), width, dtype=torch.long)
+        keep = torch.ones(len(tables), width, dtype=torch.float64)
+        dist = torch.zeros(len(tables), width, dtype=torch.float64)
+        allowed = torch.zeros(len(tables), width, dtype=torch.bool)
+        for j, (keeps, err) in enumerate(tables):
+            n = err.numel()
+            bits[j, :n] = torch.tensor(choices).repeat(len(keeps))
+            keep[j, :n] = keeps.double().repeat_interleave(len(choices))
+            dist[j, :n] = err.flatten()
+            allowed[j, :n] = self.allowed[j].repeat(len(keeps))
+        cost = self.accounting.weight_bits(bits, self.numel[:, None]) * keep + self.accounting.layer_bits(bits, self.numel[:, None])
+        cost = torch.where(allowed, cost, inf)
+        pick, lam = choose_bitwidths(cost, dist, budget - self.reserved_bits)
+        return bits[torch.arange(len(tables)), pick], lam
+
+    def joint(self, weights: list[torch.Tensor], budget: float) -> Allocation:
+        """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
+        the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
+        bits, lam = self.joint_bits(weights, budget)
+        alloc = self.deploy(weights, bits, budget)
+        alloc.lambda_quant = lam
+        return alloc
+
     def deploy(self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float) -> Allocation:
         """The deployable model: prune at these bitwidths, then a fresh codebook per layer."""
         masks, lam_prune = self.prune(weights, bits, budget)
@@ -159,22 +195,19 @@ class ADMMState:
         self.projector = projector
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.bits = torch.full((len(params),), 8)
+        self.projections = 0
 
     @torch.no_grad()
     def project(self, budget: float) -> tuple[float, float]:
-        """Prune W, quantize W + U into V, update U. Returns (lambda_prune, lambda_quant)."""
-        weights = [p.detach() for p in self.params]
-        masks, lam_prune = self.projector.prune(weights, self.bits, budget)
-        for p, m in zip(self.params, masks):
-            p.mul_(m)
+        """V <- the joint projection of W + U; U <- U + W - V. Returns the two multipliers
+        (pruning cut score, joint price of a bit), both in squared error per bit."""
         x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
-        alloc = self.projector.quantize(x, masks, budget)
-        self.bits = alloc.bits
+        alloc = self.projector.joint(x, budget)
         self.V = alloc.values
         for p, v, u in zip(self.params, self.V, self.U):
             u.add_(p.detach().float() - v)
-        return lam_prune, alloc.lambda_quant
+        self.projections += 1
+        return alloc.lambda_prune, alloc.lambda_quant
 
     @torch.no_grad()
     def pull(self, lr: float, rho: float) -> None:
@@ -191,13 +224,14 @@ class ADMMState:
         return r.cpu().double(), d.cpu().double()
 
     def deploy(self, budget: float) -> Allocation:
-        return self.projector.deploy([p.detach() for p in self.params], self.bits, budget)
+        """The model that would ship now: the joint projection of W itself."""
+        return self.projector.joint([p.detach() for p in self.params], budget)
 
     def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U, "bits": self.bits}
+        return {"V": self.V, "U": self.U, "projections": self.projections}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
-        self.bits = state["bits"].clone()
+        self.projections = int(state["projections"])

@@ -13,7 +13,7 @@ WIDTH = 320
 
 
 def _admm(epochs: pd.DataFrame) -> pd.DataFrame:
-    df = epochs[epochs["phase"] == "admm"].copy()
+    df = epochs[epochs["phase"] != "dense"].copy()
     df["size_kb"] = df["size_bits"] / 8000
     df["target_kb"] = df["target_bits"] / 8000
     return df
@@ -28,7 +28,8 @@ def accuracy_vs_size(epochs: pd.DataFrame, target_bits: float | None = None) -> 
     )
     line = base.mark_line(point=True).encode(
         order="epoch:Q",
-        tooltip=["epoch:Q", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("size_kb:Q", format=".2f"),
+        color=alt.Color("phase:N", title="phase"),
+        tooltip=["epoch:Q", "phase:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("size_kb:Q", format=".2f"),
                  alt.Tooltip("ratio:Q", format=".1f")],
     )
     layers = [line]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .data import DATASETS, load_dataset
 from .codec import CheckpointError, format_report, inspect, load_compressed
 from .engine import CompressConfig, Engine, accuracy, train_dense
+from .methods import METHODS
 from .models import build_model, load_weights, save_weights
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
@@ -52,7 +53,14 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--epochs", type=int, default=CompressConfig.epochs)
     comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
     comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
-    comp.add_argument("--rho", type=float, default=CompressConfig.rho)
+    comp.add_argument("--rho", type=float, default=CompressConfig.rho, help="ADMM penalty")
+    comp.add_argument("--method", choices=METHODS, default=CompressConfig.method,
+                      help="admm (jointcomp) or a baseline, for comparisons (default admm)")
+    comp.add_argument("--finetune", type=float, default=CompressConfig.finetune,
+                      help="admm: fraction of the epochs trained at the end in the deployed shape "
+                           f"(default {CompressConfig.finetune})")
+    comp.add_argument("--distill", type=float, default=CompressConfig.distill,
+                      help=f"weight of distillation from the dense starting model, 0 = off (default {CompressConfig.distill})")
     comp.add_argument("--exclude", action="append", default=[], help="weight name glob to leave out")
     comp.set_defaults(out=None)
     for action in comp._actions:
@@ -97,7 +105,7 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
             elif isinstance(record, EpochRecord):
                 bar.n = record.step
                 line = f"epoch {record.epoch + 1} [{record.phase}] accuracy {record.accuracy:.4f}"
-                if record.phase == "admm":
+                if record.phase != "dense":
                     line += f"  size {record.size_bits:.0f} bits ({record.ratio:.1f}x)"
                 tqdm.write(line)
             elif isinstance(record, FinalRecord):
@@ -172,6 +180,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         config = CompressConfig(
             target=args.target, epochs=args.epochs, dense_epochs=dense_epochs, batch_size=args.batch_size,
             lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
+            method=args.method, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device,
         )
         data = load_dataset(args.data, args.data_dir, args.download)

@@ -6,6 +6,7 @@ target. With a run folder it saves a resumable state after every epoch.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -44,6 +45,9 @@ class CompressConfig:
     warmup_epochs: float = 1.0
     rho: float = 2.0
     project_every: int = 0  # steps between projections; 0 = once per epoch
+    finetune: float = 0.3  # admm: fraction of the epochs trained at the end in the deployed shape
+    distill: float = 0.5  # weight of distillation from the dense starting model (0 = off)
+    temperature: float = 4.0  # of the distillation's soft targets
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
     exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
     bounds: dict[str, LayerBounds] = field(default_factory=dict)  # weight name glob -> bounds
@@ -55,11 +59,14 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.dense_epochs < 0:
             raise ValueError("epochs must be at least 1 and dense_epochs at least 0")
-        for name in ("lr", "rho", "momentum", "weight_decay", "warmup_epochs"):
+        for name in ("lr", "rho", "momentum", "weight_decay", "warmup_epochs", "temperature"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
-        if self.batch_size < 1 or self.lr == 0:
-            raise ValueError("batch_size and lr must be positive")
+        if self.batch_size < 1 or self.lr == 0 or self.temperature == 0:
+            raise ValueError("batch_size, lr and temperature must be positive")
+        for name in ("finetune", "distill"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.budget_mode not in ("paper", "file"):
@@ -146,11 +153,19 @@ def set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
         group["lr"] = lr * factor(sched.last_epoch)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimizer step on the cross-entropy loss; returns the loss."""
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               teacher: nn.Module | None = None, distill: float = 0.0, temperature: float = 4.0) -> float:
+    """One optimizer step on the cross-entropy loss, mixed with distillation from `teacher`
+    when given (soft targets at `temperature`, weight `distill`); returns the loss."""
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            soft = (teacher(x) / temperature).log_softmax(1)
+        kl = nn.functional.kl_div((logits / temperature).log_softmax(1), soft, log_target=True, reduction="batchmean")
+        loss = (1 - distill) * loss + distill * temperature**2 * kl
     if not torch.isfinite(loss):
         raise FloatingPointError("training diverged (the loss is not finite)")
     loss.backward()
@@ -241,6 +256,9 @@ class Engine:
         self.final_file_bytes = 0
         self.final_target = 0.0  # the target `final` was fitted to (the live one may move on)
         self._saved_epochs, self._saved_accuracy = 0, float("-inf")  # the state a resume starts from
+        self.teacher: nn.Module | None = None  # the dense model, when distilling
+        self._frozen_target: float | None = None  # the target the final phase's allocation fits
+        self._notes: list[str] = []  # events worth telling in the next epoch record
 
     # --- control from other threads -------------------------------------------------
     @property
@@ -305,29 +323,33 @@ class Engine:
         cfg = self.config
         for epoch in range(done, total):
             dense = epoch < cfg.dense_epochs
-            if epoch == cfg.dense_epochs:  # entering ADMM: measure the dense model, pick bits
+            if epoch == cfg.dense_epochs:  # entering compression: measure the dense model, keep it as teacher
                 dense_accuracy = self._accuracy(None)
+                self._keep_teacher()
                 self._estimate_positions(self._initial_density())
                 self.method.start(self.target_bits)
                 if epoch > 0:
                     opt, sched = self._optimizer(dense=False)
+            if epoch == self.finetune_epoch and self.method.frozen is None:
+                self._freeze()
             tic = time.perf_counter()
             lams = (float("nan"), float("nan"))
             for step_in_epoch, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
                 admm_step = (epoch - cfg.dense_epochs) * self.steps_per_epoch + step_in_epoch
                 every = cfg.project_every or self.steps_per_epoch
+                if self._frozen_target is not None and self._frozen_target != self.target_bits:
+                    self._freeze()  # the target moved during the final phase: re-project, start it again
                 projected = None if dense else self.method.before_step(admm_step, every, self.target_bits)
                 if projected:
                     lams = projected
                     self._estimate_positions(None)
-                loss = train_step(self.model, opt, x, y)
+                loss = train_step(self.model, opt, x, y, None if dense else self.teacher, cfg.distill, cfg.temperature)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 if not dense:
                     self.method.after_step(lr, cfg.rho)
                 yield self._emit(StepRecord(
-                    "dense" if dense else "admm",
-                    epoch * self.steps_per_epoch + step_in_epoch, epoch, loss, lr,
+                    self._phase(dense), epoch * self.steps_per_epoch + step_in_epoch, epoch, loss, lr,
                 ))
                 if self._stop.is_set():
                     break
@@ -344,6 +366,33 @@ class Engine:
         yield self._emit(self._final_record(dense_accuracy, seconds))
 
     # --- pieces ---------------------------------------------------------------------
+    @property
+    def finetune_epoch(self) -> int:
+        """The epoch at which admm's final phase (training in the deployed shape) starts."""
+        if self.config.method != "admm" or self.config.finetune == 0:
+            return -1
+        return self.config.dense_epochs + self.config.epochs - max(1, round(self.config.finetune * self.config.epochs))
+
+    def _phase(self, dense: bool) -> str:
+        if dense:
+            return "dense"
+        return "finetune" if self._frozen_target is not None else "admm"
+
+    def _freeze(self) -> None:
+        """Fit the current weights to the live target and train in that shape from now on."""
+        target = self.target_bits
+        alloc, _ = self.fit(self.method.deployable, target)
+        self.method.freeze(alloc)
+        if self._frozen_target is not None:
+            self._notes.append(f"target moved to {target:.0f} bits during the final phase: re-projected, "
+                               "fine-tuning started again")
+        self._frozen_target = target
+
+    def _keep_teacher(self) -> None:
+        """The dense model, frozen, as the distillation teacher (only when distilling)."""
+        if self.config.distill > 0 and self.teacher is None:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+
     def _optimizer(self, dense: bool):
         epochs = self.config.dense_epochs if dense else self.config.epochs
         return make_optimizer(self.model, self.config, epochs, self.steps_per_epoch)
@@ -369,13 +418,14 @@ class Engine:
         target = self.target_bits
         if dense:
             return dense_epoch_record(self.model, self.data, epoch, step, seconds, self.dense_bits)
-        alloc = self.method.deployable(target)
-        size = 8 * len(self.encode(alloc)) if isinstance(self.accounting, FileAccounting) else alloc.size_bits
+        alloc = self.method.frozen or self.method.deployable(target)
+        size = self._size(alloc)
         residual, dual = self.method.residuals()
+        note, self._notes = "; ".join(self._notes), []
         return EpochRecord(
-            "admm", epoch, step, self._accuracy(alloc), size, self.dense_bits / size,
+            self._phase(False), epoch, step, self._accuracy(alloc), size, self.dense_bits / size,
             target, lams[0], lams[1], float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
-            self._layers(alloc),
+            self._layers(alloc), note,
         )
 
     def _initial_density(self) -> float:
@@ -383,11 +433,11 @@ class Engine:
         return min(1.0, self.target_bits / (4.0 * sum(self._numel)))
 
     def _estimate_positions(self, density: float | None) -> None:
-        """File mode: refresh the position cost per weight from the layers' densities."""
+        """File mode (admm only): refresh the position cost per weight from the layers'
+        densities, a first guess or those of the last projection."""
         if isinstance(self.accounting, FileAccounting):
             if density is None:
-                nnz = torch.tensor([float((p != 0).sum()) for p in self.params])
-                self.accounting.set_density(nnz / torch.tensor(self._numel, dtype=torch.float64))
+                self.accounting.set_density(self.method.density())
             else:
                 self.accounting.set_density(torch.full((len(self.specs),), density))
 
@@ -406,21 +456,34 @@ class Engine:
         spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
-    def finish(self, deploy: Callable[[float], Allocation] | None = None) -> Allocation:
-        """The deployable model, checked to fit: in file mode the real file is measured and
-        the budget trimmed until it fits."""
-        deploy = deploy or self.method.deployable
-        target = self.target_bits
+    def fit(self, deploy: Callable[[float], Allocation], target: float) -> tuple[Allocation, int]:
+        """The allocation `deploy` makes at the largest budget whose size fits `target`, and
+        its file bytes: in file mode the real file is measured and the budget trimmed."""
         budget = target
         for _ in range(50):
             alloc = deploy(budget)
-            file_bits = 8 * len(self.encode(alloc))
-            size = file_bits if isinstance(self.accounting, FileAccounting) else alloc.size_bits
+            file_bytes = len(self.encode(alloc))
+            size = 8 * file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
             if size <= target:
-                self.final, self.final_file_bytes, self.final_target = alloc, file_bits // 8, target
-                return alloc
+                return alloc, file_bytes
             budget -= (size - target) + 64
         raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
+
+    def finish(self, deploy: Callable[[float], Allocation] | None = None) -> Allocation:
+        """The deployable model, checked to fit the live target: the fine-tuned allocation of
+        the final phase when there is one and it still fits, else a fresh projection."""
+        target = self.target_bits
+        frozen = self.method.frozen if deploy is None else None
+        if frozen is not None and self._size(frozen) <= target:
+            alloc, file_bytes = frozen, len(self.encode(frozen))
+        else:
+            alloc, file_bytes = self.fit(deploy or self.method.deployable, target)
+        self.final, self.final_file_bytes, self.final_target = alloc, file_bytes, target
+        return alloc
+
+    def _size(self, alloc: Allocation) -> float:
+        """The size of an allocation in the budget's accounting."""
+        return 8.0 * len(self.encode(alloc)) if isinstance(self.accounting, FileAccounting) else alloc.size_bits
 
     def export(self, path: str) -> int:
         """Write the final deployable model as a .jcz file; returns its size in bytes."""
@@ -431,18 +494,17 @@ class Engine:
         return len(data)
 
     def plan(self, target: str | float | None = None) -> FinalRecord:
-        """What the method would start from at `target`, without training: one pruning and
-        one quantization projection of the current weights (the "what-if" view)."""
-        if target is not None:
-            self.set_target(target)
+        """What the method would start from at `target` (default: the live one), without
+        training: one joint projection of the current weights (the "what-if" view). It
+        changes nothing in the engine: not its target, not what `export` writes."""
+        bits_target = self._resolve(target) if target is not None else self.target_bits
         weights = [p.detach() for p in self.params]
         self._estimate_positions(self._initial_density())
-        bits = self.projector.initial_bits(weights, self.target_bits)
-        alloc = self.finish(lambda budget: self.projector.deploy(weights, bits, budget))
-        size = 8 * self.final_file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
+        alloc, file_bytes = self.fit(lambda budget: self.projector.joint(weights, budget), bits_target)
+        size = 8 * file_bytes if isinstance(self.accounting, FileAccounting) else alloc.size_bits
         return FinalRecord(
-            self._accuracy(alloc), self._accuracy(None), size, self.final_target, self.dense_bits / size, 0, 0.0,
-            False, self.final_file_bytes, self.fp32_bytes / self.final_file_bytes, self._layers(alloc),
+            self._accuracy(alloc), self._accuracy(None), size, bits_target, self.dense_bits / size, 0, 0.0,
+            False, file_bytes, self.fp32_bytes / file_bytes, self._layers(alloc),
         )
 
     def restore(self) -> Allocation:
@@ -489,6 +551,8 @@ class Engine:
             "epochs_done": epochs_done, "model": self.model.state_dict(), "method": self.method.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "accounting": self.accounting.state_dict(),
             "target_bits": self.target_bits, "dense_accuracy": dense_accuracy, "seconds": seconds,
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "frozen_target": self._frozen_target,
         })
 
     def _load(self) -> dict | None:
@@ -499,6 +563,10 @@ class Engine:
         self.method.load_state_dict(state["method"])
         self.accounting.load_state_dict(state["accounting"])
         self._saved_epochs, self._saved_accuracy = int(state["epochs_done"]), float(state["accuracy"])
+        self._frozen_target = state["frozen_target"]
+        if state["teacher"] is not None:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
         if self.config.target == state["config"]["target"]:  # else the resumed run was given a new target
             with self._lock:
                 self._target_bits = float(state["target_bits"])

@@ -1,10 +1,12 @@
 """How the compressed layers are trained: jointcomp's ADMM, and two baselines.
 
 Every method shares the engine's data, model, schedule and epochs, and answers the same
-four hooks: `start` (when compression begins), `before_step` (projections), `after_step`
-(after each optimizer step) and `deployable` (the model that would ship now).
+hooks: `start` (when compression begins), `before_step` (projections), `after_step` (after
+each optimizer step), `deployable` (the model that would ship now, projected at a budget),
+`frozen` (the allocation being fine-tuned in its deployed shape, if any) and `freeze`.
 
-* admm: the paper's method (admm.py).
+* admm: the paper's method (admm.py) with the joint projection; for the last part of the
+  run the engine freezes its allocation and fine-tunes the codebooks (`freeze`).
 * uniform: one global density and one bitwidth for every layer, chosen to hit the
   target; magnitude pruning + k-means, then fine-tuning with masks and code assignments
   fixed (Deep Compression style: each centre becomes the mean of its cluster's weights).
@@ -39,33 +41,62 @@ def snap(params: list[nn.Parameter], alloc: Allocation) -> None:
         p.copy_(value)
 
 
+def allocation_state(alloc: Allocation | None) -> dict:
+    """What a resumed run needs of a fixed allocation (its values are the weights themselves)."""
+    return {} if alloc is None else {"masks": alloc.masks, "codes": alloc.codes, "codebooks": alloc.codebooks,
+                                     "bits": alloc.bits, "size_bits": alloc.size_bits}
+
+
+def allocation_from_state(state: dict, params: list[nn.Parameter]) -> Allocation | None:
+    if not state:
+        return None
+    values = [p.detach().float().clone() for p in params]
+    return Allocation(state["masks"], state["bits"], state["codebooks"], state["codes"], values,
+                      float(state["size_bits"]), 0.0, 0.0)
+
+
 class Admm:
-    """ADMM with knapsack projections (the paper)."""
+    """ADMM with joint knapsack projections (the paper, with one multiplier for both)."""
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+        self.params = params
         self.state = ADMMState(params, projector)
-        self.projector = projector
+        self.frozen: Allocation | None = None
 
     def start(self, budget: float) -> None:
-        self.state.bits = self.projector.initial_bits([p.detach() for p in self.state.params], budget)
+        pass  # the first projection (step 0) chooses everything
 
     def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
-        return self.state.project(budget) if step % every == 0 else None
+        return self.state.project(budget) if self.frozen is None and step % every == 0 else None
 
     def after_step(self, lr: float, rho: float) -> None:
-        self.state.pull(lr, rho)
+        if self.frozen is None:
+            self.state.pull(lr, rho)
+        else:
+            snap(self.params, self.frozen)
+
+    def freeze(self, alloc: Allocation) -> None:
+        """From now on train in the deployed shape: masks, bits and code assignments fixed,
+        pruned weights exactly zero, each centre the mean of its members."""
+        self.frozen = alloc
+        snap(self.params, alloc)
 
     def deployable(self, budget: float) -> Allocation:
         return self.state.deploy(budget)
+
+    def density(self) -> torch.Tensor:
+        """Kept fraction per layer of the last projection (what the file's positions will cost)."""
+        return torch.tensor([float((v != 0).double().mean()) for v in self.state.V], dtype=torch.float64)
 
     def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.state.residuals()
 
     def state_dict(self) -> dict:
-        return self.state.state_dict()
+        return {**self.state.state_dict(), "frozen": allocation_state(self.frozen)}
 
     def load_state_dict(self, state: dict) -> None:
         self.state.load_state_dict(state)
+        self.frozen = allocation_from_state(state["frozen"], self.params)
 
 
 class _FixedAllocation:
@@ -88,17 +119,15 @@ class _FixedAllocation:
         zeros = torch.zeros(len(self.params), dtype=torch.float64)
         return zeros, zeros
 
+    @property
+    def frozen(self) -> Allocation | None:
+        return self.alloc
+
     def state_dict(self) -> dict:
-        a = self.alloc
-        return {} if a is None else {"masks": a.masks, "codes": a.codes, "codebooks": a.codebooks, "bits": a.bits}
+        return allocation_state(self.alloc)
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            values = [p.detach().float().clone() for p in self.params]
-            size = self.projector.accounting.size_bits(
-                state["bits"], torch.tensor([float(m.sum()) for m in state["masks"]]), self.projector.numel
-            ) + self.projector.reserved_bits
-            self.alloc = Allocation(state["masks"], state["bits"], state["codebooks"], state["codes"], values, size, 0.0, 0.0)
+        self.alloc = allocation_from_state(state, self.params)
 
     def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
         return None

@@ -8,8 +8,12 @@
 * `choose_bitwidths`: the multiple-choice knapsack over per-layer (cost, distortion)
   options, greedy on each layer's lower convex hull; `solve_mckp_exact` is the exact
   dynamic programme used to measure the greedy's gap.
+* `joint_options`: each layer's (kept count, bitwidth) options with their pruning plus
+  quantization error, the table of the joint projection (one multiplier for both).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -310,3 +314,39 @@ def solve_mckp_exact(cost: torch.Tensor, distortion: torch.Tensor, budget: int) 
         choice.append(i)
         cap -= int(c_row[i])
     return torch.tensor(choice[::-1])
+
+
+def joint_options(
+    weights: torch.Tensor, bit_choices: list[int], min_keep: int = 1, points: int = 24,
+    sample: int = 1 << 12, pool: int = 1 << 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The error of every (kept count, bitwidth) option of one layer, for the joint projection.
+
+    Kept counts form a geometric ladder from `min_keep` to all weights; the kept set of a
+    count is the largest-magnitude weights. Error = the pruned weights' squared sum + the
+    k-means error of the kept ones with 2^b centres. Layers above `pool` weights are priced
+    on a fixed random sample of `pool` of them (scaled up), so the table costs the same for
+    any layer size. Above `sample` kept values a codebook is fitted on an evenly strided
+    sample and its error measured on another one (interleaved, so 256 centres cannot
+    overfit a small sample). Returns the kept counts (K,) and the errors (K, len(bit_choices)).
+    """
+    flat = weights.detach().flatten().float()
+    n = flat.numel()
+    if n > pool:
+        flat = flat[torch.randint(n, (pool,), generator=torch.Generator().manual_seed(n)).to(flat.device)]
+    scale = n / flat.numel()
+    by_size = flat[flat.abs().argsort(descending=True)]
+    tail = torch.cat([by_size.double().square().flip(0).cumsum(0).flip(0), by_size.new_zeros(1, dtype=torch.float64)])
+    ladder = torch.logspace(math.log10(max(1, min_keep)), math.log10(n), points, dtype=torch.float64)
+    keeps = torch.unique(ladder.round().long().clamp(max(1, min_keep), n))
+    errors = []
+    for k in keeps.tolist():
+        kept = by_size[: max(1, round(k / scale))]
+        stride = max(1, kept.numel() // sample)
+        fit_on = kept[::stride]
+        books, quant = fit_codebooks(fit_on, bit_choices, iters=15)
+        if stride > 1:
+            fit_on = kept[stride // 2 :: stride].double()
+            quant = torch.stack([(fit_on - b.double()[assign(fit_on, b)]).square().sum() for b in books])
+        errors.append(tail[kept.numel()].cpu() * scale + quant.cpu() * (k / fit_on.numel()))
+    return keeps.cpu(), torch.stack(errors)

@@ -32,7 +32,7 @@ class StartRecord:
 class StepRecord:
     """One optimizer step."""
 
-    phase: str  # "dense" (pre-training) or "admm"
+    phase: str  # "dense" (pre-training), "admm" (compression), "finetune" (in the deployed shape)
     step: int
     epoch: int
     loss: float
@@ -70,6 +70,7 @@ class EpochRecord:
     dual_norm: float
     seconds: float
     layers: list[LayerRecord] = field(default_factory=list)
+    note: str = ""  # an event of this epoch worth telling (e.g. the final phase restarted)
     kind: str = "epoch"
 
 
@@ -128,7 +129,7 @@ def epochs_frame(history: Iterable[Record]) -> pd.DataFrame:
 
 
 def layers_frame(history: Iterable[Record]) -> pd.DataFrame:
-    """One row per epoch x layer, for the ADMM epochs."""
+    """One row per epoch x layer, for the compression epochs."""
     cols = ["epoch"] + [f.name for f in dataclasses.fields(LayerRecord)]
     rows = [
         {"epoch": r.epoch, **dataclasses.asdict(layer)}

@@ -30,6 +30,8 @@ class Progress:
     eta: float | None
     epoch: int = 0  # compression epochs finished
     total_epochs: int = 0
+    phase: str = ""  # of the last finished epoch: "dense", "admm" or "finetune"
+    notes: tuple[str, ...] = ()  # events the epochs reported (e.g. the final phase restarted)
 
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0,
@@ -114,8 +116,10 @@ class Runner:
         done = sum(1 for r in self.records if isinstance(r, StepRecord))
         fraction = 1.0 if self.final else min(done / max(total, 1), 1.0)
         eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else (0.0 if fraction >= 1 else None)
-        epoch = sum(1 for r in self.records if isinstance(r, EpochRecord) and r.phase == "admm")
-        return Progress(fraction, elapsed, eta, epoch, start.total_epochs)
+        epochs = [r for r in self.records if isinstance(r, EpochRecord)]
+        epoch = sum(1 for r in epochs if r.phase != "dense")
+        phase = epochs[-1].phase if epochs else ""
+        return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, tuple(r.note for r in epochs if r.note))
 
     def epochs(self) -> pd.DataFrame:
         return epochs_frame(list(self.records))

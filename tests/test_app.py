@@ -19,12 +19,14 @@ def _in_repo(monkeypatch, tmp_path):
 
 
 def wait_until(at: AppTest, condition, timeout: float = 90.0) -> None:
+    """Rerun the page until `condition` holds, then once more so the page shows that state."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the app")
         time.sleep(0.5)
         at.run()
+    at.run()
 
 
 def test_defaults_and_what_if():

@@ -35,7 +35,7 @@ def test_resolve_target_names_the_feasible_range():
     acc = PaperAccounting()
     # two layers of 500 weights: the smallest model keeps one weight at one bit per layer
     assert resolve_target("16000x", [500, 500], bounds, acc) == 2.0
-    with pytest.raises(ValueError, match=r"between 0 B .*and 4.00 KB"):
+    with pytest.raises(ValueError, match=r"= 1 bits is outside .* between 2 bits .*and 4.00 KB"):
         resolve_target("1b", [500, 500], bounds, acc)
     with pytest.raises(ValueError, match="outside what this model can reach"):
         resolve_target("0.5x", [500, 500], bounds, acc)

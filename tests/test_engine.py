@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -93,12 +94,12 @@ def test_stop_ends_within_one_step(trained_mlp, digits):
 
 
 def comparable(records):
-    """Records without wall-clock fields."""
+    """Records without wall-clock fields, NaN written as a string (NaN != NaN)."""
     out = []
     for r in records:
         d = dataclasses.asdict(r)
         d.pop("seconds", None)
-        out.append(d)
+        out.append({k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()})
     return out
 
 
@@ -151,7 +152,7 @@ def test_pretraining_from_scratch_records_dense_phase(digits):
     model = build_model("mlp", digits.input_shape, digits.num_classes)
     records = run(Engine(model, digits, CompressConfig(target="50x", epochs=2, dense_epochs=2, device="cpu")))
     phases = [r.phase for r in records if isinstance(r, EpochRecord)]
-    assert phases == ["dense", "dense", "admm", "admm"]
+    assert phases == ["dense", "dense", "admm", "finetune"]  # the last 30 % (at least one epoch) in the deployed shape
     assert records[-1].dense_accuracy > 0.8
 
 

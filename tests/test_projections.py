@@ -7,7 +7,7 @@ import torch
 
 from jointcomp.admm import LayerSpec, Projector
 from jointcomp.budget import LayerBounds, PaperAccounting
-from jointcomp.projections import choose_bitwidths, fit_codebooks, knapsack_prune, solve_mckp_exact
+from jointcomp.projections import choose_bitwidths, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
 
 
 def sorted_greedy(weights, costs, budget, min_keep=None):
@@ -189,3 +189,48 @@ def test_choose_bitwidths_reports_infeasible():
     cost = torch.tensor([[10.0, 20.0]])
     with pytest.raises(ValueError, match="over the budget"):
         choose_bitwidths(cost, torch.tensor([[1.0, 0.5]]), budget=5)
+
+
+def test_joint_options_price_pruning_exactly():
+    """With at most 2^b kept values a codebook is exact, so the error is the pruned weights' squares."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3000, generator=g)
+    keeps, errors = joint_options(w, list(range(1, 9)))
+    smallest_first = w.double().square().sort().values
+    for i, k in enumerate(keeps.tolist()):
+        if k <= 256:
+            assert float(errors[i, 7]) == pytest.approx(float(smallest_first[: 3000 - k].sum()), rel=1e-9, abs=1e-9)
+    assert bool((errors[:, :-1] >= errors[:, 1:] - 1e-9).all())  # more bits never hurt
+
+
+def test_joint_projection_moves_bits_up_where_two_knapsacks_cannot():
+    """A layer whose weights are many distinct values needs bits; the pruning knapsack at one
+    bit spends the whole budget on weights, and the bitwidth knapsack then has no room. The
+    joint projection trades kept weights for bits and ends with less error."""
+    g = torch.Generator().manual_seed(6)
+    wide = torch.linspace(-1, 1, 4000)[torch.randperm(4000, generator=g)]  # needs bits, not weights
+    spiky = torch.randn(4000, generator=g) * (torch.rand(4000, generator=g) < 0.05)  # needs few weights
+    weights = [wide, spiky]
+    proj = Projector([LayerSpec("wide", (4000,)), LayerSpec("spiky", (4000,))], PaperAccounting())
+    budget = 32 * 8000 / 40
+
+    joint = proj.joint(weights, budget)
+    masks, _ = proj.prune(weights, torch.tensor([1, 1]), budget)
+    two_step = proj.quantize(weights, masks, budget)
+
+    def error(values):
+        return sum(float((w - v).square().sum()) for w, v in zip(weights, values))
+
+    assert joint.size_bits <= budget and two_step.size_bits <= budget
+    assert joint.bits.tolist()[0] >= 2 and two_step.bits.tolist()[0] == 1
+    assert error(joint.values) < error(two_step.values)
+
+
+def test_joint_projection_honours_bounds():
+    g = torch.Generator().manual_seed(7)
+    w = [torch.randn(500, generator=g), torch.randn(800, generator=g)]
+    specs = [LayerSpec("a", (500,), LayerBounds(min_bits=5, min_density=0.5)), LayerSpec("b", (800,), LayerBounds(max_bits=2))]
+    alloc = Projector(specs, PaperAccounting()).joint(w, budget=6 * 1300)
+    assert alloc.bits.tolist()[0] >= 5 and alloc.bits.tolist()[1] <= 2
+    assert int(alloc.masks[0].sum()) >= 250
+    assert alloc.size_bits <= 6 * 1300
