@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 def _progress(records, total_steps: int) -> FinalRecord | None:
     """Drive a run with a progress bar and one line per epoch; return the final record."""
     final = None
-    with tqdm(total=total_steps, unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=total_steps or None, unit="step", dynamic_ncols=True, mininterval=1.0, delay=0.5) as bar:
         for record in records:
             if isinstance(record, StartRecord):
                 bar.total = (record.total_epochs + record.dense_epochs) * record.steps_per_epoch

@@ -94,6 +94,11 @@ class Runner:
         if wait:
             self._thread.join(wait)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends (or `timeout` seconds pass); True when it has ended."""
+        self._thread.join(timeout)
+        return not self.running
+
     def set_target(self, target: str | float) -> float:
         return self.engine.set_target(target)
 
