@@ -368,10 +368,13 @@ class Engine:
     # --- pieces ---------------------------------------------------------------------
     @property
     def finetune_epoch(self) -> int:
-        """The epoch at which admm's final phase (training in the deployed shape) starts."""
-        if self.config.method != "admm" or self.config.finetune == 0:
+        """The epoch at which admm's final phase (training in the deployed shape) starts:
+        at least one epoch when asked for, and never before one epoch of ADMM (-1: none)."""
+        cfg = self.config
+        epochs = min(cfg.epochs - 1, max(1, round(cfg.finetune * cfg.epochs)))
+        if cfg.method != "admm" or cfg.finetune == 0 or epochs < 1:
             return -1
-        return self.config.dense_epochs + self.config.epochs - max(1, round(self.config.finetune * self.config.epochs))
+        return cfg.dense_epochs + cfg.epochs - epochs
 
     def _phase(self, dense: bool) -> str:
         if dense:

@@ -82,3 +82,10 @@ def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits):
         final = list(Engine(model, digits, CompressConfig(target="80x", epochs=3, distill=distill, device="cpu")))[-1]
         assert final.size_bits <= final.target_bits
         assert final.accuracy > 0.85
+
+
+def test_a_one_epoch_run_is_all_admm_and_longer_ones_end_in_the_final_phase(trained_mlp, digits):
+    for epochs, phases in ((1, ["admm"]), (2, ["admm", "finetune"]), (10, ["admm"] * 7 + ["finetune"] * 3)):
+        config = CompressConfig(target="50x", epochs=epochs, device="cpu")
+        records = list(Engine(copy.deepcopy(trained_mlp), digits, config))
+        assert [r.phase for r in records if isinstance(r, EpochRecord)] == phases
