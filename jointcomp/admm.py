@@ -195,7 +195,6 @@ class ADMMState:
         self.projector = projector
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.projections = 0
 
     @torch.no_grad()
     def project(self, budget: float) -> tuple[float, float]:
@@ -206,7 +205,6 @@ class ADMMState:
         self.V = alloc.values
         for p, v, u in zip(self.params, self.V, self.U):
             u.add_(p.detach().float() - v)
-        self.projections += 1
         return alloc.lambda_prune, alloc.lambda_quant
 
     @torch.no_grad()
@@ -228,10 +226,9 @@ class ADMMState:
         return self.projector.joint([p.detach() for p in self.params], budget)
 
     def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U, "projections": self.projections}
+        return {"V": self.V, "U": self.U}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
-        self.projections = int(state["projections"])
