@@ -4,16 +4,15 @@
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pandas as pd
 import streamlit as st
 
 import ui
-from jointcomp import Engine, charts
+from jointcomp import Compressor, charts
 from jointcomp.budget import format_bits
-from jointcomp.runner import Runner, meta_for, new_run_dir
+from jointcomp.runner import Runner, new_run_dir, what_if
 
 st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")
 st.title("jointcomp: compress a network to a size budget")
@@ -28,10 +27,10 @@ except (ValueError, FileNotFoundError) as err:
     st.stop()
 
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode)
-if st.session_state.get("preview_key") != key:  # a per-session engine, on its own copy, for what-if projections
-    st.session_state.preview = Engine(copy.deepcopy(model), data, choices.config, meta=meta_for(choices.model, data))
+if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
+    st.session_state.preview = what_if(model, data, choices.config, choices.model)
     st.session_state.preview_key = key
-preview: Engine = st.session_state.preview
+preview: Compressor = st.session_state.preview
 
 ratio = ui.target_slider(preview.dense_bits)
 target = f"{ratio}x"

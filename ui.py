@@ -9,11 +9,12 @@ import streamlit as st
 from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
+from jointcomp.compressor import BUDGET_MODES
 from jointcomp.data import available
+from jointcomp.models import dense_epochs
 from jointcomp.runner import prepare
 
 MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"], "cifar10": ["resnet20", "mlp"]}
-DENSE_EPOCHS = {"mlp": 20, "lenet5": 3, "resnet20": 10}
 RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]
 RATIOS = [int(r) for r in RATIOS]  # a log scale of round ratios: 2x, 3x, 5x, 7x, 10x, 15x ... 3000x
 
@@ -38,13 +39,13 @@ def sidebar(with_method: bool = True) -> Choices:
     lr = sb.select_slider("Learning rate", [0.005, 0.01, 0.02, 0.05, 0.1], value=0.05 if model == "mlp" else 0.02, key=f"lr_{model}")
     method, budget_mode = "admm", "paper"
     with sb.expander("Advanced"):
-        dense_epochs = st.number_input("Dense pre-training epochs", 1, 200, DENSE_EPOCHS[model], key=f"dense_{model}")
+        pre_epochs = st.number_input("Dense pre-training epochs", 1, 200, dense_epochs(model), key=f"dense_{model}")
         batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         if with_method:
             method = st.selectbox("Method", list(METHODS), key="method",
                                   help="admm is jointcomp; the others are baselines")
-            budget_mode = st.selectbox("Budget counts", ["paper", "file"], key="budget_mode",
+            budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
                                        help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
         finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, CompressConfig.finetune, 0.1, key="finetune",
                              help="admm trains the last part of the run in exactly the shape that ships")
@@ -52,7 +53,7 @@ def sidebar(with_method: bool = True) -> Choices:
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed), method=method,
                             budget_mode=budget_mode if method == "admm" else "paper", finetune=finetune, distill=distill)
-    return Choices(model, data, int(dense_epochs), config)
+    return Choices(model, data, int(pre_epochs), config)
 
 
 @st.cache_resource(show_spinner="Training the dense model once (cached for this session's server)…")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from jointcomp import CompressConfig, build_model, load_dataset
-from jointcomp.engine import train_dense
+from jointcomp.trainer import train_dense
 from jointcomp.models import load_weights, save_weights
 
 CACHE = Path(__file__).resolve().parent / ".cache"

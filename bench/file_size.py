@@ -17,7 +17,7 @@ import lzma
 import torch
 
 from common import dense_model, machine
-from jointcomp import CompressConfig, Engine
+from jointcomp import Compressor
 
 
 def torch_bytes(state: dict) -> bytes:
@@ -44,14 +44,13 @@ def rows(model_name: str, data_name: str, epochs: int, targets: list[str]) -> li
     fp32 = len(torch_bytes(dense_state))
     out = []
     for target in targets:
-        engine = Engine(model, data, CompressConfig(target=target, device="cpu"), meta={
+        comp = Compressor(model, target, steps=1, meta={
             "model": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes})
-        engine.plan()
-        jcz = len(engine.encode(engine.final))
+        jcz = comp.finish().file_bytes  # the joint projection of the dense weights, untrained
         state = dict(dense_state)
-        state.update({n: v for n, v in zip(engine.names, engine.final.values)})
+        state.update({n: v for n, v in zip(comp.names, comp.final.values)})
         lz = len(lzma.compress(torch_bytes(state), preset=9 | lzma.PRESET_EXTREME))
-        csr = csr_bytes(state, set(engine.names))
+        csr = csr_bytes(state, set(comp.names))
         best_other = min(fp32, lz, csr)
         out.append(f"| {model_name} | {target} | {jcz:,} | {fp32:,} | {lz:,} | {csr:,} | "
                    f"{best_other / jcz:.2f}x | {'yes' if jcz < best_other else 'NO'} |")

@@ -18,9 +18,9 @@ import torchvision
 
 from common import machine
 from jointcomp import CompressConfig
-from jointcomp.admm import LayerSpec, Projector
+from jointcomp.allocation import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting, parse_target
-from jointcomp.engine import compressible_weights
+from jointcomp.compressor import compressible_weights
 from jointcomp.models import lenet5
 
 

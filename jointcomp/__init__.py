@@ -1,12 +1,14 @@
 """jointcomp: prune and quantize a network jointly to a target size (ADMM + knapsacks)."""
 from .budget import LayerBounds, parse_target
 from .codec import CheckpointError, inspect, load_compressed, save_compressed
-from .data import Dataset, load_dataset
-from .engine import CompressConfig, Engine
+from .compressor import Compressor, CompressorConfig
+from .data import Dataset, Loaders, load_dataset
 from .models import build_model
 from .records import EpochRecord, FinalRecord, LayerRecord, StartRecord, StepRecord
+from .trainer import CompressConfig, Engine
 
 __all__ = [
-    "CheckpointError", "inspect", "load_compressed", "save_compressed", "CompressConfig", "Dataset", "Engine", "EpochRecord", "FinalRecord", "LayerBounds",
-    "LayerRecord", "StartRecord", "StepRecord", "build_model", "load_dataset", "parse_target",
+    "CheckpointError", "CompressConfig", "Compressor", "CompressorConfig", "Dataset", "Engine", "EpochRecord",
+    "FinalRecord", "LayerBounds", "LayerRecord", "Loaders", "StartRecord", "StepRecord", "build_model", "inspect",
+    "load_compressed", "load_dataset", "parse_target", "save_compressed",
 ]

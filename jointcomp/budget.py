@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import nn
 
 DENSE_BITS = 32
 BIT_CHOICES = range(1, 9)
@@ -55,9 +57,17 @@ class LayerBounds:
 
 
 class PaperAccounting:
-    """The paper's size: sum over compressed layers of bitwidth x non-zeros."""
+    """The paper's size: sum over compressed layers of bitwidth x non-zeros (layers left
+    dense count at 32 bits per weight). The checkpoint codec's `FileAccounting` prices
+    the exported file's bytes through this same interface."""
 
     name = "paper"
+
+    def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
+        """(reserved, dense): the bits no compression removes (layers left dense), and the
+        fp32 size that ratios are taken against (every layer found)."""
+        reserved = DENSE_BITS * sum(w.numel() for _, w, b in layers if b.dense)
+        return float(reserved), float(DENSE_BITS * sum(w.numel() for _, w, _ in layers))
 
     def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         """Cost in bits of one kept weight of each layer at bitwidth `bits`."""
@@ -72,44 +82,20 @@ class PaperAccounting:
         per_layer = self.weight_bits(bits, numel) * nnz.double() + self.layer_bits(bits, numel)
         return float(per_layer.sum())
 
+    def measure(self, size_bits: float, file_bytes: Callable[[], int]) -> float:
+        """The size of a finished allocation in this accounting (its own sum, or the real
+        file's bits); `file_bytes` encodes the file only when it is needed."""
+        return size_bits
+
+    def observe(self, density: torch.Tensor) -> None:
+        """Refresh any estimate from the layers' current densities (none here)."""
+
     def state_dict(self) -> dict:
         """What a resumed run needs to price weights exactly as before."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-class FileAccounting(PaperAccounting):
-    """The exported file's size: each kept weight also pays for its position (estimated
-    from its layer's density, refreshed by the engine), each layer for its codebook and
-    its header entry. The engine verifies the real file at the end and trims to fit."""
-
-    name = "file"
-    LAYER_HEADER_BITS = 8 * 24
-
-    def __init__(self, n_layers: int) -> None:
-        self.position_bits = torch.full((n_layers,), 1.0, dtype=torch.float64)
-
-    def set_density(self, density: torch.Tensor) -> None:
-        """Position cost per kept weight at these densities: entropy of the mask per non-zero
-        (what gap coding approaches), never more than a plain bitmap, plus a small margin."""
-        d = density.double().clamp(1e-9, 1 - 1e-9)
-        entropy = -(d * torch.log2(d) + (1 - d) * torch.log2(1 - d)) / d
-        self.position_bits = torch.minimum(entropy, 1 / d) * 1.05 + 0.05
-
-    def state_dict(self) -> dict:
-        return {"position_bits": self.position_bits}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position_bits = state["position_bits"].double()
-
-    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        pos = self.position_bits.to(bits.device)
-        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
-
-    def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        return 32.0 * 2.0 ** bits.double() + self.LAYER_HEADER_BITS
 
 
 def parse_target(spec: str | float | int, dense_bits: int) -> float:

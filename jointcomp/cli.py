@@ -10,19 +10,19 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .data import DATASETS, load_dataset
 from .codec import CheckpointError, format_report, inspect, load_compressed
-from .engine import CompressConfig, Engine, accuracy, train_dense
+from .compressor import BUDGET_MODES
+from .data import DATASETS, load_dataset
 from .methods import METHODS
-from .models import build_model, load_weights, save_weights
+from .models import build_model, dense_epochs, load_weights, save_weights
+from .trainer import CompressConfig, Engine, accuracy, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
 
-DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, "resnet20": 30}
-
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help=f"data set: {', '.join(DATASETS)} (default digits)")
+    p.add_argument("--data", default="digits",
+                   help=f"data set: {', '.join(DATASETS)} (an ImageFolder layout with train/ and val/; default digits)")
     p.add_argument("--data-dir", help="folder with the data set's files")
     p.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
 
@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     for action in comp._actions:
         if action.dest == "out":
             action.required = False
-    comp.add_argument("--budget-mode", choices=("paper", "file"), default="paper",
+    comp.add_argument("--budget-mode", choices=tuple(BUDGET_MODES), default=CompressConfig.budget_mode,
                       help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
     comp.add_argument("--resume", metavar="DIR",
                       help="continue an interrupted run in DIR; with it, only --lr, --rho, --epochs, --target and "
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.input_shape, data.num_classes)
     config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
-    epochs = args.epochs if args.epochs is not None else DENSE_EPOCHS.get(args.model, 10)
+    epochs = args.epochs if args.epochs is not None else dense_epochs(args.model)
     last: Record | None = None
     with tqdm(total=epochs, unit="epoch") as bar:
         for record in train_dense(model, data, config, epochs):
@@ -174,11 +174,11 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
     else:
         if not args.out:
             raise ValueError("compress needs --out DIR (or --resume DIR)")
-        dense_epochs = 0 if args.pretrained else (
-            args.dense_epochs if args.dense_epochs is not None else DENSE_EPOCHS.get(args.model, 10)
+        pre_epochs = 0 if args.pretrained else (
+            args.dense_epochs if args.dense_epochs is not None else dense_epochs(args.model)
         )
         config = CompressConfig(
-            target=args.target, epochs=args.epochs, dense_epochs=dense_epochs, batch_size=args.batch_size,
+            target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
             lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
             method=args.method, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device,

@@ -28,13 +28,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import zstandard
 from torch import nn
 
+from .budget import LayerBounds, PaperAccounting
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -217,6 +218,49 @@ def fp32_bytes(model: nn.Module) -> int:
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of any tensor (0-dim and empty ones too), in its own dtype."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class FileAccounting(PaperAccounting):
+    """The budget mode in which the target is this file's size: every tensor the file
+    stores densely is reserved, each kept weight pays its code and its position (estimated
+    from its layer's density, refreshed after every projection), each layer its codebook
+    and header entry. The Compressor measures the real file at the end and trims to fit."""
+
+    name = "file"
+    LAYER_HEADER_BITS = 8 * 24  # a compressed layer's entry in the JSON header, about
+    OVERHEAD_BYTES = 64  # preamble, checksum, dense-section entry and the model description
+
+    def __init__(self) -> None:
+        self.position_bits = torch.ones(0, dtype=torch.float64)
+
+    def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
+        compressed = [w.numel() for _, w, b in layers if not b.dense]
+        self.position_bits = torch.ones(len(compressed), dtype=torch.float64)
+        total = fp32_bytes(model)
+        return 8.0 * (total - 4 * sum(compressed) + self.OVERHEAD_BYTES), 8.0 * total
+
+    def observe(self, density: torch.Tensor) -> None:
+        """Position cost per kept weight at these densities: entropy of the mask per non-zero
+        (what gap coding approaches), never more than a plain bitmap, plus a small margin."""
+        d = density.double().clamp(1e-9, 1 - 1e-9)
+        entropy = -(d * torch.log2(d) + (1 - d) * torch.log2(1 - d)) / d
+        self.position_bits = torch.minimum(entropy, 1 / d) * 1.05 + 0.05
+
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        pos = self.position_bits.to(bits.device)
+        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
+
+    def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        return 8.0 * CODEBOOK_VALUE_BYTES * 2.0 ** bits.double() + self.LAYER_HEADER_BITS
+
+    def measure(self, size_bits: float, file_bytes: Callable[[], int]) -> float:
+        return 8.0 * file_bytes()
+
+    def state_dict(self) -> dict:
+        return {"position_bits": self.position_bits}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position_bits = state["position_bits"].double()
 
 
 # --- writing ----------------------------------------------------------------------------

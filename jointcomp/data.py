@@ -1,4 +1,5 @@
-"""Data sets as in-memory tensors: digits (bundled, the default), Fashion-MNIST, MNIST, CIFAR-10.
+"""Data sets: in-memory tensors by name (digits, bundled and the default; Fashion-MNIST,
+MNIST, CIFAR-10; an image folder as "folder:PATH"), or any DataLoaders as `Loaders`.
 
 Nothing is downloaded unless the caller asks for it (`download=True`).
 """
@@ -8,10 +9,12 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder:PATH")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -39,8 +42,22 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
 
+@dataclass
+class Loaders:
+    """A classification data set as iterables of (x, y) batches, e.g. torch DataLoaders
+    (a DistributedSampler's epoch is set by the trainer)."""
+
+    name: str
+    train: Iterable
+    val: Iterable
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
     """Load a data set by name; a missing one raises FileNotFoundError saying how to get it."""
+    if name.startswith("folder:"):
+        return _folder(Path(name.removeprefix("folder:")))
     if name == "digits":
         return _digits()
     if name in ("fashion-mnist", "mnist"):
@@ -159,3 +176,48 @@ def _cifar10(root: Path, download: bool) -> Dataset:
     (tx, ty), (vx, vy) = tensors(train), tensors(val)
     tx, vx = _normalise(tx, vx)
     return Dataset("cifar10", tx, ty, vx, vy, 10)
+
+
+def _folder(root: Path) -> Dataset:
+    """An image folder in torchvision's ImageFolder layout, `train/<class>/*.png` and
+    `val/<class>/*.png`, read into memory: grey if every image is, else RGB; all images
+    must have one size."""
+    import numpy as np
+    from PIL import Image
+
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise FileNotFoundError(f"{root} needs train/ and val/ folders with one sub-folder of images per class")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{root}/train needs at least two class folders, found {len(classes)}")
+    files = {part: [(f, y) for y, c in enumerate(classes) for f in sorted((root / part / c).glob("*"))
+                    if f.suffix.lower() in IMAGE_SUFFIXES] for part in ("train", "val")}
+    for part, found in files.items():
+        if not found:
+            raise FileNotFoundError(f"{root}/{part} holds no images in its class folders ({', '.join(classes)})")
+    images = {}
+    for part, found in files.items():
+        arrays = []
+        for path, _ in found:
+            try:
+                with Image.open(path) as img:
+                    arrays.append(img.convert("RGB") if img.mode not in ("L", "1") else img.convert("L"))
+            except OSError as err:
+                raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
+        images[part] = arrays
+    every = images["train"] + images["val"]
+    mode = "L" if all(img.mode == "L" for img in every) else "RGB"
+    size = every[0].size
+    odd = next(((img, f) for img, (f, _) in zip(every, files["train"] + files["val"]) if img.size != size), None)
+    if odd:
+        raise ValueError(f"{odd[1]} is {odd[0].size[0]}x{odd[0].size[1]} but the first image is {size[0]}x{size[1]}; "
+                         "resize the images to one size")
+
+    def tensors(part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.tensor(np.stack([np.asarray(img.convert(mode), dtype=np.float32) for img in images[part]])) / 255.0
+        x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2)
+        return x, torch.tensor([y for _, y in files[part]], dtype=torch.long)
+
+    (tx, ty), (vx, vy) = tensors("train"), tensors("val")
+    tx, vx = _normalise(tx, vx)
+    return Dataset(f"folder:{root}", tx, ty, vx, vy, len(classes))

@@ -1,12 +1,13 @@
 """How the compressed layers are trained: jointcomp's ADMM, and two baselines.
 
-Every method shares the engine's data, model, schedule and epochs, and answers the same
-hooks: `start` (when compression begins), `before_step` (projections), `after_step` (after
-each optimizer step), `deployable` (the model that would ship now, projected at a budget),
-`frozen` (the allocation being fine-tuned in its deployed shape, if any) and `freeze`.
+Every method is driven by the Compressor (compressor.py) over the same steps of the same
+training loop, and answers the same hooks: `start` (at the first step), `before_step`
+(projections), `after_step` (after each optimizer step), `deployable` (the model that would
+ship now, projected at a budget), `frozen` (the allocation being fine-tuned in its
+deployed shape, if any) and `freeze`.
 
-* admm: the paper's method (admm.py) with the joint projection; for the last part of the
-  run the engine freezes its allocation and fine-tunes the codebooks (`freeze`).
+* admm: the paper's method with the joint projection (allocation.py); for the last part
+  of the run the Compressor freezes its allocation and fine-tunes the codebooks (`freeze`).
 * uniform: one global density and one bitwidth for every layer, chosen to hit the
   target; magnitude pruning + k-means, then fine-tuning with masks and code assignments
   fixed (Deep Compression style: each centre becomes the mean of its cluster's weights).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .admm import ADMMState, Allocation, Projector
+from .allocation import Allocation, Projector
 from .budget import BIT_CHOICES
 
 METHODS = ("admm", "uniform", "sequential")
@@ -56,24 +57,45 @@ def allocation_from_state(state: dict, params: list[nn.Parameter]) -> Allocation
 
 
 class Admm:
-    """ADMM with joint knapsack projections (the paper, with one multiplier for both)."""
+    """The paper's ADMM with one joint projection: W (the trained weights), V (their
+    projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+    final_phase = True  # trains its allocation in the deployed shape at the end (`freeze`)
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
-        self.state = ADMMState(params, projector)
+        self.projector = projector
+        self.every = every
+        self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.frozen: Allocation | None = None
 
     def start(self, budget: float) -> None:
         pass  # the first projection (step 0) chooses everything
 
-    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
-        return self.state.project(budget) if self.frozen is None and step % every == 0 else None
+    @torch.no_grad()
+    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
+        """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
+        two multipliers (pruning cut score, joint price of a bit), in squared error per bit."""
+        if self.frozen is not None or step % self.every:
+            return None
+        x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
+        alloc = self.projector.joint(x, budget)
+        self.V = alloc.values
+        for p, v, u in zip(self.params, self.V, self.U):
+            u.add_(p.detach().float() - v)
+        return alloc.lambda_prune, alloc.lambda_quant
 
+    @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
-        if self.frozen is None:
-            self.state.pull(lr, rho)
-        else:
+        """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho);
+        in the final phase, the shared-centroid step instead."""
+        if self.frozen is not None:
             snap(self.params, self.frozen)
+            return
+        a = lr * rho
+        for p, v, u in zip(self.params, self.V, self.U):
+            p.add_(v - u, alpha=a).div_(1 + a)
 
     def freeze(self, alloc: Allocation) -> None:
         """From now on train in the deployed shape: masks, bits and code assignments fixed,
@@ -82,27 +104,36 @@ class Admm:
         snap(self.params, alloc)
 
     def deployable(self, budget: float) -> Allocation:
-        return self.state.deploy(budget)
+        """The model that would ship now: the joint projection of W itself."""
+        return self.projector.joint([p.detach() for p in self.params], budget)
 
     def density(self) -> torch.Tensor:
         """Kept fraction per layer of the last projection (what the file's positions will cost)."""
-        return torch.tensor([float((v != 0).double().mean()) for v in self.state.V], dtype=torch.float64)
+        return torch.tensor([float((v != 0).double().mean()) for v in self.V], dtype=torch.float64)
 
+    @torch.no_grad()
     def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.state.residuals()
+        """Per layer: primal residual ||W - V||^2 and dual norm ||U||."""
+        r = torch.stack([(p.detach().float() - v).square().sum() for p, v in zip(self.params, self.V)])
+        d = torch.stack([u.norm() for u in self.U])
+        return r.cpu().double(), d.cpu().double()
 
     def state_dict(self) -> dict:
-        return {**self.state.state_dict(), "frozen": allocation_state(self.frozen)}
+        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
+        device = self.params[0].device
+        self.V = [v.to(device) for v in state["V"]]
+        self.U = [u.to(device) for u in state["U"]]
         self.frozen = allocation_from_state(state["frozen"], self.params)
 
 
 class _FixedAllocation:
     """Shared by the baselines: an allocation decided once, then fine-tuned in place."""
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
+    final_phase = False  # already trained in their deployed shape once decided
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
         self.projector = projector
         self.alloc: Allocation | None = None
@@ -129,7 +160,7 @@ class _FixedAllocation:
     def load_state_dict(self, state: dict) -> None:
         self.alloc = allocation_from_state(state, self.params)
 
-    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
+    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
         return None
 
 
@@ -164,9 +195,9 @@ class Uniform(_FixedAllocation):
 class Sequential(_FixedAllocation):
     """Prune (knapsack at one bitwidth) and fine-tune; then choose bitwidths, quantize, fine-tune."""
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int) -> None:
-        super().__init__(params, projector, epochs, steps_per_epoch)
-        self.switch_step = (epochs // 2) * steps_per_epoch
+    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
+        super().__init__(params, projector, steps, every)
+        self.switch_step = (-(-steps // every) // 2) * every  # halfway, at a projection boundary
         self.masks: list[torch.Tensor] | None = None
 
     def start(self, budget: float) -> None:
@@ -175,7 +206,7 @@ class Sequential(_FixedAllocation):
         self.masks, _ = self.projector.prune(weights, bits, budget)
         self._apply_masks()
 
-    def before_step(self, step: int, every: int, budget: float) -> tuple[float, float] | None:
+    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
         if step == self.switch_step and self.alloc is None:
             assert self.masks is not None
             self.alloc = self.projector.quantize([p.detach() for p in self.params], self.masks, budget)
@@ -215,8 +246,9 @@ def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(w.shape)
 
 
-def make_method(name: str, params: list[nn.Parameter], projector: Projector, epochs: int, steps_per_epoch: int):
+def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int):
+    """The method `name` over `steps` optimizer steps, projecting every `every` steps."""
     classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
     if name not in classes:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return classes[name](params, projector, epochs, steps_per_epoch)
+    return classes[name](params, projector, steps, every)

@@ -19,6 +19,12 @@ from torch import nn
 from .rundir import DENSE_FILE, atomic_write
 
 BUILTIN = ("mlp", "lenet5", "resnet20")
+_DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, "resnet20": 30}
+
+
+def dense_epochs(name: str) -> int:
+    """Epochs of dense training from scratch for a model by name (CLI and app alike)."""
+    return _DENSE_EPOCHS.get(name, 10)
 log = logging.getLogger("jointcomp")
 
 

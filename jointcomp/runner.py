@@ -7,6 +7,7 @@ Control (stop, live target) is thread-safe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 import time
@@ -17,8 +18,9 @@ from typing import Callable
 import pandas as pd
 from torch import nn
 
+from .compressor import Compressor
 from .data import Dataset, load_dataset
-from .engine import CompressConfig, Engine, train_dense
+from .trainer import CompressConfig, Engine, accuracy, train_dense
 from .models import build_model
 from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord, epochs_frame, layers_frame
 
@@ -136,13 +138,29 @@ class Runner:
         """The compressed model as .jcz bytes (after the run)."""
         if self.final is None:
             raise ValueError("the run has not finished yet")
-        if self.engine.run_dir:
-            return (self.engine.run_dir.path / "model.jcz").read_bytes()
-        return self.engine.encode(self.engine.final)
+        return self.engine.checkpoint()
+
+
+def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name: str) -> Compressor:
+    """A compressor on a copy of `model`, for what-if projections (`plan`) without training;
+    the caller's model is never touched."""
+    evaluate = lambda m: accuracy(m, data)  # noqa: E731
+    return Compressor(copy.deepcopy(model), steps=1, config=dataclasses.replace(config, distill=0.0),
+                      evaluate=evaluate, meta=meta_for(model_name, data))
 
 
 class Sweep:
     """Several (target, method) runs one after another in a background thread."""
+
+    @classmethod
+    def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
+                 targets: list[str], methods: list[str]) -> "Sweep":
+        """Start a sweep, each run on its own copy of `model` with `config` at one target and method."""
+        def make_engine(target: str, method: str) -> Engine:
+            run_config = dataclasses.replace(config, target=target, method=method)
+            return Engine(copy.deepcopy(model), data, run_config, meta=meta_for(model_name, data))
+
+        return cls(make_engine, targets, methods).start()
 
     def __init__(self, make_engine: Callable[[str, str], Engine], targets: list[str], methods: list[str]) -> None:
         self.jobs = [(t, m) for t in targets for m in methods]

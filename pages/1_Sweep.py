@@ -1,13 +1,12 @@
 """Sweep: several targets one after another -> accuracy against size, jointcomp beside a baseline."""
 from __future__ import annotations
 
-import copy
-
 import streamlit as st
 
 import ui
-from jointcomp import CompressConfig, Engine, charts
-from jointcomp.runner import Sweep, meta_for
+from jointcomp import charts
+from jointcomp.methods import METHODS
+from jointcomp.runner import Sweep
 
 st.set_page_config(page_title="jointcomp · sweep", layout="wide")
 st.title("Sweep: accuracy against size")
@@ -21,17 +20,13 @@ except (ValueError, FileNotFoundError) as err:
     st.stop()
 
 targets = st.multiselect("Targets", [f"{r}x" for r in ui.RATIOS], default=["20x", "50x", "100x", "200x"], key="targets")
-methods = st.multiselect("Methods", ["admm", "uniform", "sequential"], default=["admm", "uniform"], key="methods")
+methods = st.multiselect("Methods", list(METHODS), default=["admm", "uniform"], key="methods")
 sweep: Sweep | None = st.session_state.get("sweep")
 running = sweep is not None and sweep.running
 
 go, stop = st.columns([1, 5])
 if go.button("Run sweep", type="primary", disabled=running or not targets or not methods, key="run_sweep"):
-    def make_engine(target: str, method: str) -> Engine:
-        config = CompressConfig(**{**vars(choices.config), "target": target, "method": method})
-        return Engine(copy.deepcopy(model), data, config, meta=meta_for(choices.model, data))
-
-    st.session_state.sweep = Sweep(make_engine, targets, methods).start()
+    st.session_state.sweep = Sweep.compress(model, data, choices.config, choices.model, targets, methods)
     st.rerun()
 if stop.button("Stop", disabled=not running, key="stop_sweep"):
     sweep.stop()

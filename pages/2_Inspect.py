@@ -8,7 +8,7 @@ import streamlit as st
 
 from jointcomp import CheckpointError, charts, inspect, load_compressed, load_dataset
 from jointcomp.data import available
-from jointcomp.engine import accuracy
+from jointcomp.trainer import accuracy
 
 st.set_page_config(page_title="jointcomp · inspect", layout="wide")
 st.title("Inspect a compressed checkpoint")

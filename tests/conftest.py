@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jointcomp import CompressConfig, build_model, load_dataset
-from jointcomp.engine import train_dense
+from jointcomp.trainer import train_dense
 
 
 @pytest.fixture(scope="session")

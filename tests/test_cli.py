@@ -85,7 +85,7 @@ def test_train_then_compress_pretrained_then_resume(tmp_path):
         (["compress", "--model", "torchvision:fasterrcnn_resnet50_fpn", "--out", "X"], "not a torchvision classification model"),
         (["compress", "--lr", "nan", "--out", "X"], "lr must be a finite number"),
         (["compress", "--lr", "inf", "--out", "X"], "lr must be a finite number"),
-        (["compress", "--rho", "nan", "--out", "X"], "rho must be a finite number"),
+        (["compress", "--rho", "nan", "--out", "X"], "rho must be a positive finite number"),
         (["compress", "--out", "FILE"], "is a file, not a folder"),
         (["compress", "--out", "FILE/run"], "lies under a file"),
         (["compress", "--out", "RUN"], "already holds a run"),
@@ -179,3 +179,42 @@ def test_overwrite_starts_over_and_extreme_targets_still_fit(tmp_path):
     assert summary["size_bits"] <= summary["target_bits"]
     config = json.loads((out / "config.json").read_text())
     assert config["compress"]["target"] == "500000x"
+
+
+def write_image_folder(root: Path, per_class: int = 30) -> None:
+    """A tiny ImageFolder of real digit images (8x8 grey PNGs), three classes."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[tuple[str, int], int] = {}
+    for image, label in zip(digits.images, digits.target):
+        if label > 2:
+            continue
+        part = "train" if counts.get(("train", label), 0) < per_class else "val"
+        if counts.get((part, label), 0) >= per_class:
+            continue
+        counts[(part, label)] = counts.get((part, label), 0) + 1
+        folder = root / part / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8"), mode="L").save(folder / f"{counts[(part, label)]}.png")
+
+
+def test_image_folder_trains_and_compresses(tmp_path):
+    images = tmp_path / "images"
+    write_image_folder(images)
+    out = tmp_path / "run"
+    jointcomp("compress", "--model", "mlp", "--data", f"folder:{images}", "--target", "20x", "--epochs", "3",
+              "--dense-epochs", "10", "--out", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["size_bits"] <= summary["target_bits"]
+    assert summary["accuracy"] >= 0.8  # three digit classes, 30 validation images each
+    evaluated = jointcomp("evaluate", out / "model.jcz", "--data", f"folder:{images}").stdout
+    assert f"accuracy {summary['accuracy']:.4f} on folder:{images} (90 validation examples)" in evaluated
+
+    (images / "val" / "digit0" / "broken.png").write_bytes(b"not an image")
+    result = jointcomp("evaluate", out / "model.jcz", "--data", f"folder:{images}", check=False)
+    assert result.returncode == 2 and "broken.png is not a readable image" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = jointcomp("evaluate", out / "model.jcz", "--data", f"folder:{tmp_path / 'nowhere'}", check=False)
+    assert result.returncode == 2 and "needs train/ and val/ folders" in result.stderr

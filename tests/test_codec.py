@@ -37,7 +37,7 @@ def compressed_run(tmp_path_factory, digits, _trained_mlp_state):
 
 def test_round_trip_is_bit_exact(compressed_run, digits):
     engine, path = compressed_run
-    deployable = dict(zip(engine.names, engine.final.values))
+    deployable = dict(zip(engine.compressor.names, engine.final.values))
     engine.model.eval()
     with torch.no_grad():
         expected = functional_call(engine.model, deployable, (digits.val_x,))

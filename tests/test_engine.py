@@ -28,7 +28,7 @@ def evaluate(model: nn.Module, data, weights: dict[str, torch.Tensor] | None = N
 def measured_size(engine: Engine) -> tuple[float, dict[str, torch.Tensor]]:
     """Paper size of the final deployable weights: bits from the codebook size, nnz counted."""
     total, weights = 0.0, {}
-    for name, values, bits in zip(engine.names, engine.final.values, engine.final.bits.tolist()):
+    for name, values, bits in zip(engine.compressor.names, engine.final.values, engine.final.bits.tolist()):
         nonzero = values[values != 0]
         assert nonzero.unique().numel() <= 2**bits  # really a 2^b-entry codebook
         total += bits * nonzero.numel()
@@ -140,8 +140,8 @@ def test_layer_bounds_keep_a_layer_dense_and_limit_bits(trained_mlp, digits):
     )
     engine = Engine(trained_mlp, digits, config)
     run(engine)
-    assert "5.weight" not in engine.names
-    bits = dict(zip(engine.names, engine.final.bits.tolist()))
+    assert "5.weight" not in engine.compressor.names
+    bits = dict(zip(engine.compressor.names, engine.final.bits.tolist()))
     assert 3 <= bits["1.weight"] <= 4
     size, _ = measured_size(engine)
     assert size + 32 * trained_mlp[5].weight.numel() <= dense_bits(trained_mlp) / 30

@@ -5,7 +5,7 @@ from itertools import combinations
 import pytest
 import torch
 
-from jointcomp.admm import LayerSpec, Projector
+from jointcomp.allocation import LayerSpec, Projector
 from jointcomp.budget import LayerBounds, PaperAccounting
 from jointcomp.projections import choose_bitwidths, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
 

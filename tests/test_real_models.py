@@ -134,7 +134,7 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
     assert engine.export(str(path)) == path.stat().st_size == final.file_bytes
 
     loaded = load_compressed(path)
-    expected = {**engine.model.state_dict(), **dict(zip(engine.names, engine.final.values))}
+    expected = {**engine.model.state_dict(), **dict(zip(engine.compressor.names, engine.final.values))}
     got = loaded.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in got)

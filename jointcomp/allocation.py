@@ -1,15 +1,11 @@
-"""ADMM state for the compressed layers: W (trained), V (quantized copy), U (scaled dual).
-
-The layer-level projections live here too: they turn the tensor math of
-`projections.py` into per-layer masks, bitwidths and codebooks under a budget, honouring
-each layer's bounds and the size accounting in force.
-"""
+"""Layer-level projections: the tensor math of `projections.py` turned into per-layer
+masks, bitwidths and codebooks under a budget, honouring each layer's bounds and the size
+accounting in force."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
 from .projections import assign, choose_bitwidths, fit_codebooks, joint_options, knapsack_prune
@@ -185,50 +181,3 @@ class Projector:
                 best, best_err = bits, err
         assert best is not None
         return best
-
-
-class ADMMState:
-    """W, V, U of every compressed layer, with the step, projection and dual update."""
-
-    def __init__(self, params: list[nn.Parameter], projector: Projector) -> None:
-        self.params = params
-        self.projector = projector
-        self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-
-    @torch.no_grad()
-    def project(self, budget: float) -> tuple[float, float]:
-        """V <- the joint projection of W + U; U <- U + W - V. Returns the two multipliers
-        (pruning cut score, joint price of a bit), both in squared error per bit."""
-        x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
-        alloc = self.projector.joint(x, budget)
-        self.V = alloc.values
-        for p, v, u in zip(self.params, self.V, self.U):
-            u.add_(p.detach().float() - v)
-        return alloc.lambda_prune, alloc.lambda_quant
-
-    @torch.no_grad()
-    def pull(self, lr: float, rho: float) -> None:
-        """Proximal step of the augmented term: W <- (W + lr rho (V - U)) / (1 + lr rho)."""
-        a = lr * rho
-        for p, v, u in zip(self.params, self.V, self.U):
-            p.add_(v - u, alpha=a).div_(1 + a)
-
-    @torch.no_grad()
-    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per layer: primal residual ||W - V||^2 and dual norm ||U||."""
-        r = torch.stack([(p.detach().float() - v).square().sum() for p, v in zip(self.params, self.V)])
-        d = torch.stack([u.norm() for u in self.U])
-        return r.cpu().double(), d.cpu().double()
-
-    def deploy(self, budget: float) -> Allocation:
-        """The model that would ship now: the joint projection of W itself."""
-        return self.projector.joint([p.detach() for p in self.params], budget)
-
-    def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U}
-
-    def load_state_dict(self, state: dict) -> None:
-        device = self.params[0].device
-        self.V = [v.to(device) for v in state["V"]]
-        self.U = [u.to(device) for u in state["U"]]

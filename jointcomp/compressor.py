@@ -1,0 +1,417 @@
+"""Compressor: the method attached to any model and driven by any training loop.
+
+    comp = Compressor(model, target="50x", steps=epochs * len(loader))
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = my_loss(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            comp.step(lr=opt.param_groups[0]["lr"])
+    comp.finish(); comp.convert_(); comp.export("model.jcz")
+
+`step()` runs after the user's optimizer step: a projection onto the budget every
+`project_every` steps (with ADMM's dual update), the proximal pull of the weights towards
+it, and, for the last `finetune` part of the steps, training in exactly the deployed shape.
+The Engine (trainer.py) is one such loop; records (records.py) report what happens.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fnmatch
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .allocation import Allocation, LayerSpec, Projector
+from .budget import LayerBounds, PaperAccounting, resolve_target
+from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
+from .methods import METHODS, make_method
+from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
+from .rundir import atomic_write
+
+BUDGET_MODES: dict[str, type[PaperAccounting]] = {"paper": PaperAccounting, "file": FileAccounting}
+DEFAULT_PROJECTIONS = 15  # over a run, when project_every is not given (one per epoch of 15)
+
+
+@dataclass
+class CompressorConfig:
+    """How the method compresses: target, method, budget mode and its knobs. The built-in
+    trainer's settings (epochs, learning rate, ...) extend it in trainer.CompressConfig."""
+
+    target: str | float = "50x"
+    method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
+    budget_mode: str = "paper"  # "paper" (bits x non-zeros) or "file" (bytes of the .jcz)
+    rho: float = 2.0  # ADMM penalty
+    project_every: int = 0  # steps between projections; 0 = steps // 15
+    finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
+    distill: float = 0.0  # weight of distillation from the starting model in `distill()` (0 = off)
+    temperature: float = 4.0  # of the distillation's soft targets
+    layer_types: tuple[str, ...] = ("Conv2d", "Linear")
+    exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
+    bounds: dict[str, LayerBounds] = field(default_factory=dict)  # weight name glob -> bounds
+
+    def __post_init__(self) -> None:
+        for name in ("rho", "temperature"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        for name in ("finetune", "distill"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
+        if self.project_every < 0:
+            raise ValueError(f"project_every must be at least 0, got {self.project_every}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget mode {self.budget_mode!r}; use {' or '.join(map(repr, BUDGET_MODES))}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.budget_mode == "file" and self.method != "admm":
+            raise ValueError("the file budget mode needs method 'admm' (the baselines cannot trim to a file size)")
+        unknown = [t for t in self.layer_types if not isinstance(getattr(nn, t, None), type)]
+        if unknown:
+            raise ValueError(f"unknown layer type {unknown[0]!r}; use torch.nn class names such as Conv2d, Linear")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["bounds"] = {k: dataclasses.asdict(v) for k, v in self.bounds.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["bounds"] = {k: LayerBounds(**v) for k, v in data.get("bounds", {}).items()}
+        for key in ("layer_types", "exclude"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+def compressible_weights(model: nn.Module, config: CompressorConfig) -> list[tuple[str, nn.Parameter, LayerBounds]]:
+    """The (name, weight, bounds) of every layer the config compresses, in model order."""
+    types = tuple(getattr(nn, t) for t in config.layer_types)
+    found, seen = [], set()
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, types) or not isinstance(weight, nn.Parameter) or id(weight) in seen:
+            continue
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
+            continue
+        seen.add(id(weight))
+        bounds = next((b for pat, b in config.bounds.items() if fnmatch.fnmatchcase(name, pat)), LayerBounds())
+        found.append((name, weight, bounds))
+    if not found:
+        raise ValueError(
+            f"the model has no {'/'.join(config.layer_types)} weights to compress "
+            "(check --exclude and the layer types)"
+        )
+    return found
+
+
+def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]) -> Allocation:
+    """The allocation `deploy` makes at the largest budget whose `size` fits `target`: the
+    budget shrinks by each overshoot (the real file can cost more than its estimate)."""
+    budget = target
+    for _ in range(50):
+        alloc = deploy(budget)
+        measured = size(alloc)
+        if measured <= target:
+            return alloc
+        budget -= (measured - target) + 64
+    raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
+
+
+class Compressor:
+    """Prune and quantize `model` jointly to `target` over `steps` optimizer steps.
+
+    Options are `CompressorConfig` fields (or pass `config=`). `evaluate(model) -> float`,
+    when given, scores the deployable model in the records (e.g. validation accuracy);
+    `callback(record)` receives every record; `meta` describes the model in the file
+    header (keys model, data, input_shape, num_classes) so that it reloads by name.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: str | float | None = None,
+        *,
+        steps: int,
+        config: CompressorConfig | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        callback: Callable[[Record], None] | None = None,
+        meta: dict | None = None,
+        **options,
+    ) -> None:
+        if target is not None:
+            options["target"] = target
+        self.config = dataclasses.replace(config or CompressorConfig(), **options)
+        if int(steps) < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        self.model, self.steps = model, int(steps)
+        self.evaluate, self.callback, self.meta = evaluate, callback, dict(meta or {})
+        layers = compressible_weights(model, self.config)
+        compressed = [(n, w, b) for n, w, b in layers if not b.dense]
+        if not compressed:
+            raise ValueError("every layer found is left dense by its bounds: there is nothing to compress")
+        self.names = [n for n, _, _ in compressed]
+        self.params = [w for _, w, _ in compressed]
+        self.specs = [LayerSpec(n, tuple(w.shape), b) for n, w, b in compressed]
+        self.accounting = BUDGET_MODES[self.config.budget_mode]()
+        self.reserved_bits, self.dense_bits = self.accounting.reference_bits(model, layers)
+        self.fp32_bytes = fp32_bytes(model)
+        self.projector = Projector(self.specs, self.accounting, self.reserved_bits)
+        self.every = self.config.project_every or max(1, self.steps // DEFAULT_PROJECTIONS)
+        self.method = make_method(self.config.method, self.params, self.projector, self.steps, self.every)
+        self._lock = threading.Lock()
+        self._target_bits = self._resolve(self.config.target)
+        self.step_count = 0
+        self.epoch = 0  # epochs reported by end_epoch()
+        self.lambdas = (float("nan"), float("nan"))  # of the projections since the last epoch record
+        self.frozen_target: float | None = None  # the target the final phase's allocation fits
+        self.notes: list[str] = []  # events for the next epoch record
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.config.distill > 0 else None
+        self.dense_metric = self._evaluate(None)  # of the model as attached
+        self.final: Allocation | None = None
+        self.final_file_bytes = 0
+        self.converted = False
+        self._seconds = 0.0  # of earlier sessions (a resumed run)
+        self._started = self._epoch_started = time.perf_counter()
+
+    # --- the target, from any thread --------------------------------------------------
+    @property
+    def target_bits(self) -> float:
+        with self._lock:
+            return self._target_bits
+
+    def set_target(self, target: str | float) -> float:
+        """Move the target (any thread); the next projection uses it. Returns it in bits."""
+        bits = self._resolve(target)
+        with self._lock:
+            self._target_bits = bits
+        return bits
+
+    def _resolve(self, target: str | float) -> float:
+        numel = [s.numel for s in self.specs]
+        bounds = [s.bounds for s in self.specs]
+        return resolve_target(target, numel, bounds, self.accounting, self.reserved_bits, self.dense_bits)
+
+    # --- the loop ---------------------------------------------------------------------
+    @property
+    def freeze_step(self) -> int:
+        """The step at which the final phase (training in the deployed shape) starts: a
+        projection boundary, at least one interval in, at least one interval before the
+        end; -1 when there is none (finetune 0, or a method without a final phase)."""
+        slots = -(-self.steps // self.every)
+        intervals = min(slots - 1, max(1, round(self.config.finetune * slots)))
+        if not self.method.final_phase or self.config.finetune == 0 or intervals < 1:
+            return -1
+        return (slots - intervals) * self.every
+
+    @property
+    def phase(self) -> str:
+        return "finetune" if self.frozen_target is not None else "admm"
+
+    def step(self, lr: float, loss: float | torch.Tensor | None = None) -> StepRecord:
+        """Apply the method after one optimizer step taken at learning rate `lr`: projections
+        and phases when due, then the pull towards the projection. `loss` only goes into
+        the step record."""
+        if self.converted:
+            raise RuntimeError("the model was converted to its deployed weights; start a new Compressor to go on")
+        t, target = self.step_count, self.target_bits
+        if t == 0:
+            self.accounting.observe(torch.full((len(self.specs),), self._initial_density(target)))
+            self.method.start(target)
+        if (self.frozen_target is None and t == self.freeze_step) or self.frozen_target not in (None, target):
+            self._freeze(target)
+        projected = self.method.before_step(t, target)
+        if projected:
+            self.lambdas = projected
+            self.accounting.observe(self.method.density())
+        self.method.after_step(lr, self.config.rho)
+        self.step_count += 1
+        value = float("nan") if loss is None else float(loss)
+        return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
+
+    def distill(self, x: torch.Tensor, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` mixed with distillation from the model as attached (soft targets over the
+        last dimension at `temperature`, weight `distill`); `loss` itself when distill is 0."""
+        if self.teacher is None:
+            return loss
+        t, w = self.config.temperature, self.config.distill
+        with torch.no_grad():
+            soft = (self.teacher(x) / t).log_softmax(-1)
+        kl = nn.functional.kl_div((output / t).log_softmax(-1), soft, log_target=True, reduction="batchmean")
+        return (1 - w) * loss + w * t**2 * kl
+
+    def end_epoch(self) -> EpochRecord:
+        """The record of the deployable model now: score, size, multipliers, residuals and
+        per-layer density and bitwidth. Call it once per epoch (or whenever you like)."""
+        seconds = time.perf_counter() - self._epoch_started
+        target = self.target_bits
+        alloc = self.method.frozen or self.method.deployable(target)
+        size = self._size(alloc)
+        residual, dual = self.method.residuals()
+        note, self.notes = "; ".join(self.notes), []
+        record = EpochRecord(
+            self.phase, self.epoch, self.step_count, self._evaluate(alloc), size, self.dense_bits / size,
+            target, *self.lambdas, float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
+            self._layers(alloc, residual, dual), note,
+        )
+        self.epoch += 1
+        self.lambdas = (float("nan"), float("nan"))
+        self._epoch_started = time.perf_counter()
+        return self._emit(record)
+
+    def finish(self) -> FinalRecord:
+        """The deployable model, checked to fit the live target: the fine-tuned allocation of
+        the final phase when it still fits, else a fresh projection trimmed until it does."""
+        target = self.target_bits
+        frozen = self.method.frozen
+        if frozen is not None and self._size(frozen) <= target:
+            alloc = frozen
+        else:
+            alloc = trim_to_fit(self.method.deployable, target, self._size)
+        self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
+        size = self.accounting.measure(alloc.size_bits, lambda: self.final_file_bytes)
+        residual, dual = self.method.residuals()
+        return self._emit(FinalRecord(
+            self._evaluate(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
+            self.seconds, self.step_count < self.steps, self.final_file_bytes,
+            self.fp32_bytes / self.final_file_bytes, self._layers(alloc, residual, dual),
+        ))
+
+    @torch.no_grad()
+    def convert_(self) -> nn.Module:
+        """Put the final deployable weights into the model itself (after `finish`)."""
+        if self.final is None:
+            raise ValueError("nothing to convert yet: call finish() first")
+        for p, value in zip(self.params, self.final.values):
+            p.copy_(value)
+        self.converted = True
+        return self.model
+
+    def export(self, path: str) -> int:
+        """Write the final deployable model as a .jcz file (atomically); returns its bytes."""
+        if self.final is None:
+            raise ValueError("nothing to export yet: call finish() first")
+        data = self.encode(self.final)
+        atomic_write(path, data)
+        return len(data)
+
+    def plan(self, target: str | float | None = None) -> FinalRecord:
+        """What the method would start from at `target` (default: the live one), without
+        training: one joint projection of the current weights (the "what-if"). Nothing
+        changes: not the target, not the accounting, not what `export` writes."""
+        bits = self._resolve(target) if target is not None else self.target_bits
+        accounting = copy.deepcopy(self.accounting)
+        accounting.observe(torch.full((len(self.specs),), self._initial_density(bits)))
+        projector = Projector(self.specs, accounting, self.reserved_bits)
+        weights = [p.detach() for p in self.params]
+        alloc = trim_to_fit(lambda budget: projector.joint(weights, budget), bits,
+                            lambda a: accounting.measure(a.size_bits, lambda: len(self.encode(a))))
+        file_bytes = len(self.encode(alloc))
+        size = accounting.measure(alloc.size_bits, lambda: file_bytes)
+        nan = torch.full((len(self.specs),), float("nan"), dtype=torch.float64)
+        return FinalRecord(
+            self._evaluate(alloc), self._evaluate(None), size, bits, self.dense_bits / size, 0, 0.0, False,
+            file_bytes, self.fp32_bytes / file_bytes, self._layers(alloc, nan, nan),
+        )
+
+    # --- checkpoints of the user's run ------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the model's and the optimizer's own state."""
+        return {
+            "config": self.config.to_dict(), "steps": self.steps, "step": self.step_count, "epoch": self.epoch,
+            "target_bits": self.target_bits, "frozen_target": self.frozen_target, "lambdas": list(self.lambdas),
+            "notes": list(self.notes), "method": self.method.state_dict(), "accounting": self.accounting.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "dense_metric": self.dense_metric, "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`; load the model's weights first."""
+        self.step_count, self.epoch = int(state["step"]), int(state["epoch"])
+        with self._lock:
+            self._target_bits = float(state["target_bits"])
+        self.frozen_target = state["frozen_target"]
+        self.lambdas = tuple(state["lambdas"])
+        self.notes = list(state["notes"])
+        self.method.load_state_dict(state["method"])
+        self.accounting.load_state_dict(state["accounting"])
+        if state["teacher"] is not None:
+            self.teacher = self.teacher or copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
+        self.dense_metric = float(state["dense_metric"])
+        self._seconds = float(state["seconds"])
+        self._started = self._epoch_started = time.perf_counter()
+
+    # --- pieces -----------------------------------------------------------------------
+    @property
+    def seconds(self) -> float:
+        return self._seconds + time.perf_counter() - self._started
+
+    def encode(self, alloc: Allocation) -> bytes:
+        """The .jcz bytes of the model with this allocation's compressed weights."""
+        keys = ("model", "data", "input_shape", "num_classes")
+        spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
+        packed = {
+            name: PackedLayer(spec_.shape, int(bits), book.cpu(), mask.cpu(), codes.cpu())
+            for name, spec_, bits, book, mask, codes in zip(
+                self.names, self.specs, alloc.bits.tolist(), alloc.codebooks, alloc.masks, alloc.codes
+            )
+        }
+        return encode(self.model, packed, spec)
+
+    def _freeze(self, target: float) -> None:
+        """Fit the current weights to the live target and train in that shape from now on."""
+        alloc = trim_to_fit(self.method.deployable, target, self._size)
+        self.method.freeze(alloc)
+        if self.frozen_target is not None:
+            self.notes.append(f"target moved to {target:.0f} bits during the final phase: re-projected, "
+                              "fine-tuning started again")
+        self.frozen_target = target
+
+    def _size(self, alloc: Allocation) -> float:
+        return self.accounting.measure(alloc.size_bits, lambda: len(self.encode(alloc)))
+
+    def _initial_density(self, target: float) -> float:
+        """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
+        return min(1.0, target / (4.0 * sum(s.numel for s in self.specs)))
+
+    def _evaluate(self, alloc: Allocation | None) -> float:
+        """`evaluate` of the model with this allocation's weights (None: as it is now)."""
+        if self.evaluate is None:
+            return float("nan")
+        with self._weights(alloc.values if alloc is not None else None):
+            return float(self.evaluate(self.model))
+
+    @contextlib.contextmanager
+    def _weights(self, values: list[torch.Tensor] | None) -> Iterator[None]:
+        """The model with `values` as its compressed weights for a while, then exactly as before."""
+        if values is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, v in zip(self.params, values):
+                    p.copy_(v)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def _layers(self, alloc: Allocation, residual: torch.Tensor, dual: torch.Tensor) -> list[LayerRecord]:
+        return [
+            LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d))
+            for s, k, b, r, d in zip(self.specs, alloc.nnz.tolist(), alloc.bits.tolist(), residual, dual)
+        ]
+
+    def _emit(self, record):
+        if self.callback is not None:
+            self.callback(record)
+        return record

@@ -1,0 +1,392 @@
+"""The built-in classification trainer: dense pre-training (optional), then compression
+by a `Compressor` (compressor.py) driven from this loop.
+
+`Engine` is an iterator of records (see records.py). It can be stopped (`stop()`) and its
+target moved (`set_target()`) from another thread; the next projection uses the new
+target. With a run folder it saves a resumable state after every healthy epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .budget import DENSE_BITS
+from .compressor import Compressor, CompressorConfig, compressible_weights
+from .data import Dataset, Loaders
+from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
+from .rundir import MODEL_FILE, RunDir
+
+Data = Dataset | Loaders
+
+
+@dataclass
+class CompressConfig(CompressorConfig):
+    """A run of the built-in trainer: the method's settings plus the training loop's."""
+
+    epochs: int = 15
+    dense_epochs: int = 0  # plain training first, for a model that is not pre-trained
+    batch_size: int = 64  # of in-memory data sets (DataLoaders bring their own)
+    lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    distill: float = 0.5  # the trainer distils from the dense model by default (bench/quality.py)
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs < 1 or self.dense_epochs < 0:
+            raise ValueError("epochs must be at least 1 and dense_epochs at least 0")
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.lr == 0:
+            raise ValueError("batch_size and lr must be positive")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_per_epoch: int):
+    """The configured optimizer with a warm-up + cosine learning-rate schedule over `epochs`."""
+    params = list(model.parameters())
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps = max(1, epochs * steps_per_epoch)
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+
+    def factor(t: int) -> float:
+        return min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def steps_per_epoch(data: Data, batch_size: int) -> int:
+    return len(data.train) if isinstance(data, Loaders) else math.ceil(len(data.train_y) / batch_size)
+
+
+def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device):
+    """The training batches of one epoch. In memory: shuffled, the order depending only on
+    seed and epoch; DataLoaders: their own order (a DistributedSampler gets the epoch)."""
+    if isinstance(data, Loaders):
+        sampler = getattr(data.train, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for x, y in data.train:
+            yield x.to(device), y.to(device)
+        return
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data.train_y), generator=gen)
+    for i in range(0, len(order), config.batch_size):
+        idx = order[i : i + config.batch_size]
+        yield data.train_x[idx].to(device), data.train_y[idx].to(device)
+
+
+def val_batches(data: Data, device: torch.device, size: int = 1000):
+    if isinstance(data, Loaders):
+        for x, y in data.val:
+            yield x.to(device), y.to(device)
+        return
+    for i in range(0, len(data.val_y), size):
+        yield data.val_x[i : i + size].to(device), data.val_y[i : i + size].to(device)
+
+
+def set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
+    """Give a loaded optimizer and schedule a new peak learning rate (a resumed run's --lr)."""
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched.last_epoch)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: Callable = nn.functional.cross_entropy, compressor: Compressor | None = None) -> float:
+    """One optimizer step on `loss_fn`, mixed with the compressor's distillation when
+    given; returns the loss."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    output = model(x)
+    loss = loss_fn(output, y)
+    if compressor is not None:
+        loss = compressor.distill(x, output, loss)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("training diverged (the loss is not finite)")
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data) -> float:
+    """Validation accuracy (top-1) of `model` on `data`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in val_batches(data, device):
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: int) -> Iterator[Record]:
+    """Plain training (no compression) for `epochs`; yields step and epoch records."""
+    device = pick_device(config.device)
+    model.to(device)
+    torch.manual_seed(config.seed)
+    spe = steps_per_epoch(data, config.batch_size)
+    opt, sched = make_optimizer(model, config, epochs, spe)
+    dense_bits = float(DENSE_BITS * sum(w.numel() for _, w, _ in compressible_weights(model, config)))
+    for epoch in range(epochs):
+        tic = time.perf_counter()
+        for i, (x, y) in enumerate(batches(data, config, epoch, device)):
+            loss = train_step(model, opt, x, y)
+            yield StepRecord("dense", epoch * spe + i, epoch, loss, opt.param_groups[0]["lr"])
+            sched.step()
+        yield dense_epoch_record(accuracy(model, data), epoch, (epoch + 1) * spe, time.perf_counter() - tic, dense_bits)
+
+
+def dense_epoch_record(score: float, epoch: int, step: int, seconds: float, dense_bits: float) -> EpochRecord:
+    nan = float("nan")
+    return EpochRecord("dense", epoch, step, score, dense_bits, 1.0, nan, nan, nan, nan, nan, seconds)
+
+
+class Engine:
+    """Compress `model` on `data` to `config.target`; iterate it to run.
+
+    `data` is an in-memory `Dataset` or `Loaders` (any iterables of (x, y) batches);
+    `loss(output, y)` defaults to cross-entropy and `evaluate(model)` to validation accuracy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Data,
+        config: CompressConfig,
+        run_dir: str | None = None,
+        resume: bool = False,
+        meta: dict | None = None,
+        overwrite: bool = False,
+        loss: Callable | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+    ) -> None:
+        self.config = config
+        self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        self.data = data
+        self.loss = loss or nn.functional.cross_entropy
+        self.evaluate = evaluate or (lambda m: accuracy(m, data))
+        self.steps_per_epoch = steps_per_epoch(data, config.batch_size)
+        self.run_dir = RunDir(run_dir, resume=resume, overwrite=overwrite) if run_dir else None
+        self.resume = resume
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards swapping the compressor against set_target
+        self.compressor = self._attach(config.target)
+        self._saved_epochs, self._saved_score = 0, float("-inf")  # the state a resume starts from
+
+    def _attach(self, target: str | float) -> Compressor:
+        """A compressor on the model as it is now (the start of compression)."""
+        cfg = self.config
+        return Compressor(
+            self.model, target, steps=cfg.epochs * self.steps_per_epoch, evaluate=self.evaluate, meta=self.meta,
+            config=dataclasses.replace(cfg, project_every=cfg.project_every or self.steps_per_epoch),
+        )
+
+    # --- control from other threads -------------------------------------------------
+    @property
+    def target_bits(self) -> float:
+        return self.compressor.target_bits
+
+    @property
+    def dense_bits(self) -> float:
+        return self.compressor.dense_bits
+
+    def set_target(self, target: str | float) -> float:
+        """Change the target of the running compression; returns it in bits."""
+        with self._lock:
+            return self.compressor.set_target(target)
+
+    def stop(self) -> None:
+        """Ask the run to end after the current step; it still yields its final record."""
+        self._stop.set()
+
+    # --- the run --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Record]:
+        return self.run()
+
+    def run(self) -> Iterator[Record]:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+        state = self._load() if self.resume else None
+        done = int(state["epochs_done"]) if state else 0
+        elapsed = float(state["seconds"]) if state else 0.0
+        changes = self._changes(state["config"]) if state else {}
+        if self.run_dir and (changes or not state):
+            self.run_dir.write_config({**self.meta, "compress": cfg.to_dict()})
+        if self.run_dir and not state:
+            self.run_dir.start_history()
+
+        comp = self.compressor
+        yield self._emit(StartRecord(
+            cfg.epochs, self.steps_per_epoch, cfg.dense_epochs, comp.dense_bits,
+            comp.target_bits, comp.names, str(self.device), done, changes,
+        ))
+        opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
+        if state and "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            set_base_lr(opt, sched, cfg.lr)
+        if not state:  # a state to come back to, whatever happens in the first epoch
+            self._save(0, opt, sched, 0.0, float("-inf"))
+
+        try:
+            yield from self._epochs(done, opt, sched, elapsed, started)
+        except FloatingPointError as err:
+            where = (f"; the run folder keeps the state after epoch {self._saved_epochs}: resume it with a "
+                     f"lower learning rate (--resume {self.run_dir.path} --lr {cfg.lr / 10:g})") if self.run_dir else ""
+            raise FloatingPointError(f"{err}{where}") from None
+
+    def _epochs(self, done: int, opt, sched, elapsed: float, started: float) -> Iterator[Record]:
+        cfg, spe = self.config, self.steps_per_epoch
+        for epoch in range(done, cfg.dense_epochs + cfg.epochs):
+            dense = epoch < cfg.dense_epochs
+            if epoch == cfg.dense_epochs and epoch > 0:  # compression starts from the dense-trained model
+                self._reattach()
+                opt, sched = self._optimizer(dense=False)
+            tic = time.perf_counter()
+            for i, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
+                loss = train_step(self.model, opt, x, y, self.loss, None if dense else self.compressor)
+                lr = opt.param_groups[0]["lr"]
+                sched.step()
+                if dense:
+                    record = StepRecord("dense", epoch * spe + i, epoch, loss, lr)
+                else:
+                    record = self._shift(self.compressor.step(lr, loss))
+                yield self._emit(record)
+                if self._stop.is_set():
+                    break
+            if self._stop.is_set():
+                break
+            if dense:
+                record = dense_epoch_record(self.evaluate(self.model), epoch, (epoch + 1) * spe,
+                                            time.perf_counter() - tic, self.dense_bits)
+            else:
+                record = self._shift(self.compressor.end_epoch())
+            yield self._emit(record)
+            if self._healthy(record.accuracy):
+                self._save(epoch + 1, opt, sched, elapsed + time.perf_counter() - started, record.accuracy)
+
+        if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
+            self._reattach()
+        yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
+
+    # --- pieces ---------------------------------------------------------------------
+    def _reattach(self) -> None:
+        with self._lock:
+            self.compressor = self._attach(f"{self.compressor.target_bits!r}b")
+
+    def _shift(self, record):
+        """A compressor record placed after the dense pre-training epochs."""
+        offset = self.config.dense_epochs
+        return dataclasses.replace(record, epoch=record.epoch + offset, step=record.step + offset * self.steps_per_epoch)
+
+    def _optimizer(self, dense: bool):
+        epochs = self.config.dense_epochs if dense else self.config.epochs
+        return make_optimizer(self.model, self.config, epochs, self.steps_per_epoch)
+
+    def _emit(self, record: Record) -> Record:
+        if self.run_dir:
+            self.run_dir.append(record)
+        return record
+
+    @property
+    def final(self):
+        """The allocation that `export` writes (after the run, or `restore`)."""
+        return self.compressor.final
+
+    def export(self, path: str) -> int:
+        """Write the final deployable model as a .jcz file; returns its size in bytes."""
+        return self.compressor.export(path)
+
+    def checkpoint(self) -> bytes:
+        """The final deployable model as .jcz bytes."""
+        if self.final is None:
+            raise ValueError("nothing to export yet: run the engine (or restore a run) first")
+        return self.compressor.encode(self.final)
+
+    def plan(self, target: str | float | None = None) -> FinalRecord:
+        """The what-if at `target`: see `Compressor.plan` (changes nothing)."""
+        return self.compressor.plan(target)
+
+    def restore(self) -> FinalRecord:
+        """Load a saved run's state (no training) and compute its deployable model."""
+        self._load()
+        return self.compressor.finish()
+
+    def _final_record(self, seconds: float) -> FinalRecord:
+        record = dataclasses.replace(self.compressor.finish(), seconds=seconds)
+        if self.run_dir:
+            self.export(str(self.run_dir.path / MODEL_FILE))
+            self.run_dir.write_summary({
+                "target_bits": record.target_bits, "size_bits": record.size_bits, "ratio": record.ratio,
+                "budget_mode": self.config.budget_mode, "accuracy": record.accuracy,
+                "dense_accuracy": record.dense_accuracy, "epochs": record.epochs, "seconds": record.seconds,
+                "stopped": record.stopped, "file_bytes": record.file_bytes, "file_ratio": record.file_ratio,
+                "layers": [{"name": l.name, "numel": l.numel, "nnz": l.nnz, "bits": l.bits} for l in record.layers],
+            })
+        return record
+
+    def _healthy(self, score: float) -> bool:
+        """Whether an epoch's state is worth keeping to resume from: a finite score, and not
+        a fall to chance from a state that was better (a divergence keeps the last good one)."""
+        chance = 1.0 / self.data.num_classes
+        return math.isfinite(score) and (score > chance or self._saved_score <= chance)
+
+    def _changes(self, saved: dict) -> dict:
+        """The settings this resumed run changes, against the saved run's."""
+        now = self.config.to_dict()
+        return {k: v for k, v in now.items() if saved.get(k) != v}
+
+    def _save(self, epochs_done: int, opt, sched, seconds: float, score: float) -> None:
+        if not self.run_dir:
+            return
+        self._saved_epochs, self._saved_score = epochs_done, score
+        self.run_dir.save_state({
+            "config": self.config.to_dict(), "accuracy": score, "epochs_done": epochs_done,
+            "model": self.model.state_dict(), "compressor": self.compressor.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "seconds": seconds,
+        })
+
+    def _load(self) -> dict:
+        if not self.run_dir or not self.run_dir.has_state():
+            raise FileNotFoundError("nothing to resume: the run folder has no saved state")
+        state = self.run_dir.load_state()
+        self.model.load_state_dict(state["model"])
+        self.compressor.load_state_dict(state["compressor"])
+        self._saved_epochs, self._saved_score = int(state["epochs_done"]), float(state["accuracy"])
+        if self.config.target != state["config"]["target"]:  # the resumed run was given a new target
+            self.compressor.set_target(self.config.target)
+        if state["epochs_done"] == self.config.dense_epochs:
+            del state["optimizer"]  # compression starts with a fresh optimizer
+        return state

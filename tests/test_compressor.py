@@ -1,0 +1,235 @@
+"""The Compressor inside users' own training loops (real digits, real DataLoaders, real
+files): a classifier with Adam and gradient accumulation, an autoencoder to a file size,
+the built-in Engine as one such loop, and resuming from the user's own checkpoint.
+Accuracies and sizes are recomputed here from the weights and the files, not taken from
+the compressor's records."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from jointcomp import CompressConfig, Compressor, Engine, Loaders, load_compressed
+from jointcomp.records import EpochRecord, FinalRecord, StepRecord, to_json
+from jointcomp.trainer import accuracy, batches, make_optimizer
+
+
+def val_accuracy(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return float((model.eval()(data.val_x).argmax(1) == data.val_y).float().mean())
+
+
+def paper_bits(model: nn.Module, names: list[str]) -> int:
+    """bits x non-zeros of the named weights, the bits read off their distinct non-zero values."""
+    state = model.state_dict()
+    total = 0
+    for name in names:
+        nonzero = state[name][state[name] != 0]
+        distinct = nonzero.unique().numel()
+        total += max(1, math.ceil(math.log2(max(distinct, 2)))) * nonzero.numel()
+    return total
+
+
+def test_user_loop_with_adam_accumulation_and_custom_loss(trained_mlp, digits, tmp_path):
+    dense = val_accuracy(copy.deepcopy(trained_mlp), digits)
+    model = trained_mlp.train()
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(digits.train_x, digits.train_y), batch_size=32, shuffle=True, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def my_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # label smoothing, by hand
+        logp = logits.log_softmax(1)
+        return -(0.9 * logp.gather(1, y[:, None]).squeeze(1) + 0.1 * logp.mean(1)).mean()
+
+    epochs, accumulate = 10, 2
+    comp = Compressor(model, target="50x", steps=epochs * (len(loader) // accumulate))
+    for _ in range(epochs):
+        for i, (x, y) in enumerate(loader):
+            (my_loss(model(x), y) / accumulate).backward()
+            if i % accumulate == accumulate - 1:
+                opt.step()
+                opt.zero_grad()
+                comp.step(lr=opt.param_groups[0]["lr"])
+    comp.finish()
+    comp.convert_()
+    path = tmp_path / "model.jcz"
+    written = comp.export(str(path))
+
+    assert path.stat().st_size == written
+    fp32_weight_bits = 32 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert paper_bits(model, comp.names) <= fp32_weight_bits / 50
+    reloaded = load_compressed(path, model=copy.deepcopy(model))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert val_accuracy(model, digits) >= dense - 0.03
+
+
+def test_autoencoder_to_a_file_size(digits, tmp_path):
+    """A task that is not classification: reconstruct the 64 pixels through 24 numbers
+    (MSE), compressed so that the .jcz file holds at most 3,000 bytes (the fp32 state dict
+    takes 12.7 KB). Bound: the compressed model's error stays within 1.5x the dense one's
+    and below half of what predicting the mean image costs."""
+    torch.manual_seed(0)
+    ae = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 64))
+    x_train, x_val = digits.train_x.flatten(1), digits.val_x.flatten(1)
+    loader = DataLoader(TensorDataset(x_train), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
+
+    def mse(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(model(x_val), x_val))
+
+    for _ in range(60):
+        for (x,) in loader:
+            opt.zero_grad()
+            nn.functional.mse_loss(ae(x), x).backward()
+            opt.step()
+    dense_error = mse(ae)
+    mean_error = float(nn.functional.mse_loss(x_train.mean(0).expand_as(x_val), x_val))
+
+    epochs = 30
+    comp = Compressor(ae, target="3000B", steps=epochs * len(loader), budget_mode="file")
+    for _ in range(epochs):
+        for (x,) in loader:
+            opt.zero_grad()
+            nn.functional.mse_loss(ae(x), x).backward()
+            opt.step()
+            comp.step(lr=opt.param_groups[0]["lr"])
+    comp.finish()
+    comp.convert_()
+    path = tmp_path / "ae.jcz"
+    comp.export(str(path))
+
+    assert path.stat().st_size <= 3000
+    restored = load_compressed(path, model=copy.deepcopy(ae))
+    error = mse(restored)
+    assert error <= 1.5 * dense_error
+    assert error <= 0.5 * mean_error
+
+
+def hand_written_loop(model, data, config, callback) -> Compressor:
+    """What the Engine does, written out: same batches, optimizer, schedule and losses."""
+    spe = math.ceil(len(data.train_y) / config.batch_size)
+    torch.manual_seed(config.seed)
+    comp = Compressor(model, steps=config.epochs * spe, config=dataclasses.replace(config, project_every=spe),
+                      evaluate=lambda m: accuracy(m, data), callback=callback)
+    opt, sched = make_optimizer(model, config, config.epochs, spe)
+    for epoch in range(config.epochs):
+        for x, y in batches(data, config, epoch, torch.device("cpu")):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = comp.distill(x, logits, nn.functional.cross_entropy(logits, y))
+            loss.backward()
+            opt.step()
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            comp.step(lr, loss.item())
+        comp.end_epoch()
+    comp.finish()
+    return comp
+
+
+def timeless(records: list) -> list[str]:
+    """Records as JSON (so that NaN equals NaN), wall-clock seconds left out."""
+    return [to_json(dataclasses.replace(r, seconds=0.0) if hasattr(r, "seconds") else r) for r in records]
+
+
+def test_engine_is_a_loop_over_compressor(trained_mlp, digits):
+    config = CompressConfig(target="40x", epochs=4, finetune=0.5, device="cpu")
+    engine_records = [r for r in Engine(copy.deepcopy(trained_mlp), digits, config)
+                      if isinstance(r, (StepRecord, EpochRecord, FinalRecord))]
+    hand_records: list = []
+    hand_written_loop(copy.deepcopy(trained_mlp), digits, config, hand_records.append)
+    assert {r.phase for r in hand_records if isinstance(r, EpochRecord)} == {"admm", "finetune"}
+    assert timeless(hand_records) == timeless(engine_records)
+
+
+@pytest.mark.parametrize("cut", [2, 4])  # in the ADMM phase, and in the final phase
+def test_resume_from_state_dict_ends_identically(trained_mlp, digits, cut):
+    config = CompressConfig(target="60x", epochs=5, finetune=0.4, device="cpu")
+    spe = math.ceil(len(digits.train_y) / config.batch_size)
+    cpu = torch.device("cpu")
+
+    def start(model):
+        comp = Compressor(model, steps=config.epochs * spe, config=dataclasses.replace(config, project_every=spe),
+                          evaluate=lambda m: accuracy(m, digits))
+        return comp, *make_optimizer(model, config, config.epochs, spe)
+
+    def train(model, comp, opt, sched, epochs):
+        for epoch in epochs:
+            for x, y in batches(digits, config, epoch, cpu):
+                opt.zero_grad()
+                logits = model(x)
+                comp.distill(x, logits, nn.functional.cross_entropy(logits, y)).backward()
+                opt.step()
+                comp.step(opt.param_groups[0]["lr"])
+                sched.step()
+            comp.end_epoch()
+
+    whole = copy.deepcopy(trained_mlp)
+    comp, opt, sched = start(whole)
+    train(whole, comp, opt, sched, range(config.epochs))
+    expected = comp.finish()
+
+    first = copy.deepcopy(trained_mlp)
+    comp, opt, sched = start(first)
+    train(first, comp, opt, sched, range(cut))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "comp": comp.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    second = copy.deepcopy(trained_mlp)  # a new process: the dense model, then the checkpoint
+    comp, opt, sched = start(second)
+    second.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    comp.load_state_dict(saved["comp"])
+    train(second, comp, opt, sched, range(cut, config.epochs))
+    resumed = comp.finish()
+
+    assert timeless([resumed]) == timeless([expected])
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor), name
+
+
+def test_engine_takes_dataloaders(trained_mlp, digits):
+    train = DataLoader(TensorDataset(digits.train_x, digits.train_y), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    val = DataLoader(TensorDataset(digits.val_x, digits.val_y), batch_size=500)
+    data = Loaders("digits", train, val, digits.num_classes, digits.input_shape)
+    engine = Engine(trained_mlp, data, CompressConfig(target="30x", epochs=3, device="cpu"))
+    records = list(engine)
+    steps = [r for r in records if isinstance(r, StepRecord)]
+    assert len(steps) == 3 * len(train)
+    final = records[-1]
+    model = copy.deepcopy(trained_mlp)
+    model.load_state_dict({**model.state_dict(), **dict(zip(engine.compressor.names, engine.final.values))})
+    assert paper_bits(model, engine.compressor.names) <= final.target_bits
+    assert final.accuracy == pytest.approx(val_accuracy(model, digits))
+
+
+def test_plan_and_bad_use_leave_nothing_behind(trained_mlp):
+    before = {k: v.clone() for k, v in trained_mlp.state_dict().items()}
+    comp = Compressor(trained_mlp, "50x", steps=10, budget_mode="file")
+    accounting = copy.deepcopy(comp.accounting.state_dict())
+    target = comp.target_bits
+    comp.plan("80x")
+    assert comp.target_bits == target and comp.final is None
+    assert torch.equal(comp.accounting.state_dict()["position_bits"], accounting["position_bits"])
+    for name, tensor in trained_mlp.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    with pytest.raises(ValueError, match="call finish"):
+        comp.export("never.jcz")
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        Compressor(trained_mlp, "50x", steps=0)
+    with pytest.raises(ValueError, match="unknown layer type"):
+        Compressor(trained_mlp, "50x", steps=10, layer_types=("Linearr",))
