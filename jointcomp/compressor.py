@@ -50,7 +50,7 @@ class CompressorConfig:
     rho: float = 2.0  # ADMM penalty
     project_every: int = 0  # steps between projections; 0 = steps // 15
     finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
-    distill: float = 0.0  # weight of distillation from the starting model in `distill()` (0 = off)
+    distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
     temperature: float = 4.0  # of the distillation's soft targets
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
     exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
@@ -172,7 +172,7 @@ class Compressor:
         self.lambdas = (float("nan"), float("nan"))  # of the projections since the last epoch record
         self.frozen_target: float | None = None  # the target the final phase's allocation fits
         self.notes: list[str] = []  # events for the next epoch record
-        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.config.distill > 0 else None
+        self.teacher: nn.Module | None = None  # the model as attached, copied by the first `distill()`
         self.dense_metric = self._evaluate(None)  # of the model as attached
         self.final: Allocation | None = None
         self.final_file_bytes = 0
@@ -237,10 +237,15 @@ class Compressor:
 
     def distill(self, x: torch.Tensor, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """`loss` mixed with distillation from the model as attached (soft targets over the
-        last dimension at `temperature`, weight `distill`); `loss` itself when distill is 0."""
-        if self.teacher is None:
-            return loss
+        last dimension at `temperature`, weight `distill`); `loss` itself when distill is 0.
+        Call it from the first batch on: its first call keeps a copy of the model as teacher."""
         t, w = self.config.temperature, self.config.distill
+        if w == 0:
+            return loss
+        if self.teacher is None:
+            if self.step_count > 0:
+                raise ValueError("distill() must be used from the first step on: its teacher is the model as attached")
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         with torch.no_grad():
             soft = (self.teacher(x) / t).log_softmax(-1)
         kl = nn.functional.kl_div((output / t).log_softmax(-1), soft, log_target=True, reduction="batchmean")

@@ -145,8 +145,7 @@ def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name:
     """A compressor on a copy of `model`, for what-if projections (`plan`) without training;
     the caller's model is never touched."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    return Compressor(copy.deepcopy(model), steps=1, config=dataclasses.replace(config, distill=0.0),
-                      evaluate=evaluate, meta=meta_for(model_name, data))
+    return Compressor(copy.deepcopy(model), steps=1, config=config, evaluate=evaluate, meta=meta_for(model_name, data))
 
 
 class Sweep:

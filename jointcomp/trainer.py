@@ -38,7 +38,6 @@ class CompressConfig(CompressorConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
-    distill: float = 0.5  # the trainer distils from the dense model by default (bench/quality.py)
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
 

@@ -233,3 +233,8 @@ def test_plan_and_bad_use_leave_nothing_behind(trained_mlp):
         Compressor(trained_mlp, "50x", steps=0)
     with pytest.raises(ValueError, match="unknown layer type"):
         Compressor(trained_mlp, "50x", steps=10, layer_types=("Linearr",))
+    late = Compressor(trained_mlp, "50x", steps=10)
+    late.step(lr=0.01)
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="from the first step on"):
+        late.distill(x, trained_mlp(x), torch.tensor(0.0))
