@@ -14,6 +14,7 @@ from jointcomp.data import available
 from jointcomp.models import dense_epochs
 from jointcomp.runner import prepare
 
+FOLDER = "image folder…"
 MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"], "cifar10": ["resnet20", "mlp"]}
 RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]
 RATIOS = [int(r) for r in RATIOS]  # a log scale of round ratios: 2x, 3x, 5x, 7x, 10x, 15x ... 3000x
@@ -31,8 +32,13 @@ def sidebar(with_method: bool = True) -> Choices:
     """Model, data and training settings; advanced options folded away."""
     sb = st.sidebar
     sb.header("Network and data")
-    data = sb.selectbox("Data set", available(), key="data", help="Fashion-MNIST appears once installed: apt-get install dataset-fashion-mnist")
-    model = sb.selectbox("Model", MODELS_FOR[data], key=f"model_{data}")
+    data = sb.selectbox("Data set", [*available(), FOLDER], key="data",
+                        help="Fashion-MNIST appears once installed: apt-get install dataset-fashion-mnist")
+    if data == FOLDER:
+        path = sb.text_input("Image folder", key="folder", placeholder="/path/with/train/and/val",
+                             help="torchvision's ImageFolder layout: train/<class>/*.png and val/<class>/*.png, one image size")
+        data = f"folder:{path.strip()}"
+    model = sb.selectbox("Model", MODELS_FOR.get(data, ["mlp", "lenet5"]), key=f"model_{data}")
     sb.header("Training")
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
     rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")

@@ -30,3 +30,26 @@ def trained_mlp(digits, _trained_mlp_state):
     model = build_model("mlp", digits.input_shape, digits.num_classes)
     model.load_state_dict(_trained_mlp_state)
     return model
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny ImageFolder of real digit images (8x8 grey PNGs): three classes, 30 training
+    and 30 validation images each."""
+    root, per_class = tmp_path / "images", 30
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[tuple[str, int], int] = {}
+    for image, label in zip(digits.images, digits.target):
+        if label > 2:
+            continue
+        part = "train" if counts.get(("train", label), 0) < per_class else "val"
+        if counts.get((part, label), 0) >= per_class:
+            continue
+        counts[(part, label)] = counts.get((part, label), 0) + 1
+        folder = root / part / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8"), mode="L").save(folder / f"{counts[(part, label)]}.png")
+    return root

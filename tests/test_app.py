@@ -90,3 +90,14 @@ def test_inspect_page_asks_for_a_file():
     at = AppTest.from_file(str(REPO / "pages" / "2_Inspect.py"), default_timeout=60).run()
     assert not at.exception
     assert any("Upload a .jcz file" in i.value for i in at.info)
+
+
+def test_an_image_folder_is_a_data_choice(image_folder):
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    at.selectbox(key="data").set_value("image folder…").run()
+    at.text_input(key="folder").input(str(image_folder / "nowhere")).run()
+    assert not at.exception
+    assert any("needs train/ and val/ folders" in e.value for e in at.error)
+    at.text_input(key="folder").input(str(image_folder)).run()
+    assert not at.exception and not at.error
+    assert "Size (paper accounting)" in [m.label for m in at.metric]  # the what-if of the folder's model

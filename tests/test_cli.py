@@ -181,28 +181,8 @@ def test_overwrite_starts_over_and_extreme_targets_still_fit(tmp_path):
     assert config["compress"]["target"] == "500000x"
 
 
-def write_image_folder(root: Path, per_class: int = 30) -> None:
-    """A tiny ImageFolder of real digit images (8x8 grey PNGs), three classes."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    counts: dict[tuple[str, int], int] = {}
-    for image, label in zip(digits.images, digits.target):
-        if label > 2:
-            continue
-        part = "train" if counts.get(("train", label), 0) < per_class else "val"
-        if counts.get((part, label), 0) >= per_class:
-            continue
-        counts[(part, label)] = counts.get((part, label), 0) + 1
-        folder = root / part / f"digit{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype("uint8"), mode="L").save(folder / f"{counts[(part, label)]}.png")
-
-
-def test_image_folder_trains_and_compresses(tmp_path):
-    images = tmp_path / "images"
-    write_image_folder(images)
+def test_image_folder_trains_and_compresses(tmp_path, image_folder):
+    images = image_folder
     out = tmp_path / "run"
     jointcomp("compress", "--model", "mlp", "--data", f"folder:{images}", "--target", "20x", "--epochs", "3",
               "--dense-epochs", "10", "--out", out)
