@@ -23,7 +23,7 @@ system-deps:
 	fi
 
 run: setup
-	$(VENV)/bin/streamlit run app.py --browser.gatherUsageStats false
+	$(VENV)/bin/streamlit run app.py --browser.gatherUsageStats false --server.fileWatcherType none
 
 test: setup system-deps
 	$(PY) -m pytest -q

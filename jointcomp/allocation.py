@@ -116,7 +116,14 @@ class Projector:
         size = self.accounting.size_bits(bits, nnz, self.numel) + self.reserved_bits
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 
-    def joint_bits(self, weights: list[torch.Tensor], budget: float) -> tuple[torch.Tensor, float]:
+    def joint_tables(self, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (kept counts, errors) options (`projections.joint_options`): they
+        depend on the weights only, so projections of the same weights to several budgets
+        can share them."""
+        return [joint_options(w, list(BIT_CHOICES), keep) for w, keep in zip(weights, self.min_keep)]
+
+    def joint_bits(self, weights: list[torch.Tensor], budget: float,
+                   tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, float]:
         """Bitwidths of the joint projection, and its multiplier.
 
         Every layer offers (kept count, bitwidth) options, each with its pruning plus
@@ -126,7 +133,7 @@ class Projector:
         can trade kept weights for bits in either direction, whatever its bits were before.
         """
         choices = list(BIT_CHOICES)
-        tables = [joint_options(w, choices, keep) for w, keep in zip(weights, self.min_keep)]
+        tables = tables if tables is not None else self.joint_tables(weights)
         width = max(len(keeps) for keeps, _ in tables) * len(choices)
         inf = torch.tensor(float("inf"), dtype=torch.float64)
         bits = torch.ones(len(tables), width, dtype=torch.long)
@@ -144,10 +151,11 @@ class Projector:
         pick, lam = choose_bitwidths(cost, dist, budget - self.reserved_bits)
         return bits[torch.arange(len(tables)), pick], lam
 
-    def joint(self, weights: list[torch.Tensor], budget: float) -> Allocation:
+    def joint(self, weights: list[torch.Tensor], budget: float,
+              tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Allocation:
         """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
         the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
-        bits, lam = self.joint_bits(weights, budget)
+        bits, lam = self.joint_bits(weights, budget, tables)
         alloc = self.deploy(weights, bits, budget)
         alloc.lambda_quant = lam
         return alloc

@@ -10,89 +10,179 @@ import pandas as pd
 from .codec import Report
 
 WIDTH = 320
+HEIGHT = 300  # the whole chart (title, legend, axes) in Streamlit, which fits the height
+PHASES = {"dense": "dense", "admm": "ADMM", "finetune": "final phase"}
+MULTIPLIERS = {"lambda_prune": "pruning: weight score at the cut", "lambda_quant": "joint: price of one bit"}
+EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
+LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
+LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
 
 
-def _admm(epochs: pd.DataFrame) -> pd.DataFrame:
+def _rows_height(n: int) -> int:
+    """Pixels for n rows of a per-layer chart: 20 a row for a few layers, 7 for many."""
+    return max(60, n * max(7, min(20, 420 // max(1, n))))
+
+
+def _compression(epochs: pd.DataFrame) -> pd.DataFrame:
+    """The compression epochs, numbered from 1 as people count, with sizes in KB."""
     df = epochs[epochs["phase"] != "dense"].copy()
+    df["epoch_no"] = df["epoch"] + 1
     df["size_kb"] = df["size_bits"] / 8000
+    df["file_kb"] = df["file_bytes"] / 1000
     df["target_kb"] = df["target_bits"] / 8000
+    df["stage"] = df["phase"].map(PHASES)
     return df
 
 
-def accuracy_vs_size(epochs: pd.DataFrame, target_bits: float | None = None) -> alt.Chart:
-    """Accuracy of the deployable model against its size, epoch by epoch; the target as a rule."""
-    df = _admm(epochs)
-    base = alt.Chart(df).encode(
-        x=alt.X("size_kb:Q", title="size (KB)", scale=alt.Scale(zero=False)),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False)),
-    )
-    line = base.mark_line(point=True).encode(
-        order="epoch:Q",
-        color=alt.Color("phase:N", title="phase"),
-        tooltip=["epoch:Q", "phase:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("size_kb:Q", format=".2f"),
-                 alt.Tooltip("ratio:Q", format=".1f")],
+def accuracy_over_epochs(epochs: pd.DataFrame, dense_accuracy: float | None = None) -> alt.LayerChart:
+    """Validation accuracy of the deployable model per epoch; the dense model as a reference."""
+    df = epochs.assign(epoch_no=epochs["epoch"] + 1, stage=epochs["phase"].map(PHASES))
+    line = alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        color=alt.Color("stage:N", title="phase", legend=LEGEND),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("stage:N", title="phase"),
+                 alt.Tooltip("accuracy:Q", format=".2%")],
     )
     layers = [line]
-    if target_bits is not None:
-        rule = alt.Chart(pd.DataFrame({"target_kb": [target_bits / 8000]})).mark_rule(color="red", strokeDash=[4, 3])
-        layers.append(rule.encode(x="target_kb:Q", tooltip=[alt.Tooltip("target_kb:Q", title="target KB", format=".2f")]))
-    return alt.layer(*layers).properties(title="Accuracy against size", width=WIDTH, height=240)
+    if dense_accuracy is not None and dense_accuracy == dense_accuracy:
+        ref = pd.DataFrame({"accuracy": [dense_accuracy], "label": ["dense model"]})
+        layers.append(alt.Chart(ref).mark_rule(color="gray", strokeDash=[4, 3]).encode(
+            y="accuracy:Q", tooltip=[alt.Tooltip("label:N", title=""), alt.Tooltip("accuracy:Q", format=".2%")]))
+    return alt.layer(*layers).properties(
+        title=alt.Title("Accuracy", subtitle="of the deployable model; dashed: the dense model"),
+        width=WIDTH, height=HEIGHT)
+
+
+def loss_over_steps(steps: pd.DataFrame) -> alt.Chart:
+    """Training loss per optimizer step (a running mean over 20 steps), by phase."""
+    df = steps.assign(smoothed=steps["loss"].rolling(20, min_periods=1).mean(), stage=steps["phase"].map(PHASES))
+    return alt.Chart(df).mark_line().encode(
+        x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("smoothed:Q", title="training loss", scale=alt.Scale(zero=False)),
+        color=alt.Color("stage:N", title="phase", legend=LEGEND),
+        tooltip=["step:Q", alt.Tooltip("smoothed:Q", format=".4f", title="loss")],
+    ).properties(title=alt.Title("Training loss", subtitle="mean of the last 20 steps"), width=WIDTH, height=HEIGHT)
+
+
+def size_over_epochs(epochs: pd.DataFrame) -> alt.LayerChart:
+    """Size of the deployable model per epoch, in the paper's accounting and as file bytes,
+    against the target (which the slider may move)."""
+    df = _compression(epochs)
+    long = df.melt(id_vars=["epoch_no"], value_vars=["size_kb", "file_kb", "target_kb"], var_name="what")
+    long["what"] = long["what"].map({"size_kb": "paper size (bits x non-zeros)", "file_kb": ".jcz file",
+                                     "target_kb": "target"})
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
+        y=alt.Y("value:Q", title="size (KB)", scale=alt.Scale(zero=True)),
+        color=alt.Color("what:N", title=None, legend=LEGEND),
+        strokeDash=alt.condition(alt.datum.what == "target", alt.value([4, 3]), alt.value([1, 0])),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("what:N", title="size"),
+                 alt.Tooltip("value:Q", format=".2f", title="KB")],
+    ).properties(title="Size against the target", width=WIDTH, height=HEIGHT)
+
+
+def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: int | None = None) -> alt.LayerChart:
+    """Accuracy the current weights would give at sizes around the target (the latest curve
+    bold, earlier ones faint), with the run's own point per epoch."""
+    df = curve.assign(size_kb=curve["size_bits"] / 8000, epoch_no=curve["epoch"] + 1)
+    latest = df["epoch"].max() if len(df) else 0
+    df["curve"] = df["epoch"].map(lambda e: "now" if e == latest else "earlier epochs")
+    lines = alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        detail="epoch_no:O",
+        color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["now", "earlier epochs"],
+                                                                range=["#1f77b4", "#cfd8e3"]),
+                        legend=LEGEND),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="after epoch"), alt.Tooltip("size_kb:Q", format=".2f", title="KB"),
+                 alt.Tooltip("accuracy:Q", format=".2%")],
+    )
+    layers = [lines]
+    if epochs is not None and len(epochs):
+        run = _compression(epochs)
+        layers.append(alt.Chart(run).mark_point(shape="diamond", size=90, filled=True, color="black").encode(
+            x="size_kb:Q", y="accuracy:Q",
+            tooltip=[alt.Tooltip("epoch_no:Q", title="run, epoch"), alt.Tooltip("accuracy:Q", format=".2%")]))
+    where = f" on the first {subset:,} validation examples" if subset else ""
+    return alt.layer(*layers).properties(
+        title=alt.Title("Trade-off", subtitle=[f"accuracy at other sizes, without training", f"scored{where}"]),
+        width=WIDTH, height=HEIGHT)
 
 
 def multipliers(epochs: pd.DataFrame) -> alt.Chart:
-    """The Lagrange multipliers of the size constraint, per epoch (log scale)."""
-    df = _admm(epochs).melt(id_vars=["epoch"], value_vars=["lambda_prune", "lambda_quant"], var_name="multiplier")
-    df = df[df["value"] > 0]
+    """The multipliers of the size constraint per epoch (log scale), in plain words."""
+    df = _compression(epochs).melt(id_vars=["epoch_no"], value_vars=list(MULTIPLIERS), var_name="multiplier")
+    df = df[df["value"] > 0].assign(multiplier=lambda d: d["multiplier"].map(MULTIPLIERS))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("epoch:Q"), y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="multiplier"),
-        color="multiplier:N", tooltip=["epoch:Q", "multiplier:N", alt.Tooltip("value:Q", format=".3g")],
-    ).properties(title="Lagrange multipliers (λ)", width=WIDTH, height=240)
+        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
+        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="squared error per bit (log)", axis=LOG_AXIS),
+        color=alt.Color("multiplier:N", title=None, legend=LEGEND),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), "multiplier:N", alt.Tooltip("value:Q", format=".3g")],
+    ).properties(title=alt.Title("Multipliers", subtitle="Lagrange multipliers of the size budget"),
+                 width=WIDTH, height=HEIGHT)
 
 
-def residuals(layers: pd.DataFrame) -> alt.Chart:
-    """Per-layer dual norm ||U|| and primal residual ||W - V||^2 per epoch (log scale)."""
-    df = layers.melt(id_vars=["epoch", "name"], value_vars=["dual_norm", "residual"], var_name="quantity")
-    df = df[df["value"] > 0]
+def residuals(epochs: pd.DataFrame) -> alt.Chart:
+    """Primal residual sum ||W - V||^2 and dual norm ||U|| per epoch (log scale)."""
+    names = {"primal_residual": "primal residual ‖W − V‖²", "dual_norm": "dual norm ‖U‖"}
+    df = _compression(epochs).melt(id_vars=["epoch_no"], value_vars=list(names), var_name="quantity")
+    df = df[df["value"] > 0].assign(quantity=lambda d: d["quantity"].map(names))
     return alt.Chart(df).mark_line(point=True).encode(
-        x="epoch:Q", y=alt.Y("value:Q", scale=alt.Scale(type="log"), title=None),
-        color=alt.Color("name:N", title="layer"), strokeDash=alt.StrokeDash("quantity:N"),
-        tooltip=["epoch:Q", "name:N", "quantity:N", alt.Tooltip("value:Q", format=".3g")],
-    ).properties(title="Dual norms ‖U‖ and residuals ‖W−V‖²", width=WIDTH, height=240)
+        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
+        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="value (log)", axis=LOG_AXIS),
+        color=alt.Color("quantity:N", title=None, legend=LEGEND),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), "quantity:N", alt.Tooltip("value:Q", format=".3g")],
+    ).properties(title=alt.Title("Residuals", subtitle="of ADMM, all layers together"), width=WIDTH, height=HEIGHT)
 
 
 def layer_bars(layers: pd.DataFrame) -> alt.Chart:
-    """Each layer's density and bitwidth now (the latest epoch)."""
-    now = layers[layers["epoch"] == layers["epoch"].max()]
-    tooltip = ["name:N", "numel:Q", "nnz:Q", alt.Tooltip("density:Q", format=".3f"), "bits:Q"]
-    density = alt.Chart(now).mark_bar().encode(
-        x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"),
-        y=alt.Y("name:N", sort=None, title="layer"), tooltip=tooltip,
-    ).properties(width=WIDTH / 2, height=max(80, 24 * now["name"].nunique()), title="Density now")
-    bits = alt.Chart(now).mark_bar(color="#e45756").encode(
-        x=alt.X("bits:Q", scale=alt.Scale(domain=[0, 8]), title="bits"),
-        y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labels=False)), tooltip=tooltip,
-    ).properties(width=WIDTH / 2, height=max(80, 24 * now["name"].nunique()), title="Bitwidth now")
-    return alt.hconcat(density, bits)
+    """Each layer's density now (the latest epoch), coloured by its bitwidth."""
+    now = layers[layers["epoch"] == layers["epoch"].max()].assign(label=lambda d: d["bits"].astype(str) + " bits")
+    tooltip = [alt.Tooltip("name:N", title="layer"), alt.Tooltip("numel:Q", title="weights"),
+               alt.Tooltip("nnz:Q", title="kept"), alt.Tooltip("density:Q", format=".3f"), "bits:Q"]
+    y = alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=220))
+    bars = alt.Chart(now).mark_bar().encode(
+        x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"), y=y,
+        color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9)))),
+        tooltip=tooltip,
+    )
+    text = alt.Chart(now).mark_text(align="left", dx=3, fontSize=10).encode(
+        x="density:Q", y=y, text="label:N", tooltip=tooltip)
+    return alt.layer(bars, text).properties(
+        title=alt.Title("Layers now", subtitle="kept fraction, coloured by bitwidth"), width=WIDTH,
+        height=_rows_height(now["name"].nunique()))
 
 
 def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
-    """Density or bitwidth of every layer over the epochs."""
-    return alt.Chart(layers).mark_rect().encode(
-        x="epoch:O", y=alt.Y("name:N", sort=None, title="layer"), color=alt.Color(f"{field}:Q", title=field),
-        tooltip=["epoch:Q", "name:N", alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
-    ).properties(title=f"{field.capitalize()} over epochs", width=WIDTH, height=max(80, 24 * layers["name"].nunique()))
+    """Density or bitwidth of every layer over the epochs: one row per layer, one column
+    per epoch; rows stay legible from 3 layers to 60."""
+    df = layers.assign(epoch_no=layers["epoch"] + 1)
+    n = max(1, df["name"].nunique())
+    title = {"density": alt.Title("Density over epochs", subtitle="kept fraction of each layer"),
+             "bits": alt.Title("Bitwidth over epochs", subtitle="bits of each layer's codebook")}[field]
+    scale = alt.Scale(scheme="viridis", domain=[0, 1]) if field == "density" else alt.Scale(scheme="viridis", domain=[1, 8])
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("epoch_no:O", title="epoch", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelFontSize=10 if n <= 30 else 7)),
+        color=alt.Color(f"{field}:Q", title=field, scale=scale),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("name:N", title="layer"),
+                 alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
+    ).properties(title=title, width=WIDTH, height=_rows_height(n))
 
 
 def allocation(layers: pd.DataFrame) -> alt.Chart:
     """A what-if allocation (one set of layer records): density and bits per layer."""
-    return layer_bars(layers.assign(epoch=0))
+    return layer_bars(layers.assign(epoch=0)).properties(
+        title=alt.Title("The allocation at this target", subtitle="kept fraction, coloured by bitwidth"))
 
 
 def sweep(results: pd.DataFrame) -> alt.Chart:
     """Accuracy against size for each method of a sweep."""
     return alt.Chart(results).mark_line(point=True).encode(
-        x=alt.X("size_kb:Q", title="size (KB)", scale=alt.Scale(type="log")),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(zero=False)), color="method:N",
+        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        color=alt.Color("method:N", title="method"),
         tooltip=["target:N", "method:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("ratio:Q", format=".1f")],
     ).properties(title="Accuracy against size", width=2 * WIDTH, height=280)
 
@@ -111,7 +201,10 @@ def report_frame(report: Report) -> pd.DataFrame:
 
 def bytes_breakdown(report: Report) -> alt.Chart:
     """Stacked bars of a .jcz file's bytes by layer and part."""
-    return alt.Chart(report_frame(report)).mark_bar().encode(
-        x=alt.X("bytes:Q", stack="zero"), y=alt.Y("layer:N", sort=None), color="part:N",
-        tooltip=["layer:N", "part:N", "bytes:Q"],
-    ).properties(title=f"Where the {report.file_bytes:,} bytes go", width=2 * WIDTH, height=200)
+    frame = report_frame(report)
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("bytes:Q", stack="zero", title="bytes"),
+        y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
+        color=alt.Color("part:N", title="part"), tooltip=["layer:N", "part:N", "bytes:Q"],
+    ).properties(title=f"Where the {report.file_bytes:,} bytes go", width=2 * WIDTH,
+                 height=_rows_height(frame["layer"].nunique()))

@@ -23,20 +23,21 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .allocation import Allocation, LayerSpec, Projector
-from .budget import LayerBounds, PaperAccounting, resolve_target
+from .budget import LayerBounds, PaperAccounting, feasible_range, resolve_target
 from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
 from .methods import METHODS, make_method
-from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
+from .records import CurvePoint, EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 
 BUDGET_MODES: dict[str, type[PaperAccounting]] = {"paper": PaperAccounting, "file": FileAccounting}
 DEFAULT_PROJECTIONS = 15  # over a run, when project_every is not given (one per epoch of 15)
+TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
 @dataclass
@@ -257,13 +258,14 @@ class Compressor:
         seconds = time.perf_counter() - self._epoch_started
         target = self.target_bits
         alloc = self.method.frozen or self.method.deployable(target)
-        size = self._size(alloc)
+        file_bytes = len(self.encode(alloc))
+        size = self.accounting.measure(alloc.size_bits, lambda: file_bytes)
         residual, dual = self.method.residuals()
         note, self.notes = "; ".join(self.notes), []
         record = EpochRecord(
             self.phase, self.epoch, self.step_count, self._evaluate(alloc), size, self.dense_bits / size,
             target, *self.lambdas, float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
-            self._layers(alloc, residual, dual), note,
+            self._layers(alloc, residual, dual), note, file_bytes,
         )
         self.epoch += 1
         self.lambdas = (float("nan"), float("nan"))
@@ -313,17 +315,27 @@ class Compressor:
         bits = self._resolve(target) if target is not None else self.target_bits
         accounting = copy.deepcopy(self.accounting)
         accounting.observe(torch.full((len(self.specs),), self._initial_density(bits)))
-        projector = Projector(self.specs, accounting, self.reserved_bits)
-        weights = [p.detach() for p in self.params]
-        alloc = trim_to_fit(lambda budget: projector.joint(weights, budget), bits,
-                            lambda a: accounting.measure(a.size_bits, lambda: len(self.encode(a))))
-        file_bytes = len(self.encode(alloc))
-        size = accounting.measure(alloc.size_bits, lambda: file_bytes)
+        alloc, file_bytes, size = self._project(bits, accounting)
         nan = torch.full((len(self.specs),), float("nan"), dtype=torch.float64)
         return FinalRecord(
             self._evaluate(alloc), self._evaluate(None), size, bits, self.dense_bits / size, 0, 0.0, False,
             file_bytes, self.fp32_bytes / file_bytes, self._layers(alloc, nan, nan),
         )
+
+    def tradeoff(self, target: str | float | None = None, factors: Sequence[float] = TRADEOFF_FACTORS,
+                 evaluate: Callable[[nn.Module], float] | None = None) -> list[CurvePoint]:
+        """The trade-off around `target` (default: the live one): for each size target x
+        factor (within what the model can reach), the score of the current weights projected
+        to it, without training (`evaluate` defaults to the compressor's). Changes nothing."""
+        center = self._resolve(target) if target is not None else self.target_bits
+        low, high = feasible_range([s.numel for s in self.specs], [s.bounds for s in self.specs],
+                                   self.accounting, self.reserved_bits)
+        points = []
+        tables = self.projector.joint_tables([p.detach() for p in self.params])
+        for bits in sorted({min(max(center * f, low), high) for f in factors}):
+            alloc, file_bytes, size = self._project(bits, copy.deepcopy(self.accounting), tables)
+            points.append(CurvePoint(size, file_bytes, self._evaluate(alloc, evaluate)))
+        return points
 
     # --- checkpoints of the user's run ------------------------------------------------
     def state_dict(self) -> dict:
@@ -379,6 +391,18 @@ class Compressor:
                               "fine-tuning started again")
         self.frozen_target = target
 
+    def _project(self, bits: float, accounting: PaperAccounting, tables: list | None = None) -> tuple[Allocation, int, float]:
+        """The joint projection of the current weights fitted to `bits` under `accounting`
+        (a copy: nothing of the compressor changes); with its file bytes and size. `tables`:
+        the weights' option tables, when several sizes are projected."""
+        projector = Projector(self.specs, accounting, self.reserved_bits)
+        weights = [p.detach() for p in self.params]
+        tables = tables or projector.joint_tables(weights)
+        alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,
+                            lambda a: accounting.measure(a.size_bits, lambda: len(self.encode(a))))
+        file_bytes = len(self.encode(alloc))
+        return alloc, file_bytes, accounting.measure(alloc.size_bits, lambda: file_bytes)
+
     def _size(self, alloc: Allocation) -> float:
         return self.accounting.measure(alloc.size_bits, lambda: len(self.encode(alloc)))
 
@@ -386,12 +410,14 @@ class Compressor:
         """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
         return min(1.0, target / (4.0 * sum(s.numel for s in self.specs)))
 
-    def _evaluate(self, alloc: Allocation | None) -> float:
-        """`evaluate` of the model with this allocation's weights (None: as it is now)."""
-        if self.evaluate is None:
+    def _evaluate(self, alloc: Allocation | None, evaluate: Callable[[nn.Module], float] | None = None) -> float:
+        """`evaluate` (default: the compressor's) of the model with this allocation's
+        weights (None: as it is now)."""
+        evaluate = evaluate or self.evaluate
+        if evaluate is None:
             return float("nan")
         with self._weights(alloc.values if alloc is not None else None):
-            return float(self.evaluate(self.model))
+            return float(evaluate(self.model))
 
     @contextlib.contextmanager
     def _weights(self, values: list[torch.Tensor] | None) -> Iterator[None]:

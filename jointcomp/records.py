@@ -54,6 +54,16 @@ class LayerRecord:
 
 
 @dataclass
+class CurvePoint:
+    """One point of the trade-off curve: what the current weights would score if projected
+    to another size (no training), on a fixed validation subset."""
+
+    size_bits: float
+    file_bytes: int
+    accuracy: float
+
+
+@dataclass
 class EpochRecord:
     """End of an epoch: the deployable model's accuracy and size, and the multipliers."""
 
@@ -71,6 +81,8 @@ class EpochRecord:
     seconds: float
     layers: list[LayerRecord] = field(default_factory=list)
     note: str = ""  # an event of this epoch worth telling (e.g. the final phase restarted)
+    file_bytes: int = 0  # of the .jcz this epoch's deployable model would make (0: not measured)
+    curve: list[CurvePoint] = field(default_factory=list)  # the trade-off around the target, when asked for
     kind: str = "epoch"
 
 
@@ -112,6 +124,8 @@ def from_dict(data: dict[str, Any]) -> Record:
     data = dict(data)
     if "layers" in data and cls is not StartRecord:
         data["layers"] = [LayerRecord(**layer) for layer in data["layers"]]
+    if "curve" in data:
+        data["curve"] = [CurvePoint(**point) for point in data["curve"]]
     return cls(**data)
 
 
@@ -123,7 +137,7 @@ def steps_frame(history: Iterable[Record]) -> pd.DataFrame:
 
 def epochs_frame(history: Iterable[Record]) -> pd.DataFrame:
     """One row per epoch (without the per-layer detail)."""
-    cols = [f.name for f in dataclasses.fields(EpochRecord) if f.name != "layers"]
+    cols = [f.name for f in dataclasses.fields(EpochRecord) if f.name not in ("layers", "curve")]
     rows = [{c: getattr(r, c) for c in cols} for r in history if isinstance(r, EpochRecord)]
     return pd.DataFrame(rows, columns=cols)
 
@@ -136,5 +150,17 @@ def layers_frame(history: Iterable[Record]) -> pd.DataFrame:
         for r in history
         if isinstance(r, EpochRecord)
         for layer in r.layers
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def curve_frame(history: Iterable[Record]) -> pd.DataFrame:
+    """One row per epoch x point of the trade-off curve."""
+    cols = ["epoch", "phase"] + [f.name for f in dataclasses.fields(CurvePoint)]
+    rows = [
+        {"epoch": r.epoch, "phase": r.phase, **dataclasses.asdict(point)}
+        for r in history
+        if isinstance(r, EpochRecord)
+        for point in r.curve
     ]
     return pd.DataFrame(rows, columns=cols)

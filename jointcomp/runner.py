@@ -20,20 +20,32 @@ from torch import nn
 
 from .compressor import Compressor
 from .data import Dataset, load_dataset
-from .trainer import CompressConfig, Engine, accuracy, train_dense
+from .trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, train_dense
 from .models import build_model
-from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord, epochs_frame, layers_frame
+from .records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
+                      layers_frame, steps_frame)
 
 
 @dataclass
 class Progress:
-    fraction: float
+    fraction: float  # of all optimizer steps (dense pre-training included)
     elapsed: float
-    eta: float | None
+    eta: float | None  # seconds, from the rate of the recent steps; None until it can be measured
     epoch: int = 0  # compression epochs finished
     total_epochs: int = 0
     phase: str = ""  # of the last finished epoch: "dense", "admm" or "finetune"
     notes: tuple[str, ...] = ()  # events the epochs reported (e.g. the final phase restarted)
+    steps: int = 0  # optimizer steps done
+    total_steps: int = 0
+    stopped: bool = False  # the run was stopped before its end
+
+    def describe(self) -> str:
+        """One line for people: where the run is, or where it stopped."""
+        where = f"compression epoch {self.epoch} of {self.total_epochs}"
+        if self.stopped:
+            return f"stopped at {where} (step {self.steps:,} of {self.total_steps:,})"
+        eta = f", about {self.eta:.0f} s left" if self.eta else ""
+        return f"{where} · step {self.steps:,} of {self.total_steps:,} · {self.elapsed:.0f} s elapsed{eta}"
 
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0,
@@ -62,6 +74,8 @@ class Runner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.records: list[Record] = []
+        self._first_step: float | None = None  # when the first step record came (the rate behind the ETA)
+        self._last_step = 0.0
         self.error: str | None = None
         self.started = time.monotonic()
         self.finished_at: float | None = None
@@ -70,7 +84,9 @@ class Runner:
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
                  run_dir: str | None = None) -> "Runner":
-        """Start compressing a copy of `model` (the caller's model is left as it is)."""
+        """Start compressing a copy of `model` (the caller's model is left as it is), recording
+        the trade-off curve each epoch."""
+        config = dataclasses.replace(config, tradeoff=True)
         engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=meta_for(model_name, data))
         return cls(engine).start()
 
@@ -81,6 +97,9 @@ class Runner:
     def _run(self) -> None:
         try:
             for record in self.engine:
+                if isinstance(record, StepRecord):
+                    self._last_step = time.monotonic()
+                    self._first_step = self._first_step or self._last_step
                 self.records.append(record)
         except Exception as err:  # shown to the user; the app must not die with the worker
             self.error = f"{type(err).__name__}: {err}"
@@ -119,14 +138,21 @@ class Runner:
         elapsed = end - self.started
         if start is None:
             return Progress(0.0, elapsed, None)
-        total = (start.total_epochs + start.dense_epochs) * start.steps_per_epoch
+        total = (start.total_epochs + start.dense_epochs - start.resumed_at) * start.steps_per_epoch
         done = sum(1 for r in self.records if isinstance(r, StepRecord))
-        fraction = 1.0 if self.final else min(done / max(total, 1), 1.0)
-        eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else (0.0 if fraction >= 1 else None)
+        final = self.final
+        stopped = final is not None and final.stopped
+        fraction = 1.0 if final is not None and not stopped else min(done / max(total, 1), 1.0)
+        eta = None  # from the mean time per step since the first one: epoch ends and evaluations included
+        if final is not None:
+            eta = 0.0
+        elif done >= 5 and self._first_step is not None and self._last_step > self._first_step:
+            eta = (total - done) * (self._last_step - self._first_step) / (done - 1)
         epochs = [r for r in self.records if isinstance(r, EpochRecord)]
-        epoch = sum(1 for r in epochs if r.phase != "dense")
+        epoch = sum(1 for r in epochs if r.phase != "dense") + max(0, start.resumed_at - start.dense_epochs)
         phase = epochs[-1].phase if epochs else ""
-        return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, tuple(r.note for r in epochs if r.note))
+        notes = tuple(r.note for r in epochs if r.note)
+        return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, notes, done, total, stopped)
 
     def epochs(self) -> pd.DataFrame:
         return epochs_frame(list(self.records))
@@ -134,11 +160,22 @@ class Runner:
     def layers(self) -> pd.DataFrame:
         return layers_frame(list(self.records))
 
+    def steps(self) -> pd.DataFrame:
+        return steps_frame(list(self.records))
+
+    def curve(self) -> pd.DataFrame:
+        return curve_frame(list(self.records))
+
     def checkpoint(self) -> bytes:
         """The compressed model as .jcz bytes (after the run)."""
         if self.final is None:
             raise ValueError("the run has not finished yet")
         return self.engine.checkpoint()
+
+
+def subset_accuracy(data: Dataset) -> Callable[[nn.Module], float]:
+    """Accuracy on the first TRADEOFF_SUBSET validation examples (what trade-off curves use)."""
+    return lambda m: accuracy(m, data, TRADEOFF_SUBSET)
 
 
 def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name: str) -> Compressor:

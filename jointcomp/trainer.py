@@ -24,6 +24,7 @@ from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, RunDir
 
 Data = Dataset | Loaders
+TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CompressConfig(CompressorConfig):
     warmup_epochs: float = 1.0
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
+    tradeoff: bool = False  # record the accuracy/size trade-off around the target each epoch (the app)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,15 +136,19 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Data) -> float:
-    """Validation accuracy (top-1) of `model` on `data`."""
+def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
+    """Validation accuracy (top-1) of `model` on `data` (its first `limit` examples if given)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
     for x, y in val_batches(data, device):
+        if limit is not None:
+            x, y = x[: limit - total], y[: limit - total]
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
+        if limit is not None and total >= limit:
+            break
     model.train(was_training)
     return correct / max(total, 1)
 
@@ -292,6 +298,8 @@ class Engine:
                                             time.perf_counter() - tic, self.dense_bits)
             else:
                 record = self._shift(self.compressor.end_epoch())
+                if cfg.tradeoff:
+                    record.curve = self.compressor.tradeoff(evaluate=lambda m: accuracy(m, self.data, TRADEOFF_SUBSET))
             yield self._emit(record)
             if self._healthy(record.accuracy):
                 self._save(epoch + 1, opt, sched, elapsed + time.perf_counter() - started, record.accuracy)

@@ -101,3 +101,40 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
     assert "Size (paper accounting)" in [m.label for m in at.metric]  # the what-if of the folder's model
+
+
+def test_two_sessions_at_once_share_no_mutable_state():
+    """Streamlit caches one dense model per server. A run in one session and what-ifs in
+    another, at the same time, leave it untouched and see what a lone session sees."""
+    import hashlib
+
+    import ui
+    from jointcomp.models import dense_epochs
+
+    def checksum(model) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    alone = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    alone.select_slider(key="target_ratio").set_value(500).run()
+    expected = [m.value for m in alone.metric]
+    cached, _, _ = ui.dense_model("mlp", "digits", dense_epochs("mlp"), 0)  # the server's shared copy
+    before = checksum(cached)
+
+    first = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    second = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    first.slider(key="epochs").set_value(4).run()
+    first.button(key="start").click().run()
+    runner = first.session_state["runner"]
+    for ratio in (300, 500):  # what-ifs in the second session while the first one trains
+        second.select_slider(key="target_ratio").set_value(ratio).run()
+    assert runner.running, "the run ended before the second session's what-ifs: nothing overlapped"
+    assert [m.value for m in second.metric] == expected
+    runner.wait(120)
+    assert not runner.error and runner.final.size_bits <= runner.final.target_bits
+    assert checksum(cached) == before
+    fresh = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    fresh.select_slider(key="target_ratio").set_value(500).run()
+    assert [m.value for m in fresh.metric] == expected

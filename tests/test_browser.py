@@ -79,21 +79,54 @@ def button(page, key: str):
     return page.locator(f".st-key-{key} button")
 
 
+LIVE_CHARTS = ("accuracy", "size", "tradeoff", "loss", "multipliers", "residuals", "layers", "density", "bits")
+
+
+def epoch_shown(page) -> int:
+    text = page.get_by_text(re.compile(r"compression epoch \d+ of 200")).first.inner_text()
+    return int(re.search(r"compression epoch (\d+) of 200", text).group(1))
+
+
+def what_if_values(page) -> list[str]:
+    return page.locator('[data-testid="stMetricValue"]').all_inner_texts()
+
+
 def test_run_steer_stop_download(app_url, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    console = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
     page.goto(app_url)
     page.get_by_text("jointcomp: compress a network").wait_for(timeout=90_000)
     page.get_by_text("What-if").wait_for(timeout=90_000)
+    page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=30_000)
+    alone = what_if_values(page)
     page.screenshot(path=ARTIFACTS / "1-start-page.png", full_page=True)
 
     epochs = slider(page, "Compression epochs")
     epochs.focus()
     epochs.press("End")  # the longest run, so there is time to steer it
     button(page, "start").click()
-    page.get_by_text(re.compile(r"compression epoch (?:[2-9]|\d{2,}) of 200")).wait_for(timeout=90_000)
-    # accuracy/size, multipliers, residuals, bars, heatmap: vega draws them asynchronously
-    page.locator(".vega-embed").nth(4).wait_for(timeout=30_000)
+    page.get_by_text(re.compile(r"compression epoch (?:[2-9]|\d{2,}) of 200")).wait_for(timeout=120_000)
+    for name in LIVE_CHARTS:  # vega draws them asynchronously
+        page.locator(f".st-key-chart_{name} .vega-embed").wait_for(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "2-running.png", full_page=True)
+
+    # the trade-off curve moves from one epoch to the next
+    tradeoff = page.locator(".st-key-chart_tradeoff .vega-embed")
+    epoch, before = epoch_shown(page), tradeoff.screenshot()
+    deadline = time.monotonic() + 60
+    while epoch_shown(page) <= epoch + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.5)  # the redraw after the new epoch
+    assert tradeoff.screenshot() != before, "the trade-off chart did not change between epochs"
+
+    # a second tab while the run trains: its what-if is the one a lone session sees
+    other = browser.new_page(viewport={"width": 1500, "height": 1100})
+    other.goto(app_url)
+    other.get_by_text("What-if").wait_for(timeout=90_000)
+    other.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=30_000)
+    assert what_if_values(other) == alone
+    other.close()
 
     # move the target slider during the run: 50x -> 70x -> 100x
     mlp_weight_bytes = 4 * (64 * 256 + 256 * 128 + 128 * 10)
@@ -106,7 +139,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     page.screenshot(path=ARTIFACTS / "3-target-moved.png", full_page=True)
 
     button(page, "stop").click()
-    page.get_by_text("Result (stopped early)").wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"Result \(stopped at compression epoch \d+ of 200")).wait_for(timeout=60_000)
     page.screenshot(path=ARTIFACTS / "4-result.png", full_page=True)
     with page.expect_download(timeout=30_000) as download:
         button(page, "download").click()
@@ -114,6 +147,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     download.value.save_as(saved)
     model = load_compressed(saved)
     assert sum(p.numel() for p in model.parameters()) > 0
+    assert not console, "the browser console warned:\n" + "\n".join(console)
     page.close()
 
 

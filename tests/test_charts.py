@@ -1,0 +1,33 @@
+"""The charts' specs for small and large networks: one legible row per layer, epochs
+labelled as the records number them (from 1), every chart a single view Streamlit can fit."""
+import pandas as pd
+import pytest
+
+from jointcomp import charts
+
+
+def layer_history(n_layers: int, first_epoch: int, n_epochs: int) -> pd.DataFrame:
+    rows = [{"epoch": e, "name": f"block{j}.conv.weight", "numel": 100, "nnz": 50, "density": 0.5,
+             "bits": 1 + (j + e) % 8, "residual": 0.1, "dual_norm": 0.2}
+            for e in range(first_epoch, first_epoch + n_epochs) for j in range(n_layers)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("n_layers", [3, 60])
+@pytest.mark.parametrize("field", ["density", "bits"])
+def test_heatmap_has_one_legible_row_per_layer(n_layers, field):
+    history = layer_history(n_layers, first_epoch=10, n_epochs=5)  # epochs after 10 of dense training
+    spec = charts.layer_heatmap(history, field).to_dict()
+    assert spec["height"] >= 7 * n_layers  # at least 7 pixels a row
+    assert spec["encoding"]["y"]["field"] == "name" and spec["encoding"]["y"]["type"] == "nominal"
+    data = pd.DataFrame(next(iter(spec["datasets"].values())))
+    assert data["name"].nunique() == n_layers
+    assert sorted(data["epoch_no"].unique()) == [11, 12, 13, 14, 15]  # what the records say, counted from 1
+    assert spec["encoding"]["x"]["field"] == "epoch_no"
+
+
+@pytest.mark.parametrize("n_layers", [3, 60])
+def test_layer_bars_single_view(n_layers):
+    spec = charts.layer_bars(layer_history(n_layers, 0, 2)).to_dict()
+    assert "hconcat" not in spec and "vconcat" not in spec  # Streamlit can only fit single views
+    assert spec["height"] >= 7 * n_layers
