@@ -187,6 +187,17 @@ def sweep(results: pd.DataFrame) -> alt.Chart:
     ).properties(title="Accuracy against size", width=2 * WIDTH, height=280)
 
 
+def runs(frame: pd.DataFrame) -> alt.Chart:
+    """Finished runs side by side: accuracy against paper size, by method."""
+    return alt.Chart(frame).mark_point(filled=True, size=80).encode(
+        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%")),
+        color=alt.Color("method:N", title="method"), shape=alt.Shape("model:N", title="model"),
+        tooltip=["run:N", "model:N", "data:N", "method:N", "target:N", alt.Tooltip("accuracy:Q", format=".2%"),
+                 alt.Tooltip("size_kb:Q", format=".2f", title="KB"), alt.Tooltip("file_bytes:Q", title="file B")],
+    ).properties(title="Finished runs: accuracy against size", width=2 * WIDTH, height=HEIGHT)
+
+
 def report_frame(report: Report) -> pd.DataFrame:
     """Where a .jcz file's bytes go: one row per (part, layer)."""
     rows = [

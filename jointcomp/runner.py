@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -20,10 +21,14 @@ from torch import nn
 
 from .compressor import Compressor
 from .data import Dataset, load_dataset
+from .rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from .trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, train_dense
 from .models import build_model
 from .records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
                       layers_frame, steps_frame)
+
+
+ACTIVE: dict[str, "Runner"] = {}  # run folder -> its runner, for every run this server started
 
 
 @dataclass
@@ -88,7 +93,10 @@ class Runner:
         the trade-off curve each epoch."""
         config = dataclasses.replace(config, tradeoff=True)
         engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=meta_for(model_name, data))
-        return cls(engine).start()
+        runner = cls(engine).start()
+        if run_dir:
+            ACTIVE[str(Path(run_dir).resolve())] = runner  # findable after its tab is closed
+        return runner
 
     def start(self) -> "Runner":
         self._thread.start()
@@ -241,10 +249,65 @@ class Sweep:
                                                    "size_kb", "ratio", "file_bytes", "stopped"])
 
 
+def runs_root() -> Path:
+    """Where the app keeps its runs: $JOINTCOMP_RUNS, default runs/app."""
+    return Path(os.environ.get("JOINTCOMP_RUNS", "runs/app"))
+
+
+RUN_COLUMNS = ["run", "status", "model", "data", "method", "target", "accuracy", "dense_accuracy", "size_kb",
+               "ratio", "file_bytes", "epochs", "path"]
+
+
+def list_runs(root: str | Path | None = None) -> pd.DataFrame:
+    """Every run folder under `root` (default `runs_root()`), newest first: what it compressed,
+    its status (running in this server, finished, stopped, interrupted) and its results."""
+    rows = []
+    for folder in sorted(Path(root or runs_root()).glob("*/"), reverse=True):
+        config = _read_json(folder / CONFIG_FILE)  # read only: a running run may be saving in there
+        if config is None or not isinstance(config.get("compress"), dict):
+            continue  # not a run folder (or not one that can be read): nothing to list
+        summary = _read_json(folder / SUMMARY_FILE)
+        active = ACTIVE.get(str(folder.resolve()))
+        if active is not None and active.running:
+            status = "running"
+        elif summary is None:
+            status = "interrupted"
+        else:
+            status = "stopped" if summary.get("stopped") else "finished"
+        summary = summary or {}
+        rows.append({
+            "run": folder.name, "status": status, "model": config.get("model"), "data": config.get("data"),
+            "method": config["compress"].get("method"), "target": str(config["compress"].get("target")),
+            "accuracy": summary.get("accuracy"), "dense_accuracy": summary.get("dense_accuracy"),
+            "size_kb": summary["size_bits"] / 8000 if "size_bits" in summary else None,
+            "ratio": summary.get("ratio"), "file_bytes": summary.get("file_bytes"), "epochs": summary.get("epochs"),
+            "path": str(folder),
+        })
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def active_runner(path: str | Path) -> Runner | None:
+    """The runner of a run folder that this server is training now (None: not running here)."""
+    runner = ACTIVE.get(str(Path(path).resolve()))
+    return runner if runner is not None and runner.running else None
+
+
+def run_file(path: str | Path) -> bytes:
+    """The .jcz file of a finished run folder."""
+    return (Path(path) / MODEL_FILE).read_bytes()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def new_run_dir(root: str | Path | None = None) -> str:
-    """A fresh folder for a run (under $JOINTCOMP_RUNS, default runs/app), so that nothing
-    a run produced is lost."""
-    root = root or os.environ.get("JOINTCOMP_RUNS", "runs/app")
+    """A fresh folder for a run (under `runs_root()`), so that nothing a run produced is lost."""
+    root = root or runs_root()
     path = Path(root) / time.strftime("%Y%m%d-%H%M%S")
     suffix = 0
     while (candidate := path.with_name(f"{path.name}-{suffix}" if suffix else path.name)).exists():

@@ -138,3 +138,37 @@ def test_two_sessions_at_once_share_no_mutable_state():
     fresh = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     fresh.select_slider(key="target_ratio").set_value(500).run()
     assert [m.value for m in fresh.metric] == expected
+
+
+def test_runs_page_lists_reopens_and_downloads(tmp_path):
+    def runs_page() -> AppTest:  # a session that opens the Runs page of the app
+        return AppTest.from_file(str(REPO / "app.py"), default_timeout=120).switch_page("pages/3_Runs.py").run()
+
+    assert any("No runs yet" in i.value for i in runs_page().info)
+
+    finished = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    finished.slider(key="epochs").set_value(2).run()
+    finished.button(key="start").click().run()
+    done = finished.session_state["runner"]
+    assert done.wait(120) and done.final is not None
+    long = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()  # a tab that will be closed
+    long.slider(key="epochs").set_value(200).run()
+    long.button(key="start").click().run()
+    running = long.session_state["runner"]
+    del long  # the tab is gone; its run goes on
+
+    runs = runs_page()
+    assert not runs.exception
+    table = runs.table[0].value
+    assert sorted(table["status"]) == ["finished", "running"]
+    row = table[table["status"] == "finished"].iloc[0]
+    assert row["accuracy"] == pytest.approx(done.final.accuracy)
+    open_buttons = [b for b in runs.button if b.key and b.key.startswith("open_")]
+    assert len(open_buttons) == 1
+    open_buttons[0].click().run()  # back on the main page, showing that run
+    assert runs.session_state["runner"] is running  # reattached to the run of the closed tab
+    assert not runs.exception and any("compression epoch" in p.text for p in runs.get("progress"))
+    running.stop(wait=30)
+    runs = runs_page()
+    assert sorted(runs.table[0].value["status"]) == ["finished", "stopped"]
+    assert runs.get("download_button")  # a finished run's file can be downloaded

@@ -147,6 +147,12 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     download.value.save_as(saved)
     model = load_compressed(saved)
     assert sum(p.numel() for p in model.parameters()) > 0
+    page.get_by_role("link", name="Runs").click()  # the Runs page lists the run, stopped, with its results
+    page.get_by_role("heading", name="Runs").wait_for(timeout=30_000)
+    row = page.locator("table tbody tr", has_text="stopped")
+    row.wait_for(timeout=30_000)
+    assert "mlp" in row.inner_text() and "digits" in row.inner_text()
+    page.screenshot(path=ARTIFACTS / "6-runs.png", full_page=True)
     assert not console, "the browser console warned:\n" + "\n".join(console)
     page.close()
 
