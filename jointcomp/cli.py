@@ -10,6 +10,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .codec import CheckpointError, format_report, inspect, load_compressed
 from .compressor import BUDGET_MODES
 from .data import DATASETS, load_dataset
@@ -96,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
 def _progress(records, total_steps: int) -> FinalRecord | None:
     """Drive a run with a progress bar and one line per epoch; return the final record."""
     final = None
-    with tqdm(total=total_steps or None, unit="step", dynamic_ncols=True, mininterval=1.0, delay=0.5) as bar:
+    quiet = not distributed.is_main()  # under torchrun only rank 0 talks
+    with tqdm(total=total_steps or None, unit="step", dynamic_ncols=True, mininterval=1.0, delay=0.5,
+              disable=quiet) as bar:
         for record in records:
             if isinstance(record, StartRecord):
                 bar.total = (record.total_epochs + record.dense_epochs) * record.steps_per_epoch
@@ -107,7 +110,8 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
                 line = f"epoch {record.epoch + 1} [{record.phase}] accuracy {record.accuracy:.4f}"
                 if record.phase != "dense":
                     line += f"  size {record.size_bits:.0f} bits ({record.ratio:.1f}x)"
-                tqdm.write(line)
+                if not quiet:
+                    tqdm.write(line)
             elif isinstance(record, FinalRecord):
                 final = record
     return final
@@ -194,9 +198,10 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
     final = _progress(engine, 0)
     if final is None:
         return 1
-    print(json.dumps({"accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
-                      "size_bits": final.size_bits, "target_bits": final.target_bits,
-                      "ratio": round(final.ratio, 2), "file_bytes": final.file_bytes}))
+    if distributed.is_main():
+        print(json.dumps({"accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
+                          "size_bits": final.size_bits, "target_bits": final.target_bits,
+                          "ratio": round(final.ratio, 2), "file_bytes": final.file_bytes}))
     return 0
 
 
@@ -243,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError, CheckpointError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return 2
+    except torch.distributed.DistError as err:
+        print(f"error: another process of this torchrun failed ({' '.join(str(err).split())[:200]}); the run "
+              "folder keeps its last good epoch: continue with the same torchrun command and --resume DIR",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume DIR", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

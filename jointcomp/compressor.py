@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .allocation import Allocation, LayerSpec, Projector
 from .budget import LayerBounds, PaperAccounting, feasible_range, resolve_target
 from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
@@ -151,6 +152,8 @@ class Compressor:
         self.config = dataclasses.replace(config or CompressorConfig(), **options)
         if int(steps) < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the names, the file and the teacher are those of the model itself
         self.model, self.steps = model, int(steps)
         self.evaluate, self.callback, self.meta = evaluate, callback, dict(meta or {})
         layers = compressible_weights(model, self.config)
@@ -221,17 +224,23 @@ class Compressor:
         the step record."""
         if self.converted:
             raise RuntimeError("the model was converted to its deployed weights; start a new Compressor to go on")
-        t, target = self.step_count, self.target_bits
+        t = self.step_count
+        with self._lock:  # under torchrun every process takes rank 0's target
+            target = self._target_bits = distributed.from_main(self._target_bits)
+        decided = t == 0
         if t == 0:
             self.accounting.observe(torch.full((len(self.specs),), self._initial_density(target)))
             self.method.start(target)
         if (self.frozen_target is None and t == self.freeze_step) or self.frozen_target not in (None, target):
             self._freeze(target)
+            decided = True
         projected = self.method.before_step(t, target)
         if projected:
             self.lambdas = projected
             self.accounting.observe(self.method.density())
         self.method.after_step(lr, self.config.rho)
+        if decided or projected:
+            distributed.check_same(self._digest(), "allocation after the projection")
         self.step_count += 1
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
@@ -402,6 +411,13 @@ class Compressor:
                             lambda a: accounting.measure(a.size_bits, lambda: len(self.encode(a))))
         file_bytes = len(self.encode(alloc))
         return alloc, file_bytes, accounting.measure(alloc.size_bits, lambda: file_bytes)
+
+    @torch.no_grad()
+    def _digest(self) -> torch.Tensor:
+        """A fingerprint of the compressed weights (sums, absolute sums and non-zero counts per
+        layer): equal on every process exactly when their allocations and weights agree."""
+        return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p != 0).double().sum()])
+                            for p in self.params]).cpu()
 
     def _size(self, alloc: Allocation) -> float:
         return self.accounting.measure(alloc.size_bits, lambda: len(self.encode(alloc)))

@@ -12,16 +12,20 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
+from . import distributed
 from .budget import DENSE_BITS
 from .compressor import Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
 from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
-from .rundir import MODEL_FILE, RunDir
+from .rundir import MODEL_FILE, STATE_FILE, RunDir
 
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
@@ -80,13 +84,24 @@ def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _sampler(data: Dataset, seed: int) -> DistributedSampler:
+    """This process's share of the training examples: all of them when it runs alone, every
+    N-th of one shuffled order under torchrun (so the N shares of a step form the batch one
+    process would take at N x the batch size)."""
+    return DistributedSampler(range(len(data.train_y)), num_replicas=distributed.world_size(),
+                              rank=distributed.rank(), shuffle=True, seed=seed * 1_000_003)
+
+
 def steps_per_epoch(data: Data, batch_size: int) -> int:
-    return len(data.train) if isinstance(data, Loaders) else math.ceil(len(data.train_y) / batch_size)
+    if isinstance(data, Loaders):
+        return len(data.train)
+    return math.ceil(len(_sampler(data, 0)) / batch_size)
 
 
 def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device):
     """The training batches of one epoch. In memory: shuffled, the order depending only on
-    seed and epoch; DataLoaders: their own order (a DistributedSampler gets the epoch)."""
+    seed and epoch (and shared out between the processes of a torchrun); DataLoaders: their
+    own order (a DistributedSampler gets the epoch)."""
     if isinstance(data, Loaders):
         sampler = getattr(data.train, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -94,8 +109,9 @@ def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device
         for x, y in data.train:
             yield x.to(device), y.to(device)
         return
-    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    order = torch.randperm(len(data.train_y), generator=gen)
+    sampler = _sampler(data, config.seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler))
     for i in range(0, len(order), config.batch_size):
         idx = order[i : i + config.batch_size]
         yield data.train_x[idx].to(device), data.train_y[idx].to(device)
@@ -194,15 +210,20 @@ class Engine:
         loss: Callable | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
     ) -> None:
+        distributed.init_from_env(config.device)  # under torchrun: join the other processes
         self.config = config
         self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
-        self.device = pick_device(config.device)
+        self.device = pick_device(distributed.local_device(config.device))
         self.model = model.to(self.device)
+        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+                            if distributed.active() else self.model)  # DDP averages the gradients
         self.data = data
         self.loss = loss or nn.functional.cross_entropy
         self.evaluate = evaluate or (lambda m: accuracy(m, data))
         self.steps_per_epoch = steps_per_epoch(data, config.batch_size)
-        self.run_dir = RunDir(run_dir, resume=resume, overwrite=overwrite) if run_dir else None
+        self.run_path = Path(run_dir) if run_dir else None
+        main = distributed.is_main()  # only rank 0 writes the run folder
+        self.run_dir = RunDir(run_dir, resume=resume, overwrite=overwrite) if run_dir and main else None
         self.resume = resume
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards swapping the compressor against set_target
@@ -281,7 +302,7 @@ class Engine:
                 opt, sched = self._optimizer(dense=False)
             tic = time.perf_counter()
             for i, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
-                loss = train_step(self.model, opt, x, y, self.loss, None if dense else self.compressor)
+                loss = train_step(self.train_model, opt, x, y, self.loss, None if dense else self.compressor)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 if dense:
@@ -289,7 +310,7 @@ class Engine:
                 else:
                     record = self._shift(self.compressor.step(lr, loss))
                 yield self._emit(record)
-                if self._stop.is_set():
+                if self._stopping():
                     break
             if self._stop.is_set():
                 break
@@ -309,6 +330,12 @@ class Engine:
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
 
     # --- pieces ---------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        """Whether to stop now: asked here, or (under torchrun) asked of rank 0."""
+        if distributed.active() and distributed.from_main(float(self._stop.is_set())):
+            self._stop.set()
+        return self._stop.is_set()
+
     def _reattach(self) -> None:
         with self._lock:
             self.compressor = self._attach(f"{self.compressor.target_bits!r}b")
@@ -386,9 +413,12 @@ class Engine:
         })
 
     def _load(self) -> dict:
-        if not self.run_dir or not self.run_dir.has_state():
+        if not self.run_path or not (self.run_path / STATE_FILE).is_file():
             raise FileNotFoundError("nothing to resume: the run folder has no saved state")
-        state = self.run_dir.load_state()
+        if self.run_dir:  # rank 0 (or alone): also trims the history back to the state
+            state = self.run_dir.load_state()
+        else:
+            state = torch.load(self.run_path / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.compressor.load_state_dict(state["compressor"])
         self._saved_epochs, self._saved_score = int(state["epochs_done"]), float(state["accuracy"])
