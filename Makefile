@@ -29,4 +29,4 @@ test: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup
-	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) quality.py --quick
+	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --quick
