@@ -151,8 +151,8 @@ if runner is not None and not running and runner.final is not None:
     cols[2].metric("Paper size (bits × non-zeros)", format_bits(final.size_bits), f"{final.ratio:.1f}x", delta_color="off")
     cols[3].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
     cols[4].metric("Target", format_bits(final.target_bits))
-    st.dataframe([{"layer": l.name, "weights": l.numel, "kept": l.nnz, "density": round(l.density, 4), "bits": l.bits}
-                  for l in final.layers], hide_index=True)
+    st.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
+                   "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
     st.download_button("Download compressed checkpoint (.jcz)", runner.checkpoint(),
                        file_name=f"{choices.model}-{choices.data}-{final.ratio:.0f}x.jcz",
                        mime="application/octet-stream", key="download")

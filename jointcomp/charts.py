@@ -136,19 +136,25 @@ def residuals(epochs: pd.DataFrame) -> alt.Chart:
     ).properties(title=alt.Title("Residuals", subtitle="of ADMM, all layers together"), width=WIDTH, height=HEIGHT)
 
 
+def _named(layers: pd.DataFrame) -> pd.DataFrame:
+    """Layer rows named for people: the weight's name and what the layer is."""
+    label = layers["label"] if "label" in layers else pd.Series("", index=layers.index)
+    return layers.assign(layer=layers["name"].where(label.eq(""), layers["name"] + " · " + label.fillna("")))
+
+
 def layer_bars(layers: pd.DataFrame) -> alt.Chart:
     """Each layer's density now (the latest epoch), coloured by its bitwidth."""
-    now = layers[layers["epoch"] == layers["epoch"].max()].assign(label=lambda d: d["bits"].astype(str) + " bits")
-    tooltip = [alt.Tooltip("name:N", title="layer"), alt.Tooltip("numel:Q", title="weights"),
+    now = _named(layers[layers["epoch"] == layers["epoch"].max()]).assign(text=lambda d: d["bits"].astype(str) + " bits")
+    tooltip = [alt.Tooltip("layer:N", title="layer"), alt.Tooltip("numel:Q", title="weights"),
                alt.Tooltip("nnz:Q", title="kept"), alt.Tooltip("density:Q", format=".3f"), "bits:Q"]
-    y = alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=220))
+    y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220))
     bars = alt.Chart(now).mark_bar().encode(
         x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"), y=y,
         color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9)))),
         tooltip=tooltip,
     )
     text = alt.Chart(now).mark_text(align="left", dx=3, fontSize=10).encode(
-        x="density:Q", y=y, text="label:N", tooltip=tooltip)
+        x="density:Q", y=y, text="text:N", tooltip=tooltip)
     return alt.layer(bars, text).properties(
         title=alt.Title("Layers now", subtitle="kept fraction, coloured by bitwidth"), width=WIDTH,
         height=_rows_height(now["name"].nunique()))
@@ -157,16 +163,16 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
 def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
     """Density or bitwidth of every layer over the epochs: one row per layer, one column
     per epoch; rows stay legible from 3 layers to 60."""
-    df = layers.assign(epoch_no=layers["epoch"] + 1)
+    df = _named(layers).assign(epoch_no=layers["epoch"] + 1)
     n = max(1, df["name"].nunique())
     title = {"density": alt.Title("Density over epochs", subtitle="kept fraction of each layer"),
              "bits": alt.Title("Bitwidth over epochs", subtitle="bits of each layer's codebook")}[field]
     scale = alt.Scale(scheme="viridis", domain=[0, 1]) if field == "density" else alt.Scale(scheme="viridis", domain=[1, 8])
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("epoch_no:O", title="epoch", axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelFontSize=10 if n <= 30 else 7)),
+        y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelFontSize=10 if n <= 30 else 7)),
         color=alt.Color(f"{field}:Q", title=field, scale=scale),
-        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("name:N", title="layer"),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("layer:N", title="layer"),
                  alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
     ).properties(title=title, width=WIDTH, height=_rows_height(n))
 

@@ -113,6 +113,17 @@ def compressible_weights(model: nn.Module, config: CompressorConfig) -> list[tup
     return found
 
 
+def describe(module: nn.Module) -> str:
+    """A layer as people name it: "Linear 64→256", "Conv2d 1→20, 5x5"."""
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        groups = f", {module.groups} groups" if module.groups > 1 else ""
+        return f"Conv2d {module.in_channels}→{module.out_channels}, {kh}x{kw}{groups}"
+    return type(module).__name__
+
+
 def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]) -> Allocation:
     """The allocation `deploy` makes at the largest budget whose `size` fits `target`: the
     budget shrinks by each overshoot (the real file can cost more than its estimate)."""
@@ -163,6 +174,8 @@ class Compressor:
         self.names = [n for n, _, _ in compressed]
         self.params = [w for _, w, _ in compressed]
         self.specs = [LayerSpec(n, tuple(w.shape), b) for n, w, b in compressed]
+        modules = dict(model.named_modules())
+        self.labels = [describe(modules[n.removesuffix("weight").removesuffix(".")]) for n in self.names]
         self.accounting = BUDGET_MODES[self.config.budget_mode]()
         self.reserved_bits, self.dense_bits = self.accounting.reference_bits(model, layers)
         self.fp32_bytes = fp32_bytes(model)
@@ -454,8 +467,9 @@ class Compressor:
 
     def _layers(self, alloc: Allocation, residual: torch.Tensor, dual: torch.Tensor) -> list[LayerRecord]:
         return [
-            LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d))
-            for s, k, b, r, d in zip(self.specs, alloc.nnz.tolist(), alloc.bits.tolist(), residual, dual)
+            LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d), label)
+            for s, k, b, r, d, label in zip(self.specs, alloc.nnz.tolist(), alloc.bits.tolist(), residual, dual,
+                                            self.labels)
         ]
 
     def _emit(self, record):

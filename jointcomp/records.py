@@ -51,6 +51,7 @@ class LayerRecord:
     bits: int
     residual: float  # ||W - V||^2
     dual_norm: float  # ||U||
+    label: str = ""  # what the layer is, for people: "Linear 64→256", "Conv2d 1→20, 5x5"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from jointcomp import charts
 
 def layer_history(n_layers: int, first_epoch: int, n_epochs: int) -> pd.DataFrame:
     rows = [{"epoch": e, "name": f"block{j}.conv.weight", "numel": 100, "nnz": 50, "density": 0.5,
-             "bits": 1 + (j + e) % 8, "residual": 0.1, "dual_norm": 0.2}
+             "bits": 1 + (j + e) % 8, "residual": 0.1, "dual_norm": 0.2, "label": "Conv2d 4→5, 5x5"}
             for e in range(first_epoch, first_epoch + n_epochs) for j in range(n_layers)]
     return pd.DataFrame(rows)
 
@@ -19,9 +19,10 @@ def test_heatmap_has_one_legible_row_per_layer(n_layers, field):
     history = layer_history(n_layers, first_epoch=10, n_epochs=5)  # epochs after 10 of dense training
     spec = charts.layer_heatmap(history, field).to_dict()
     assert spec["height"] >= 7 * n_layers  # at least 7 pixels a row
-    assert spec["encoding"]["y"]["field"] == "name" and spec["encoding"]["y"]["type"] == "nominal"
+    assert spec["encoding"]["y"]["field"] == "layer" and spec["encoding"]["y"]["type"] == "nominal"
     data = pd.DataFrame(next(iter(spec["datasets"].values())))
-    assert data["name"].nunique() == n_layers
+    assert data["layer"].nunique() == n_layers
+    assert data["layer"].iloc[0] == "block0.conv.weight · Conv2d 4→5, 5x5"  # named for people
     assert sorted(data["epoch_no"].unique()) == [11, 12, 13, 14, 15]  # what the records say, counted from 1
     assert spec["encoding"]["x"]["field"] == "epoch_no"
 

@@ -211,6 +211,7 @@ def test_engine_takes_dataloaders(trained_mlp, digits):
     steps = [r for r in records if isinstance(r, StepRecord)]
     assert len(steps) == 3 * len(train)
     final = records[-1]
+    assert [layer.label for layer in final.layers] == ["Linear 64→256", "Linear 256→128", "Linear 128→10"]
     model = copy.deepcopy(trained_mlp)
     model.load_state_dict({**model.state_dict(), **dict(zip(engine.compressor.names, engine.final.values))})
     assert paper_bits(model, engine.compressor.names) <= final.target_bits
