@@ -106,34 +106,33 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
             tooltip=[alt.Tooltip("epoch_no:Q", title="run, epoch"), alt.Tooltip("accuracy:Q", format=".2%")]))
     where = f" on the first {subset:,} validation examples" if subset else ""
     return alt.layer(*layers).properties(
-        title=alt.Title("Trade-off", subtitle=[f"accuracy at other sizes, without training", f"scored{where}"]),
+        title=alt.Title("Trade-off", subtitle=["accuracy at other sizes, without training", f"scored{where}"]),
         width=WIDTH, height=HEIGHT)
+
+
+def _log_lines(epochs: pd.DataFrame, names: dict[str, str], y_title: str, title: alt.Title) -> alt.Chart:
+    """Some epoch columns (renamed by `names`) as lines over the compression epochs, log scale."""
+    df = _compression(epochs).melt(id_vars=["epoch_no"], value_vars=list(names), var_name="what")
+    df = df[df["value"] > 0].assign(what=lambda d: d["what"].map(names))
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
+        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title=y_title, axis=LOG_AXIS),
+        color=alt.Color("what:N", title=None, legend=LEGEND),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("what:N", title=""),
+                 alt.Tooltip("value:Q", format=".3g")],
+    ).properties(title=title, width=WIDTH, height=HEIGHT)
 
 
 def multipliers(epochs: pd.DataFrame) -> alt.Chart:
     """The multipliers of the size constraint per epoch (log scale), in plain words."""
-    df = _compression(epochs).melt(id_vars=["epoch_no"], value_vars=list(MULTIPLIERS), var_name="multiplier")
-    df = df[df["value"] > 0].assign(multiplier=lambda d: d["multiplier"].map(MULTIPLIERS))
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
-        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="squared error per bit (log)", axis=LOG_AXIS),
-        color=alt.Color("multiplier:N", title=None, legend=LEGEND),
-        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), "multiplier:N", alt.Tooltip("value:Q", format=".3g")],
-    ).properties(title=alt.Title("Multipliers", subtitle="Lagrange multipliers of the size budget"),
-                 width=WIDTH, height=HEIGHT)
+    return _log_lines(epochs, MULTIPLIERS, "squared error per bit (log)",
+                      alt.Title("Multipliers", subtitle="Lagrange multipliers of the size budget"))
 
 
 def residuals(epochs: pd.DataFrame) -> alt.Chart:
     """Primal residual sum ||W - V||^2 and dual norm ||U|| per epoch (log scale)."""
     names = {"primal_residual": "primal residual ‖W − V‖²", "dual_norm": "dual norm ‖U‖"}
-    df = _compression(epochs).melt(id_vars=["epoch_no"], value_vars=list(names), var_name="quantity")
-    df = df[df["value"] > 0].assign(quantity=lambda d: d["quantity"].map(names))
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
-        y=alt.Y("value:Q", scale=alt.Scale(type="log"), title="value (log)", axis=LOG_AXIS),
-        color=alt.Color("quantity:N", title=None, legend=LEGEND),
-        tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), "quantity:N", alt.Tooltip("value:Q", format=".3g")],
-    ).properties(title=alt.Title("Residuals", subtitle="of ADMM, all layers together"), width=WIDTH, height=HEIGHT)
+    return _log_lines(epochs, names, "value (log)", alt.Title("Residuals", subtitle="of ADMM, all layers together"))
 
 
 def _named(layers: pd.DataFrame) -> pd.DataFrame:
