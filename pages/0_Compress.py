@@ -1,0 +1,155 @@
+"""Compress (the main page): pick a network and a target size, watch it compress, download it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+import ui
+from jointcomp import Compressor, charts
+from jointcomp.budget import format_bits
+from jointcomp.runner import Runner, new_run_dir, subset_accuracy, what_if
+from jointcomp.trainer import TRADEOFF_SUBSET
+
+st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")
+st.title("jointcomp: compress a network to a size budget")
+st.caption("Give only the target size: one training run learns which weights to keep and how many bits "
+           "each layer gets (ADMM with knapsack projections, Yang et al., CVPR 2020).")
+
+choices = ui.sidebar()
+try:
+    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed)
+except (ValueError, FileNotFoundError) as err:
+    st.error(str(err))
+    st.stop()
+
+key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode)
+if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
+    st.session_state.preview = what_if(model, data, choices.config, choices.model)
+    st.session_state.preview_key = key
+preview: Compressor = st.session_state.preview
+
+ratio = ui.target_slider(preview.dense_bits)
+target = f"{ratio}x"
+runner: Runner | None = st.session_state.get("runner")
+running = runner is not None and runner.running
+
+if running and abs(runner.target_bits - preview.dense_bits / ratio) > 1e-6 * preview.dense_bits:
+    runner.set_target(target)  # the running compression follows the slider at its next projection
+    st.toast(f"Target of the running compression moved to {target}")
+
+start_col, stop_col, status_col = st.columns([1, 1, 4])
+if start_col.button("Start", type="primary", disabled=running, key="start"):
+    config = dataclasses.replace(choices.config, target=target)
+    st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir())
+    st.rerun()
+if stop_col.button("Stop", disabled=not running, key="stop"):
+    runner.stop(wait=2.0)
+    st.rerun()
+status_col.markdown(
+    f"**{choices.model}** on **{choices.data}** · dense accuracy {dense_accuracy:.2%} · "
+    f"fp32 weights {format_bits(preview.dense_bits)} · target **{target}** = {format_bits(preview.dense_bits / ratio)}"
+)
+
+SIZES = ("**Paper size** counts bits × non-zeros of the compressed weights, the measure of the paper. "
+         "The **.jcz file** also stores where the non-zeros are, the codebooks, biases and a header: "
+         "the Inspect page shows where every byte goes.")
+
+if not running:
+    with st.expander("What-if: what the method would start from at this target, before any training",
+                     expanded=runner is None):
+        st.caption("One joint projection of the dense weights to the target, no training: the allocation "
+                   "ADMM starts from, and what it would score if shipped untrained. Training recovers the rest.")
+        plan = preview.plan(target)
+        layers = [vars(layer) for layer in plan.layers]
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Size (paper accounting)", format_bits(plan.size_bits), f"{plan.ratio:.1f}x smaller", delta_color="off")
+        c2.metric("Accuracy if deployed untrained", f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
+        c3.metric(".jcz file", f"{plan.file_bytes:,} B", f"{plan.file_ratio:.1f}x smaller", delta_color="off")
+        st.caption(SIZES + " Ratios below 4x ask for more than 8 bits per weight: every layer keeps all "
+                   "its weights at 8 bits, the most a codebook offers.")
+        left, right = st.columns(2)
+        left.altair_chart(charts.allocation(pd.DataFrame(layers)))
+        curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
+                              for point in preview.tradeoff(target, evaluate=subset_accuracy(data))])
+        right.altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
+
+
+CAPTIONS = {
+    "size": SIZES,
+    "tradeoff": "Each curve: the accuracy the weights of that epoch would give at other sizes if projected there "
+                "without training; the diamonds are the run itself.",
+    "multipliers": "Each multiplier is the price of one bit of budget in squared weight error, at the last "
+                   "projection: the pruning one is the score of the last weight kept, the joint one what one more "
+                   "bit would buy. A tighter target raises both.",
+    "residuals": "ADMM converges when W and its projection V agree: the primal residual falls towards zero while "
+                 "the dual norm levels off.",
+}
+
+
+def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
+    """The live charts as Vega-Lite specs, built once per finished epoch (not every redraw)."""
+    key = (id(r), epochs_done, r.final is not None)
+    if st.session_state.get("chart_key") != key:
+        epochs, layers = r.epochs(), r.layers()
+        charts_now = {
+            "accuracy": charts.accuracy_over_epochs(epochs, dense_accuracy), "size": charts.size_over_epochs(epochs),
+            "tradeoff": charts.tradeoff(r.curve(), epochs, TRADEOFF_SUBSET), "loss": charts.loss_over_steps(r.steps()),
+            "multipliers": charts.multipliers(epochs), "residuals": charts.residuals(epochs),
+            "layers": charts.layer_bars(layers), "density": charts.layer_heatmap(layers, "density"),
+            "bits": charts.layer_heatmap(layers, "bits"),
+        }
+        st.session_state.chart_specs = {name: chart.to_dict() for name, chart in charts_now.items()}
+        st.session_state.chart_key = key
+    return st.session_state.chart_specs
+
+
+@st.fragment(run_every=1.0 if running else None)
+def live() -> None:
+    """Progress and live charts, redrawn every second while a run is active."""
+    r: Runner | None = st.session_state.get("runner")
+    if r is None:
+        return
+    p = r.progress()
+    st.progress(p.fraction, text=f"{p.fraction:.0%} · {p.describe()}")
+    if r.error:
+        st.error(f"The run failed: {r.error}")
+    phase = {"admm": "ADMM: learning which weights to keep and how many bits each layer gets",
+             "finetune": "final phase: training the network in exactly the shape that ships (codebooks only)",
+             "dense": "dense pre-training"}.get(p.phase, "")
+    st.caption(f"target {format_bits(r.target_bits)}" + (f" · {phase}" if phase else ""))
+    for note in p.notes:
+        st.info(note)
+    if p.epoch:
+        specs = live_charts(r, p.epoch)
+        for row in (("accuracy", "size", "tradeoff"), ("loss", "multipliers", "residuals"),
+                    ("layers", "density", "bits")):
+            for column, name in zip(st.columns(3), row):
+                box = column.container(key=f"chart_{name}")  # a stable handle for tests and styling
+                box.vega_lite_chart(spec=specs[name])
+                if name in CAPTIONS:
+                    box.caption(CAPTIONS[name])
+    elif r.running:
+        st.info("The first charts appear after the first compression epoch.")
+    if running and not r.running:
+        st.rerun(scope="app")  # the run just ended: show the results
+
+
+live()
+
+if runner is not None and not running and runner.final is not None:
+    final = runner.final
+    p = runner.progress()
+    st.subheader("Result" + (f" ({p.describe()})" if final.stopped else ""))
+    cols = st.columns(5)
+    cols[0].metric("Accuracy (compressed)", f"{final.accuracy:.2%}", f"{final.accuracy - final.dense_accuracy:+.2%}")
+    cols[1].metric("Accuracy (dense)", f"{final.dense_accuracy:.2%}")
+    cols[2].metric("Paper size (bits × non-zeros)", format_bits(final.size_bits), f"{final.ratio:.1f}x", delta_color="off")
+    cols[3].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
+    cols[4].metric("Target", format_bits(final.target_bits))
+    st.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
+                   "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
+    st.download_button("Download compressed checkpoint (.jcz)", runner.checkpoint(),
+                       file_name=f"{choices.model}-{choices.data}-{final.ratio:.0f}x.jcz",
+                       mime="application/octet-stream", key="download")
