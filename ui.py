@@ -62,10 +62,14 @@ def sidebar(with_method: bool = True) -> Choices:
     return Choices(model, data, int(pre_epochs), config)
 
 
-@st.cache_resource(show_spinner="Training the dense model once (cached for this session's server)…")
+@st.cache_resource(show_spinner=False)
 def dense_model(model: str, data: str, dense_epochs: int, seed: int):
-    """The dense-trained starting point of every run with these choices (read-only)."""
-    return prepare(model, data, dense_epochs, seed)
+    """The dense-trained starting point of every run with these choices (read-only), with a
+    progress bar while it trains (once per server)."""
+    bar = st.progress(0.0, text=f"loading {data}…")
+    result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text))
+    bar.empty()
+    return result
 
 
 def target_slider(dense_bits: float, key: str = "target_ratio") -> int:

@@ -172,3 +172,15 @@ def test_runs_page_lists_reopens_and_downloads(tmp_path):
     runs = runs_page()
     assert sorted(runs.table[0].value["status"]) == ["finished", "stopped"]
     assert runs.get("download_button")  # a finished run's file can be downloaded
+
+
+def test_dense_training_reports_progress():
+    from jointcomp.runner import prepare
+
+    heard = []
+    model, data, accuracy = prepare("mlp", "digits", 2, progress=lambda done, text: heard.append((done, text)))
+    fractions = [done for done, _ in heard]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] <= 1
+    assert fractions[-1] > 0.85  # heard until near the end (every 10 of 46 steps)
+    assert "epoch 2 of 2" in heard[-1][1] and "s left" in heard[-1][1]
+    assert 0.5 < accuracy <= 1
