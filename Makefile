@@ -1,7 +1,7 @@
 # `make run` sets up and opens the app; `make test` sets up and runs the whole suite.
 VENV := .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist
+SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
 .PHONY: setup system-deps run test bench
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Chromium for the browser test, Fashion-MNIST for the LeNet-5 examples (Debian packages).
+# Chromium for the browser test, Fashion-MNIST for the LeNet-5 examples, gcc for the C export's tests (Debian packages).
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -9,7 +9,7 @@ import streamlit as st
 from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
-from jointcomp.compressor import BUDGET_MODES
+from jointcomp.compressor import BUDGET_MODES, BUDGET_MODES_HELP
 from jointcomp.data import available
 from jointcomp.models import dense_epochs
 from jointcomp.runner import prepare
@@ -52,7 +52,7 @@ def sidebar(with_method: bool = True) -> Choices:
             method = st.selectbox("Method", list(METHODS), key="method",
                                   help="admm is jointcomp; the others are baselines")
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
-                                       help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
+                                       help=BUDGET_MODES_HELP)
         finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, CompressConfig.finetune, 0.1, key="finetune",
                              help="admm trains the last part of the run in exactly the shape that ships")
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",

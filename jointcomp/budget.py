@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,12 +56,22 @@ class LayerBounds:
         return max(1, math.ceil(self.min_density * numel))
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """An allocation in the forms it ships in, each built only when an accounting asks:
+    its packed layers (name -> codec.PackedLayer) and the bytes of its .jcz file."""
+
+    packed: Callable[[], dict[str, Any]]
+    file_bytes: Callable[[], int]
+
+
 class PaperAccounting:
     """The paper's size: sum over compressed layers of bitwidth x non-zeros (layers left
     dense count at 32 bits per weight). The checkpoint codec's `FileAccounting` prices
     the exported file's bytes through this same interface."""
 
     name = "paper"
+    description = "bits x non-zeros of the weights (the paper's count)"
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
         """(reserved, dense): the bits no compression removes (layers left dense), and the
@@ -82,9 +92,9 @@ class PaperAccounting:
         per_layer = self.weight_bits(bits, numel) * nnz.double() + self.layer_bits(bits, numel)
         return float(per_layer.sum())
 
-    def measure(self, size_bits: float, file_bytes: Callable[[], int]) -> float:
-        """The size of a finished allocation in this accounting (its own sum, or the real
-        file's bits); `file_bytes` encodes the file only when it is needed."""
+    def measure(self, size_bits: float, shipped: Shipped) -> float:
+        """The size of a finished allocation in this accounting: its own sum here, the real
+        bits of what ships (`shipped`) in the accountings of real files."""
         return size_bits
 
     def observe(self, density: torch.Tensor) -> None:

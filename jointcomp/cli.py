@@ -1,4 +1,4 @@
-"""The command line: `python -m jointcomp {train,compress,export,inspect,evaluate,decompress}`."""
+"""The command line: `python -m jointcomp {train,compress,export,export-c,export-onnx,inspect,evaluate,decompress}`."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .codec import CheckpointError, format_report, inspect, load_compressed
-from .compressor import BUDGET_MODES
+from .compressor import BUDGET_MODES, BUDGET_MODES_HELP
 from .data import DATASETS, load_dataset
+from .deploy.c import export_c, flash_report
+from .deploy.onnx import export_onnx
 from .methods import METHODS
 from .models import build_model, dense_epochs, load_weights, save_weights
 from .trainer import CompressConfig, Engine, accuracy, train_dense
@@ -68,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
         if action.dest == "out":
             action.required = False
     comp.add_argument("--budget-mode", choices=tuple(BUDGET_MODES), default=CompressConfig.budget_mode,
-                      help="paper: bits x non-zeros of the weights; file: bytes of the exported .jcz")
+                      help=BUDGET_MODES_HELP)
     comp.add_argument("--resume", metavar="DIR",
                       help="continue an interrupted run in DIR; with it, only --lr, --rho, --epochs, --target and "
                            "--device may be given, to change what made it fail (recorded in its history)")
@@ -79,7 +81,21 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
 
-    insp = sub.add_parser("inspect", help="per-layer byte breakdown of a .jcz file")
+    export_c = sub.add_parser("export-c", help="a .jcz as portable C99 (model.h, model.c) whose flash holds the "
+                                               "packed weights")
+    export_c.add_argument("file")
+    export_c.add_argument("--out", required=True, help="folder to write model.h and model.c into")
+    export_onnx = sub.add_parser(
+        "export-onnx", help="a .jcz as an .onnx file for standard runtimes",
+        description="ONNX stores every weight densely as float32: the .onnx file is about the dense model's size. "
+                    "It runs the compressed network's exact weights in standard runtimes; the .jcz and export-c "
+                    "are what is small.")
+    export_onnx.add_argument("file")
+    export_onnx.add_argument("--out", required=True, help="the .onnx file to write")
+    for p in (export_c, export_onnx):
+        p.add_argument("--input-shape", help="one input's shape, e.g. 1,28,28 (default: the file's)")
+
+    insp = sub.add_parser("inspect", help="per-layer byte breakdown of a .jcz file, and its C export's flash and RAM")
     insp.add_argument("file")
 
     ev = sub.add_parser("evaluate", help="accuracy of a .jcz model on a data set")
@@ -90,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decompress", help="a .jcz as a plain dense .safetensors state dict")
     dec.add_argument("file")
     dec.add_argument("--out", required=True)
-    dec.add_argument("--allow-import", action="store_true")
+    for p in (dec, export_c, export_onnx, insp):
+        p.add_argument("--allow-import", action="store_true", help="let the file name a module:factory to import")
     return root
 
 
@@ -212,8 +229,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape {text!r} is not a shape; give positive sizes such as 1,28,28")
+    return shape
+
+
+def cmd_export_c(args: argparse.Namespace) -> int:
+    export = export_c(args.file, args.out, input_shape=_input_shape(args.input_shape), allow_import=args.allow_import)
+    print(f"wrote {args.out}/model.h and {args.out}/model.c: flash {export.flash_bytes} B (const data: packed "
+          f"weights, codebooks, biases), RAM {export.ram_bytes} B (activations)")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    size = export_onnx(args.file, args.out, input_shape=_input_shape(args.input_shape), allow_import=args.allow_import)
+    print(f"wrote {args.out}: {size} bytes (ONNX holds the weights densely, as float32)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     print(format_report(inspect(args.file)))
+    try:
+        export = flash_report(args.file, allow_import=args.allow_import)
+        print(f"C export (export-c): flash {export.flash_bytes} B const data, RAM {export.ram_bytes} B activations")
+    except (ValueError, CheckpointError) as err:
+        print(f"C export (export-c): not available ({' '.join(str(err).split())})")
     return 0
 
 
@@ -242,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
     commands = {"train": cmd_train, "compress": lambda a: cmd_compress(a, explicit_options(argv)),
-                "export": cmd_export, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "decompress": cmd_decompress}
+                "export": cmd_export, "export-c": cmd_export_c, "export-onnx": cmd_export_onnx, "inspect": cmd_inspect,
+                "evaluate": cmd_evaluate, "decompress": cmd_decompress}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, FloatingPointError, CheckpointError) as err:

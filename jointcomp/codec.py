@@ -35,7 +35,7 @@ import torch
 import zstandard
 from torch import nn
 
-from .budget import LayerBounds, PaperAccounting
+from .budget import LayerBounds, PaperAccounting, Shipped
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -126,7 +126,8 @@ def unpack_codes(data: bytes, count: int, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.packbits(planes.reshape(count, bits), axis=1, bitorder="little").reshape(count))
 
 
-def _varint(values: np.ndarray) -> bytes:
+def varint_bytes(values: np.ndarray) -> bytes:
+    """Non-negative integers as LEB128 varints (7 bits a byte, low first, high bit: more follows)."""
     v = values.astype(np.uint64)
     length = np.maximum(1, (np.floor(np.log2(np.maximum(v, 1))).astype(np.int64) // 7) + 1)
     k = np.arange(10, dtype=np.uint64)
@@ -160,7 +161,7 @@ def encode_positions(mask: torch.Tensor) -> tuple[str, bytes]:
     options = {
         "bitmap": bitmap,
         "bitmap+zstd": _zstd(bitmap),
-        "gaps+zstd": _zstd(_varint(gaps)),
+        "gaps+zstd": _zstd(varint_bytes(gaps)),
     }
     name = min(options, key=lambda k: len(options[k]))
     return name, options[name]
@@ -227,6 +228,7 @@ class FileAccounting(PaperAccounting):
     and header entry. The Compressor measures the real file at the end and trims to fit."""
 
     name = "file"
+    description = "bytes of the exported .jcz file"
     LAYER_HEADER_BITS = 8 * 24  # a compressed layer's entry in the JSON header, about
     OVERHEAD_BYTES = 64  # preamble, checksum, dense-section entry and the model description
 
@@ -253,8 +255,8 @@ class FileAccounting(PaperAccounting):
     def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         return 8.0 * CODEBOOK_VALUE_BYTES * 2.0 ** bits.double() + self.LAYER_HEADER_BITS
 
-    def measure(self, size_bits: float, file_bytes: Callable[[], int]) -> float:
-        return 8.0 * file_bytes()
+    def measure(self, size_bits: float, shipped: Shipped) -> float:
+        return 8.0 * shipped.file_bytes()
 
     def state_dict(self) -> dict:
         return {"position_bits": self.position_bits}
@@ -523,12 +525,18 @@ def load_compressed(path: str | Path, model: nn.Module | None = None, allow_impo
     `module:factory` model is imported only with `allow_import=True` (or pass your own
     `model` instance).
     """
+    return load_packed(path, model, allow_import)[0]
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None,
+                allow_import: bool = False) -> tuple[nn.Module, dict[str, PackedLayer], dict[str, Any] | None]:
+    """`load_compressed`, plus each compressed weight in its packed form (what a runtime
+    that decodes weights as it uses them needs) and the file's model description."""
     layout = _layout_of(path)
     if model is None:
         model = _model_from_spec(path, layout.header.get("model"), allow_import, layout.shapes)
-    state: dict[str, torch.Tensor] = {}
-    for entry in layout.compressed:
-        state[entry.name] = _guarded(path, _decode_layer, entry).weight()
+    packed = {entry.name: _guarded(path, _decode_layer, entry) for entry in layout.compressed}
+    state = {name: layer.weight() for name, layer in packed.items()}
     state.update(_guarded(path, _decode_dense, layout))
     own = model.state_dict()
     for name, t in state.items():
@@ -538,7 +546,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None, allow_impo
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: does not fit this model ({str(err).splitlines()[0]})") from None
-    return model.eval()
+    spec = layout.header.get("model")
+    return model.eval(), packed, spec if isinstance(spec, dict) else None
 
 
 def _model_from_spec(path, spec: Any, allow_import: bool, shapes: dict[str, tuple[int, ...]]) -> nn.Module:

@@ -30,14 +30,18 @@ from torch import nn
 
 from . import distributed
 from .allocation import Allocation, LayerSpec, Projector
-from .budget import LayerBounds, PaperAccounting, feasible_range, resolve_target
+from .budget import LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
 from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
+from .deploy.c import FlashAccounting
 from .methods import METHODS, make_method
 from .records import CurvePoint, EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 
-BUDGET_MODES: dict[str, type[PaperAccounting]] = {"paper": PaperAccounting, "file": FileAccounting}
+BUDGET_MODES: dict[str, type[PaperAccounting]] = {
+    "paper": PaperAccounting, "file": FileAccounting, "flash": FlashAccounting,
+}
 DEFAULT_PROJECTIONS = 15  # over a run, when project_every is not given (one per epoch of 15)
+BUDGET_MODES_HELP = "; ".join(f"{name}: {mode.description}" for name, mode in BUDGET_MODES.items())
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
@@ -48,7 +52,7 @@ class CompressorConfig:
 
     target: str | float = "50x"
     method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
-    budget_mode: str = "paper"  # "paper" (bits x non-zeros) or "file" (bytes of the .jcz)
+    budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
     project_every: int = 0  # steps between projections; 0 = steps // 15
     finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
@@ -71,8 +75,9 @@ class CompressorConfig:
             raise ValueError(f"unknown budget mode {self.budget_mode!r}; use {' or '.join(map(repr, BUDGET_MODES))}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.budget_mode == "file" and self.method != "admm":
-            raise ValueError("the file budget mode needs method 'admm' (the baselines cannot trim to a file size)")
+        if self.budget_mode != "paper" and self.method != "admm":
+            raise ValueError(f"the {self.budget_mode} budget mode needs method 'admm' "
+                             "(the baselines cannot trim to a measured size)")
         unknown = [t for t in self.layer_types if not isinstance(getattr(nn, t, None), type)]
         if unknown:
             raise ValueError(f"unknown layer type {unknown[0]!r}; use torch.nn class names such as Conv2d, Linear")
@@ -281,7 +286,7 @@ class Compressor:
         target = self.target_bits
         alloc = self.method.frozen or self.method.deployable(target)
         file_bytes = len(self.encode(alloc))
-        size = self.accounting.measure(alloc.size_bits, lambda: file_bytes)
+        size = self._measure(alloc, self.accounting, file_bytes)
         residual, dual = self.method.residuals()
         note, self.notes = "; ".join(self.notes), []
         record = EpochRecord(
@@ -304,7 +309,7 @@ class Compressor:
         else:
             alloc = trim_to_fit(self.method.deployable, target, self._size)
         self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
-        size = self.accounting.measure(alloc.size_bits, lambda: self.final_file_bytes)
+        size = self._measure(alloc, self.accounting, self.final_file_bytes)
         residual, dual = self.method.residuals()
         return self._emit(FinalRecord(
             self._evaluate(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
@@ -392,17 +397,26 @@ class Compressor:
     def seconds(self) -> float:
         return self._seconds + time.perf_counter() - self._started
 
-    def encode(self, alloc: Allocation) -> bytes:
-        """The .jcz bytes of the model with this allocation's compressed weights."""
-        keys = ("model", "data", "input_shape", "num_classes")
-        spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
-        packed = {
+    def packed(self, alloc: Allocation) -> dict[str, PackedLayer]:
+        """This allocation's compressed weights as they are stored: codebook, mask, codes."""
+        return {
             name: PackedLayer(spec_.shape, int(bits), book.cpu(), mask.cpu(), codes.cpu())
             for name, spec_, bits, book, mask, codes in zip(
                 self.names, self.specs, alloc.bits.tolist(), alloc.codebooks, alloc.masks, alloc.codes
             )
         }
-        return encode(self.model, packed, spec)
+
+    def encode(self, alloc: Allocation) -> bytes:
+        """The .jcz bytes of the model with this allocation's compressed weights."""
+        keys = ("model", "data", "input_shape", "num_classes")
+        spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
+        return encode(self.model, self.packed(alloc), spec)
+
+    def _measure(self, alloc: Allocation, accounting: PaperAccounting, file_bytes: int | None = None) -> float:
+        """The allocation's size in `accounting` (real bytes where it counts those)."""
+        shipped = Shipped(lambda: self.packed(alloc),
+                          lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
+        return accounting.measure(alloc.size_bits, shipped)
 
     def _freeze(self, target: float) -> None:
         """Fit the current weights to the live target and train in that shape from now on."""
@@ -421,9 +435,9 @@ class Compressor:
         weights = [p.detach() for p in self.params]
         tables = tables or projector.joint_tables(weights)
         alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,
-                            lambda a: accounting.measure(a.size_bits, lambda: len(self.encode(a))))
+                            lambda a: self._measure(a, accounting))
         file_bytes = len(self.encode(alloc))
-        return alloc, file_bytes, accounting.measure(alloc.size_bits, lambda: file_bytes)
+        return alloc, file_bytes, self._measure(alloc, accounting, file_bytes)
 
     @torch.no_grad()
     def _digest(self) -> torch.Tensor:
@@ -433,7 +447,7 @@ class Compressor:
                             for p in self.params]).cpu()
 
     def _size(self, alloc: Allocation) -> float:
-        return self.accounting.measure(alloc.size_bits, lambda: len(self.encode(alloc)))
+        return self._measure(alloc, self.accounting)
 
     def _initial_density(self, target: float) -> float:
         """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
