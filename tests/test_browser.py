@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from jointcomp import load_compressed
+from c_runtime import compile_c, run_c
+from jointcomp import Compressor, load_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -157,7 +160,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     page.close()
 
 
-def test_inspect_page_rejects_bad_file_and_reads_good_one(app_url, browser, tmp_path):
+def test_inspect_page_rejects_bad_file_and_reads_good_one(app_url, browser, tmp_path, trained_mlp, digits):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{app_url}/Inspect")
     page.get_by_text("Inspect a compressed checkpoint").wait_for(timeout=60_000)
@@ -166,4 +169,22 @@ def test_inspect_page_rejects_bad_file_and_reads_good_one(app_url, browser, tmp_
     page.locator('input[type="file"]').set_input_files(str(bad))
     page.get_by_text("This file cannot be opened").wait_for(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "5-inspect-bad.png", full_page=True)
+
+    # a good file: its C export is shown, downloads, compiles with warnings as errors and predicts as PyTorch
+    good = tmp_path / "mlp.jcz"
+    comp = Compressor(trained_mlp, target="50x", steps=1, meta={"model": "mlp", "input_shape": [1, 8, 8], "num_classes": 10})
+    comp.finish()
+    comp.export(str(good))
+    page.locator('input[type="file"]').set_input_files(str(good))
+    page.get_by_text("C export: flash").wait_for(timeout=30_000)
+    with page.expect_download(timeout=30_000) as download:
+        button(page, "download_c").click()
+    download.value.save_as(tmp_path / "c.zip")
+    with zipfile.ZipFile(tmp_path / "c.zip") as z:
+        z.extractall(tmp_path / "c")
+    ours = run_c(compile_c(tmp_path / "c"), digits.val_x)
+    with torch.no_grad():
+        reference = load_compressed(good)(digits.val_x)
+    assert torch.equal(ours.argmax(1), reference.argmax(1)) and (ours - reference).abs().max() <= 1e-4
+    page.screenshot(path=ARTIFACTS / "7-inspect-good.png", full_page=True)
     page.close()
