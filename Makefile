@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
-.PHONY: setup system-deps run test bench
+.PHONY: setup system-deps run test bench bench-mcu
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,4 +29,10 @@ test: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup
-	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --quick
+	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x 800x
+
+# The C export on an emulated Cortex-M4 (Debian's arm-none-eabi-gcc and qemu-system-arm).
+bench-mcu: setup
+	@dpkg -s gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null 2>&1 || \
+	  apt-get install -y -q gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+	cd bench && ../$(PY) mcu.py
