@@ -150,6 +150,10 @@ class _FixedAllocation:
         zeros = torch.zeros(len(self.params), dtype=torch.float64)
         return zeros, zeros
 
+    def density(self) -> torch.Tensor:
+        """Kept fraction per layer: the weights are held at zero where pruned."""
+        return torch.tensor([float((p.detach() != 0).double().mean()) for p in self.params], dtype=torch.float64)
+
     @property
     def frozen(self) -> Allocation | None:
         return self.alloc

@@ -239,3 +239,27 @@ def test_plan_and_bad_use_leave_nothing_behind(trained_mlp):
     x = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ValueError, match="from the first step on"):
         late.distill(x, trained_mlp(x), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("method", ["admm", "uniform", "sequential"])
+def test_every_method_runs_through_its_phases_and_fits(method, trained_mlp, digits):
+    """Each method over a whole short run (sequential switches from pruning to quantization
+    halfway, with a projection then): the final model fits and is still a classifier."""
+    loader = list(zip(digits.train_x.split(64), digits.train_y.split(64)))
+    epochs = 4
+    opt = torch.optim.SGD(trained_mlp.parameters(), lr=0.02, momentum=0.9)
+    comp = Compressor(trained_mlp, target="50x", method=method, steps=epochs * len(loader))
+    phases = set()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(trained_mlp(x), y).backward()
+            opt.step()
+            phases.add(comp.step(lr=0.02).phase)
+        comp.end_epoch()
+    final = comp.finish()
+    assert final.size_bits <= final.target_bits
+    comp.convert_()
+    assert (trained_mlp(digits.val_x).argmax(1) == digits.val_y).float().mean() > 0.85
+    if method == "admm":
+        assert phases == {"admm", "finetune"}
