@@ -20,6 +20,13 @@ from jointcomp import CompressConfig, Engine, EpochRecord, FinalRecord
 from jointcomp.methods import METHODS
 
 
+def setting(default, text: str):
+    """A --set value in the type of its default (bools from true/false, 1/0)."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    return type(default)(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="lenet5")
@@ -35,7 +42,7 @@ def main() -> None:
                    help="other CompressConfig settings for every run, e.g. distill=0.5 finetune=0")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    extra = {k: type(getattr(CompressConfig, k))(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    extra = {k: setting(getattr(CompressConfig, k), v) for k, v in (kv.split("=", 1) for kv in args.set)}
     lr = LR.get(args.model, 0.02)
     starts = {seed: dense_model(args.model, args.data, args.dense_epochs, seed, args.batch_size) for seed in args.seeds}
     data = starts[args.seeds[0]][1]
