@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
-.PHONY: setup system-deps run test bench bench-mcu
+.PHONY: setup system-deps run test bench bench-mcu bench-peers
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,3 +36,13 @@ bench-mcu: setup
 	@dpkg -s gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm >/dev/null 2>&1 || \
 	  apt-get install -y -q gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 	cd bench && ../$(PY) mcu.py
+
+# jointcomp against Sony MCT and torchao, in their own virtualenv (the product never needs them).
+.venv-peers/.installed: bench/requirements-peers.txt pyproject.toml
+	python3 -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q -r bench/requirements-peers.txt
+	.venv-peers/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+bench-peers: .venv-peers/.installed system-deps
+	cd bench && ../.venv-peers/bin/python peers.py --epochs 1 && ../.venv-peers/bin/python peers.py --epochs 15 --smallest-only --beyond

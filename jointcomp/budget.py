@@ -108,6 +108,33 @@ class PaperAccounting:
         pass
 
 
+class MeasuredAccounting(PaperAccounting):
+    """The accountings of a real artefact (the .jcz file, the C export's flash): each kept
+    weight pays its code and its position, the position estimated per layer from the layer's
+    density (`position_cost`, refreshed by `observe` after every projection); `measure` is the
+    artefact's real size, and the Compressor trims until that fits."""
+
+    def __init__(self) -> None:
+        self.position_bits = torch.ones(0, dtype=torch.float64)
+
+    def position_cost(self, density: torch.Tensor) -> torch.Tensor:
+        """Estimated position bits per kept weight of layers at these densities."""
+        raise NotImplementedError
+
+    def observe(self, density: torch.Tensor) -> None:
+        self.position_bits = self.position_cost(density)
+
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+        pos = self.position_bits.to(bits.device)
+        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
+
+    def state_dict(self) -> dict:
+        return {"position_bits": self.position_bits}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position_bits = state["position_bits"].double()
+
+
 def parse_target(spec: str | float | int, dense_bits: int) -> float:
     """Resolve a target to bits; `dense_bits` is fp32 x numel of the compressible weights."""
     if isinstance(spec, bool):

@@ -28,14 +28,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import zstandard
 from torch import nn
 
-from .budget import LayerBounds, PaperAccounting, Shipped
+from .budget import LayerBounds, MeasuredAccounting, Shipped
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -221,19 +221,15 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-class FileAccounting(PaperAccounting):
+class FileAccounting(MeasuredAccounting):
     """The budget mode in which the target is this file's size: every tensor the file
-    stores densely is reserved, each kept weight pays its code and its position (estimated
-    from its layer's density, refreshed after every projection), each layer its codebook
-    and header entry. The Compressor measures the real file at the end and trims to fit."""
+    stores densely is reserved, each kept weight pays its code and its position, each layer
+    its codebook and header entry."""
 
     name = "file"
     description = "bytes of the exported .jcz file"
     LAYER_HEADER_BITS = 8 * 24  # a compressed layer's entry in the JSON header, about
     OVERHEAD_BYTES = 64  # preamble, checksum, dense-section entry and the model description
-
-    def __init__(self) -> None:
-        self.position_bits = torch.ones(0, dtype=torch.float64)
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
         compressed = [w.numel() for _, w, b in layers if not b.dense]
@@ -241,28 +237,18 @@ class FileAccounting(PaperAccounting):
         total = fp32_bytes(model)
         return 8.0 * (total - 4 * sum(compressed) + self.OVERHEAD_BYTES), 8.0 * total
 
-    def observe(self, density: torch.Tensor) -> None:
-        """Position cost per kept weight at these densities: entropy of the mask per non-zero
-        (what gap coding approaches), never more than a plain bitmap, plus a small margin."""
+    def position_cost(self, density: torch.Tensor) -> torch.Tensor:
+        """Entropy of the mask per non-zero (what gap coding approaches), never more than a
+        plain bitmap, plus a small margin."""
         d = density.double().clamp(1e-9, 1 - 1e-9)
         entropy = -(d * torch.log2(d) + (1 - d) * torch.log2(1 - d)) / d
-        self.position_bits = torch.minimum(entropy, 1 / d) * 1.05 + 0.05
-
-    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        pos = self.position_bits.to(bits.device)
-        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
+        return torch.minimum(entropy, 1 / d) * 1.05 + 0.05
 
     def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         return 8.0 * CODEBOOK_VALUE_BYTES * 2.0 ** bits.double() + self.LAYER_HEADER_BITS
 
     def measure(self, size_bits: float, shipped: Shipped) -> float:
         return 8.0 * shipped.file_bytes()
-
-    def state_dict(self) -> dict:
-        return {"position_bits": self.position_bits}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position_bits = state["position_bits"].double()
 
 
 # --- writing ----------------------------------------------------------------------------

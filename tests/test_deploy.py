@@ -15,7 +15,6 @@ from torch import nn
 
 import jointcomp
 from jointcomp.deploy.c import export_c
-from jointcomp.deploy.onnx import export_onnx
 
 from c_runtime import compile_c, const_bytes, run_c
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..budget import LayerBounds, PaperAccounting, Shipped
+from ..budget import LayerBounds, MeasuredAccounting, Shipped
 from ..codec import PackedLayer, load_packed, pack_codes, varint_bytes
 from ..rundir import atomic_write
 
@@ -439,12 +439,10 @@ def _chw(op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- the budget mode ---------------------------------------------------------------------
-class FlashAccounting(PaperAccounting):
+class FlashAccounting(MeasuredAccounting):
     """The budget mode in which the target is the C export's const data (flash): biases,
     folded BatchNorm and layers left dense are reserved; each kept weight pays its code and
-    its position (estimated from its layer's density, refreshed after every projection),
-    each layer its codebook and a few bytes. The Compressor measures the real const data at
-    the end and trims until it fits."""
+    its position, each layer its codebook and a few bytes."""
 
     name = "flash"
     description = "const data (flash) of the C export, export-c"
@@ -452,7 +450,7 @@ class FlashAccounting(PaperAccounting):
     MARGIN = 1.02
 
     def __init__(self) -> None:
-        self.position_bits = torch.ones(0, dtype=torch.float64)
+        super().__init__()
         self.reserved_bytes = 0
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
@@ -466,12 +464,8 @@ class FlashAccounting(PaperAccounting):
         self.reserved_bytes = program.dense_bytes(compressed)
         return 8.0 * self.reserved_bytes, 8.0 * program.dense_bytes(())
 
-    def observe(self, density: torch.Tensor) -> None:
-        self.position_bits = position_bits_estimate(density) * self.MARGIN
-
-    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        pos = self.position_bits.to(bits.device)
-        return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
+    def position_cost(self, density: torch.Tensor) -> torch.Tensor:
+        return position_bits_estimate(density) * self.MARGIN
 
     def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         return 8.0 * FLOAT_BYTES * 2.0 ** bits.double() + self.LAYER_OVERHEAD_BITS
@@ -480,10 +474,10 @@ class FlashAccounting(PaperAccounting):
         return 8.0 * (self.reserved_bytes + sum(packed_bytes(layer) for layer in shipped.packed().values()))
 
     def state_dict(self) -> dict:
-        return {"position_bits": self.position_bits, "reserved_bytes": self.reserved_bytes}
+        return {**super().state_dict(), "reserved_bytes": self.reserved_bytes}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position_bits = state["position_bits"].double()
+        super().load_state_dict(state)
         self.reserved_bytes = int(state["reserved_bytes"])
 
 
