@@ -130,17 +130,35 @@ def describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
+FIT_SLACK = 1e-3  # a measured size this close below the target uses the budget well enough
+FIT_TRIES = 12
+
+
 def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]) -> Allocation:
-    """The allocation `deploy` makes at the largest budget whose `size` fits `target`: the
-    budget shrinks by each overshoot (the real file can cost more than its estimate)."""
-    budget = target
-    for _ in range(50):
+    """The allocation `deploy` makes at about the largest budget whose real `size` fits
+    `target`. A real size can differ from the estimate the projection spends against: the
+    budget shrinks by each overshoot and grows by each undershoot, and the largest
+    allocation that fits is kept."""
+    budget, best, best_size = target, None, -1.0
+    for _ in range(FIT_TRIES):
         alloc = deploy(budget)
         measured = size(alloc)
         if measured <= target:
-            return alloc
-        budget -= (measured - target) + 64
-    raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
+            if measured > best_size:
+                best, best_size = alloc, measured
+            if target - measured <= FIT_SLACK * target:
+                break
+            budget += target - measured
+        else:
+            budget -= (measured - target) + 64
+    if best is None:
+        for _ in range(50):  # keep shrinking until one fits
+            budget -= 0.02 * target
+            alloc = deploy(budget)
+            if size(alloc) <= target:
+                return alloc
+        raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
+    return best
 
 
 class Compressor:

@@ -263,3 +263,18 @@ def test_every_method_runs_through_its_phases_and_fits(method, trained_mlp, digi
     assert (trained_mlp(digits.val_x).argmax(1) == digits.val_y).float().mean() > 0.85
     if method == "admm":
         assert phases == {"admm", "finetune"}
+
+
+@pytest.mark.parametrize("real_over_estimate", [0.8, 1.0, 1.15])
+def test_trim_to_fit_uses_the_budget_whichever_way_the_estimate_errs(real_over_estimate):
+    """A real size below the projection's estimate leaves budget unused unless the budget grows;
+    one above it must shrink. Either way the result fits and uses nearly all of the target."""
+    from jointcomp.compressor import trim_to_fit
+
+    target = 100_000.0
+    steps = [1.0 * k for k in range(0, 400_001, 37)]  # allocations come in discrete sizes
+    deploy = lambda budget: max(s for s in steps if s <= budget)  # noqa: E731
+    size = lambda estimate: estimate * real_over_estimate  # noqa: E731
+    chosen = size(trim_to_fit(deploy, target, size))
+    assert chosen <= target
+    assert chosen >= 0.995 * target
