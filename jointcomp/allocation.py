@@ -51,7 +51,6 @@ class Projector:
         self.specs = specs
         self.accounting = accounting
         self.reserved_bits = reserved_bits  # layers left dense, and any fixed overhead
-        self.importance: torch.Tensor | None = None  # per-layer weight of squared error (None: all 1)
         self.numel = torch.tensor([s.numel for s in specs], dtype=torch.float64)
         self.min_keep = [s.bounds.min_keep(s.numel) for s in specs]
         lo = torch.tensor([s.bounds.min_bits for s in specs])
@@ -81,8 +80,6 @@ class Projector:
         if not self.fits(bits, budget):
             raise ValueError("the budget cannot hold one weight per layer at these bitwidths")
         unit, room = self._room(bits, budget)
-        if self.importance is not None:  # score s_j w^2 / cost: scaling a layer by sqrt(s_j) ranks the same
-            weights = [w * float(s) ** 0.5 for w, s in zip(weights, self.importance)]
         return knapsack_prune(weights, unit.tolist(), room, self.min_keep)
 
     def quantize(
@@ -147,7 +144,7 @@ class Projector:
             n = err.numel()
             bits[j, :n] = torch.tensor(choices).repeat(len(keeps))
             keep[j, :n] = keeps.double().repeat_interleave(len(choices))
-            dist[j, :n] = err.flatten() * (1.0 if self.importance is None else float(self.importance[j]))
+            dist[j, :n] = err.flatten()
             allowed[j, :n] = self.allowed[j].repeat(len(keeps))
         cost = self.accounting.weight_bits(bits, self.numel[:, None]) * keep + self.accounting.layer_bits(bits, self.numel[:, None])
         cost = torch.where(allowed, cost, inf)

@@ -57,7 +57,6 @@ class CompressorConfig:
     project_every: int = 0  # steps between projections; 0 = steps // 15
     finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
     distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
-    sensitivity: bool = True  # admm: weigh each layer's error by its mean squared gradient
     temperature: float = 4.0  # of the distillation's soft targets
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
     exclude: tuple[str, ...] = ()  # weight names (glob) neither compressed nor counted
@@ -205,8 +204,7 @@ class Compressor:
         self.fp32_bytes = fp32_bytes(model)
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits)
         self.every = self.config.project_every or max(1, self.steps // DEFAULT_PROJECTIONS)
-        self.method = make_method(self.config.method, self.params, self.projector, self.steps, self.every,
-                                  self.config.sensitivity)
+        self.method = make_method(self.config.method, self.params, self.projector, self.steps, self.every)
         self._lock = threading.Lock()
         self._target_bits = self._resolve(self.config.target)
         self.step_count = 0
@@ -452,7 +450,6 @@ class Compressor:
         (a copy: nothing of the compressor changes); with its file bytes and size. `tables`:
         the weights' option tables, when several sizes are projected."""
         projector = Projector(self.specs, accounting, self.reserved_bits)
-        projector.importance = self.projector.importance  # the layers' sensitivities as training last saw them
         weights = [p.detach() for p in self.params]
         tables = tables or projector.joint_tables(weights)
         alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,

@@ -62,17 +62,13 @@ class Admm:
 
     final_phase = True  # trains its allocation in the deployed shape at the end (`freeze`)
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int,
-                 sensitivity: bool = True) -> None:
+    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
         self.projector = projector
         self.every = every
-        self.sensitivity = sensitivity
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.frozen: Allocation | None = None
-        self.grad_sq = torch.zeros(len(params), dtype=torch.float64)  # mean squared gradient, summed over steps
-        self.grad_steps = 0
 
     def start(self, budget: float) -> None:
         pass  # the first projection (step 0) chooses everything
@@ -81,36 +77,14 @@ class Admm:
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
         """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
         two multipliers (pruning cut score, joint price of a bit), in squared error per bit."""
-        if self.sensitivity:
-            self._observe_gradients()
         if self.frozen is not None or step % self.every:
             return None
-        if self.grad_steps:
-            self.projector.importance = self._importance()
         x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
         alloc = self.projector.joint(x, budget)
         self.V = alloc.values
         for p, v, u in zip(self.params, self.V, self.U):
             u.add_(p.detach().float() - v)
         return alloc.lambda_prune, alloc.lambda_quant
-
-    def _observe_gradients(self) -> None:
-        """Add each layer's mean squared gradient of this step (the loss's, as the user's
-        optimizer just used it): an estimate of the layer's Fisher information per weight."""
-        if all(p.grad is not None for p in self.params):
-            self.grad_sq += torch.stack([p.grad.detach().double().square().mean() for p in self.params]).cpu()
-            self.grad_steps += 1
-
-    def _importance(self) -> torch.Tensor:
-        """Per-layer sensitivity since the last projection, normalised to a weighted mean of 1:
-        the joint projection then minimises the estimated loss increase, sum_j s_j ||dW_j||^2
-        (second-order, with the Fisher diagonal for the Hessian), not plain weight error."""
-        s = self.grad_sq / self.grad_steps
-        numel = self.projector.numel
-        mean = float((s * numel).sum() / numel.sum())
-        self.grad_sq.zero_()
-        self.grad_steps = 0
-        return s / mean if mean > 0 else torch.ones_like(s)
 
     @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
@@ -145,16 +119,13 @@ class Admm:
         return r.cpu().double(), d.cpu().double()
 
     def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen), "grad_sq": self.grad_sq,
-                "grad_steps": self.grad_steps, "importance": self.projector.importance}
+        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen)}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
         self.frozen = allocation_from_state(state["frozen"], self.params)
-        self.grad_sq, self.grad_steps = state["grad_sq"].double(), int(state["grad_steps"])
-        self.projector.importance = state["importance"]
 
 
 class _FixedAllocation:
@@ -279,13 +250,9 @@ def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(w.shape)
 
 
-def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int,
-                sensitivity: bool = True):
-    """The method `name` over `steps` optimizer steps, projecting every `every` steps;
-    `sensitivity`: admm weighs each layer's error by its gradients."""
+def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int):
+    """The method `name` over `steps` optimizer steps, projecting every `every` steps."""
     classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
     if name not in classes:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name == "admm":
-        return Admm(params, projector, steps, every, sensitivity)
     return classes[name](params, projector, steps, every)
