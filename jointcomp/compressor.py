@@ -40,7 +40,7 @@ from .rundir import atomic_write
 BUDGET_MODES: dict[str, type[PaperAccounting]] = {
     "paper": PaperAccounting, "file": FileAccounting, "flash": FlashAccounting,
 }
-DEFAULT_PROJECTIONS = 15  # over a run, when project_every is not given (one per epoch of 15)
+DEFAULT_PROJECTIONS = 60  # over a run, when project_every is not given (four per epoch of 15; see BENCHMARKS.md)
 BUDGET_MODES_HELP = "; ".join(f"{name}: {mode.description}" for name, mode in BUDGET_MODES.items())
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
@@ -54,7 +54,7 @@ class CompressorConfig:
     method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
-    project_every: int = 0  # steps between projections; 0 = steps // 15
+    project_every: int = 0  # steps between projections; 0 = steps // DEFAULT_PROJECTIONS
     finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
     distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
     temperature: float = 4.0  # of the distillation's soft targets
