@@ -40,7 +40,8 @@ from .rundir import atomic_write
 BUDGET_MODES: dict[str, type[PaperAccounting]] = {
     "paper": PaperAccounting, "file": FileAccounting, "flash": FlashAccounting,
 }
-DEFAULT_PROJECTIONS = 60  # over a run, when project_every is not given (four per epoch of 15; see BENCHMARKS.md)
+PROJECTIONS_PER_EPOCH = 4  # the bench's choice (BENCHMARKS.md): more often than once per epoch helps at high ratios
+DEFAULT_PROJECTIONS = 15 * PROJECTIONS_PER_EPOCH  # over a run whose epochs are unknown (a user's loop)
 BUDGET_MODES_HELP = "; ".join(f"{name}: {mode.description}" for name, mode in BUDGET_MODES.items())
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
@@ -130,32 +131,32 @@ def describe(module: nn.Module) -> str:
 
 
 FIT_SLACK = 1e-3  # a measured size this close below the target uses the budget well enough
-FIT_TRIES = 12
+FIT_GROWTHS = 6  # at most this many tries at a larger budget after one fits
 
 
 def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]) -> Allocation:
     """The allocation `deploy` makes at about the largest budget whose real `size` fits
     `target`. A real size can differ from the estimate the projection spends against: the
-    budget shrinks by each overshoot and grows by each undershoot, and the largest
-    allocation that fits is kept."""
-    budget, best, best_size = target, None, -1.0
-    for _ in range(FIT_TRIES):
+    budget shrinks by each overshoot until one fits, then grows by each undershoot (halving
+    back after an overshoot) a few times; the largest allocation that fits is kept."""
+    budget, best, best_size, fits_at, growths = target, None, -1.0, None, 0
+    for _ in range(50):
         alloc = deploy(budget)
         measured = size(alloc)
         if measured <= target:
             if measured > best_size:
                 best, best_size = alloc, measured
-            if target - measured <= FIT_SLACK * target:
-                break
+            fits_at = budget if fits_at is None else max(fits_at, budget)
+        if best is not None and (growths == FIT_GROWTHS or target - best_size <= FIT_SLACK * target):
+            return best
+        if measured <= target:
             budget += target - measured
-        else:
+        elif fits_at is None:
             budget -= (measured - target) + 64
+        else:
+            budget = (fits_at + budget) / 2
+        growths += best is not None
     if best is None:
-        for _ in range(50):  # keep shrinking until one fits
-            budget -= 0.02 * target
-            alloc = deploy(budget)
-            if size(alloc) <= target:
-                return alloc
         raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
     return best
 

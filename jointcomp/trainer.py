@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 
 from . import distributed
 from .budget import DENSE_BITS
-from .compressor import Compressor, CompressorConfig, compressible_weights
+from .compressor import PROJECTIONS_PER_EPOCH, Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
 from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
@@ -235,7 +235,8 @@ class Engine:
         cfg = self.config
         return Compressor(
             self.model, target, steps=cfg.epochs * self.steps_per_epoch, evaluate=self.evaluate, meta=self.meta,
-            config=dataclasses.replace(cfg, project_every=cfg.project_every or self.steps_per_epoch),
+            config=dataclasses.replace(
+                cfg, project_every=cfg.project_every or max(1, self.steps_per_epoch // PROJECTIONS_PER_EPOCH)),
         )
 
     # --- control from other threads -------------------------------------------------

@@ -41,7 +41,7 @@ def test_final_phase_keeps_the_deployed_shape_and_is_what_the_file_holds(trained
             assert torch.equal(now[n][0], shape[n][0]), "a mask changed during the final phase"
             assert torch.equal(now[n][1], shape[n][1]), "a code assignment changed during the final phase"
         steps += 1
-    assert steps == 3 * engine.steps_per_epoch
+    assert abs(steps - 3 * engine.steps_per_epoch) < engine.compressor.every  # half the run, at a projection
     epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase == "finetune"]
     assert len(epochs) == 3
     assert len({r.size_bits for r in epochs}) == 1 and epochs[0].size_bits <= target
@@ -73,7 +73,8 @@ def test_a_target_moved_during_the_final_phase_is_met(trained_mlp, digits):
     final = records[-1]
     assert final.size_bits <= new == final.target_bits
     epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase == "finetune"]
-    assert "re-projected" in epochs[-1].note and epochs[-1].size_bits <= new
+    assert "re-projected" in epochs[1].note  # said in the first record after the move
+    assert all(r.size_bits <= new for r in epochs[1:])
 
 
 def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits):
@@ -84,8 +85,14 @@ def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits):
         assert final.accuracy > 0.85
 
 
-def test_a_one_epoch_run_is_all_admm_and_longer_ones_end_in_the_final_phase(trained_mlp, digits):
-    for epochs, phases in ((1, ["admm"]), (2, ["admm", "finetune"]), (10, ["admm"] * 7 + ["finetune"] * 3)):
-        config = CompressConfig(target="50x", epochs=epochs, device="cpu")
-        records = list(Engine(copy.deepcopy(trained_mlp), digits, config))
-        assert [r.phase for r in records if isinstance(r, EpochRecord)] == phases
+def test_runs_of_any_length_end_in_the_final_phase_for_about_30_percent(trained_mlp, digits):
+    """Projections come four times an epoch, so even a one-epoch run trains its last part in
+    the deployed shape: admm steps, then final-phase steps, split at a projection."""
+    for epochs in (1, 2, 10):
+        engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=epochs, device="cpu"))
+        records = list(engine)
+        phases = [r.phase for r in records if isinstance(r, StepRecord)]
+        finetune = phases.count("finetune")
+        assert phases == ["admm"] * (len(phases) - finetune) + ["finetune"] * finetune
+        assert abs(finetune - 0.3 * len(phases)) <= engine.compressor.every
+        assert [r for r in records if isinstance(r, EpochRecord)][-1].phase == "finetune"
