@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -306,4 +307,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if torch.distributed.is_initialized():
+            gc.collect()  # the DDP model holds the process group: free it first, not at interpreter exit
             torch.distributed.destroy_process_group()

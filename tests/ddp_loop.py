@@ -2,6 +2,7 @@
 Run by tests/test_distributed.py as `torchrun --nproc_per_node 2 tests/ddp_loop.py OUT`.
 After every projection each process's projection V is gathered and compared on rank 0; a
 target moved on rank 0 alone mid-run must reach every process. Rank 0 writes OUT (JSON)."""
+import gc
 import hashlib
 import json
 import sys
@@ -25,6 +26,12 @@ def fingerprint(tensors) -> str:
 def main(out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    compress(out)
+    gc.collect()  # DDP holds the process group: release it while Python is whole (else gloo may abort at exit)
+    dist.destroy_process_group()
+
+
+def compress(out: str) -> None:
     rank = dist.get_rank()
     data = jointcomp.load_dataset("digits")
     torch.manual_seed(0)
@@ -69,7 +76,6 @@ def main(out: str) -> None:
         with open(out, "w") as f:
             json.dump({"projections": checks, "final": seen, "size_bits": final.size_bits,
                        "target_bits": final.target_bits, "dense_bits": comp.dense_bits}, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
