@@ -26,7 +26,7 @@ run: setup
 	$(VENV)/bin/streamlit run app.py --browser.gatherUsageStats false --server.fileWatcherType none
 
 test: setup system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x 800x

@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--rho", type=float, default=CompressConfig.rho, help="ADMM penalty")
     comp.add_argument("--method", choices=METHODS, default=CompressConfig.method,
                       help="admm (jointcomp) or a baseline, for comparisons (default admm)")
+    comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
+                      help="admm: fraction of the epochs, before the final phase, with masks and bitwidths fixed and "
+                           f"the kept weights trained through their quantization (default {CompressConfig.retrain})")
     comp.add_argument("--finetune", type=float, default=CompressConfig.finetune,
                       help="admm: fraction of the epochs trained at the end in the deployed shape "
                            f"(default {CompressConfig.finetune})")
@@ -202,7 +205,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         config = CompressConfig(
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
             lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
-            method=args.method, finetune=args.finetune, distill=args.distill,
+            method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device,
         )
         data = load_dataset(args.data, args.data_dir, args.download)

@@ -9,8 +9,9 @@
     comp.finish(); comp.convert_(); comp.export("model.jcz")
 
 `step()` runs after the user's optimizer step: a projection onto the budget every
-`project_every` steps (with ADMM's dual update), the proximal pull of the weights towards
-it, and, for the last `finetune` part of the steps, training in exactly the deployed shape.
+`project_every` steps (with ADMM's dual update) and the proximal pull of the weights towards
+it; then, with masks and bitwidths fixed, `retrain` (the weights train behind their quantized
+values) and, for the last `finetune` part of the steps, training in exactly the deployed shape.
 The Engine (trainer.py) is one such loop; records (records.py) report what happens.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CompressorConfig:
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
     project_every: int = 0  # steps between projections; 0 = steps // DEFAULT_PROJECTIONS
+    retrain: float = 0.3  # admm: fraction of the steps, before the final phase, with masks and bits fixed
     finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
     distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
     temperature: float = 4.0  # of the distillation's soft targets
@@ -67,9 +69,12 @@ class CompressorConfig:
         for name in ("rho", "temperature"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
-        for name in ("finetune", "distill"):
+        for name in ("retrain", "finetune", "distill"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
+        if self.retrain + self.finetune > 0.9:
+            raise ValueError(f"retrain + finetune must leave at least a tenth of the steps to ADMM, got "
+                             f"{self.retrain} + {self.finetune}")
         if self.project_every < 0:
             raise ValueError(f"project_every must be at least 0, got {self.project_every}")
         if self.budget_mode not in BUDGET_MODES:
@@ -240,20 +245,32 @@ class Compressor:
         return resolve_target(target, numel, bounds, self.accounting, self.reserved_bits, self.dense_bits)
 
     # --- the loop ---------------------------------------------------------------------
-    @property
-    def freeze_step(self) -> int:
-        """The step at which the final phase (training in the deployed shape) starts: a
-        projection boundary, at least one interval in, at least one interval before the
-        end; -1 when there is none (finetune 0, or a method without a final phase)."""
+    def _tail_start(self, fraction: float) -> int:
+        """The step that starts the last `fraction` of the run: a projection boundary, at
+        least one interval in and one before the end; -1 when there is none (fraction 0, or
+        a method that never fixes its allocation)."""
         slots = -(-self.steps // self.every)
-        intervals = min(slots - 1, max(1, round(self.config.finetune * slots)))
-        if not self.method.final_phase or self.config.finetune == 0 or intervals < 1:
+        intervals = min(slots - 1, max(1, round(fraction * slots)))
+        if not self.method.final_phase or fraction == 0 or intervals < 1:
             return -1
         return (slots - intervals) * self.every
 
     @property
+    def fix_step(self) -> int:
+        """The step from which masks and bitwidths are fixed (retraining, then the final phase)."""
+        return self._tail_start(self.config.retrain + self.config.finetune)
+
+    @property
+    def freeze_step(self) -> int:
+        """The step at which the final phase (training in the deployed shape) starts."""
+        return self._tail_start(self.config.finetune)
+
+    @property
     def phase(self) -> str:
-        return "finetune" if self.frozen_target is not None else "admm"
+        """"admm", then "retrain" (masks and bits fixed, codes still move), then "finetune"."""
+        if self.frozen_target is None:
+            return "admm"
+        return "retrain" if self.method.latent is not None else "finetune"
 
     def step(self, lr: float, loss: float | torch.Tensor | None = None) -> StepRecord:
         """Apply the method after one optimizer step taken at learning rate `lr`: projections
@@ -268,9 +285,11 @@ class Compressor:
         if t == 0:
             self.accounting.observe(torch.full((len(self.specs),), self._initial_density(target)))
             self.method.start(target)
-        if (self.frozen_target is None and t == self.freeze_step) or self.frozen_target not in (None, target):
-            self._freeze(target)
+        if (self.frozen_target is None and t == self.fix_step) or self.frozen_target not in (None, target):
+            self._freeze(target, retrain=self.freeze_step < 0 or t < self.freeze_step)
             decided = True
+        elif t == self.freeze_step and self.phase == "retrain":
+            self.method.fix_codes()
         projected = self.method.before_step(t, target)
         if projected:
             self.lambdas = projected
@@ -437,13 +456,14 @@ class Compressor:
                           lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
         return accounting.measure(alloc.size_bits, shipped)
 
-    def _freeze(self, target: float) -> None:
-        """Fit the current weights to the live target and train in that shape from now on."""
+    def _freeze(self, target: float, retrain: bool) -> None:
+        """Fit the current weights to the live target and train in that shape from now on
+        (`retrain`: with code assignments still free)."""
         alloc = trim_to_fit(self.method.deployable, target, self._size)
-        self.method.freeze(alloc)
         if self.frozen_target is not None:
-            self.notes.append(f"target moved to {target:.0f} bits during the final phase: re-projected, "
-                              "fine-tuning started again")
+            self.notes.append(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
+                              "that phase started again")
+        self.method.freeze(alloc, retrain)
         self.frozen_target = target
 
     def _project(self, bits: float, accounting: PaperAccounting, tables: list | None = None) -> tuple[Allocation, int, float]:

@@ -7,7 +7,8 @@ ship now, projected at a budget), `frozen` (the allocation being fine-tuned in i
 deployed shape, if any) and `freeze`.
 
 * admm: the paper's method with the joint projection (allocation.py); for the last part
-  of the run the Compressor freezes its allocation and fine-tunes the codebooks (`freeze`).
+  of the run the Compressor fixes its masks and bitwidths (`freeze`): first the kept weights
+  retrain behind their quantized values, then (`fix_codes`) only the codebooks train.
 * uniform: one global density and one bitwidth for every layer, chosen to hit the
   target; magnitude pruning + k-means, then fine-tuning with masks and code assignments
   fixed (Deep Compression style: each centre becomes the mean of its cluster's weights).
@@ -21,23 +22,30 @@ from torch import nn
 
 from .allocation import Allocation, Projector
 from .budget import BIT_CHOICES
+from .projections import assign
 
 METHODS = ("admm", "uniform", "sequential")
 
 
 @torch.no_grad()
-def snap(params: list[nn.Parameter], alloc: Allocation) -> None:
+def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tensor] | None = None) -> None:
     """Shared-centroid step: every centre becomes the mean of its cluster's current weights,
-    and every weight its centre (zeros stay zero). Masks and assignments do not change."""
-    for i, (p, mask, codes) in enumerate(zip(params, alloc.masks, alloc.codes)):
-        kept = p.detach()[mask].float()
+    and every weight its centre (zeros stay zero); masks and assignments do not change.
+    With `latent` (straight-through training) the clusters are those of the latent weights:
+    each is first re-assigned to its nearest centre (one Lloyd step), so codes can move."""
+    for i, (p, mask) in enumerate(zip(params, alloc.masks)):
+        kept = (p.detach() if latent is None else latent[i])[mask].float()
         book = alloc.codebooks[i]
+        codes = alloc.codes[i] if latent is None else assign(kept, book)
         total = torch.zeros_like(book).index_add_(0, codes, kept)
         count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(kept))
         book = torch.where(count > 0, total / count.clamp(min=1), book)
-        alloc.codebooks[i] = book
+        if latent is not None:  # keep it sorted for the next assignment
+            book, order = book.sort()
+            codes = order.argsort()[codes]
+        alloc.codebooks[i], alloc.codes[i] = book, codes
         value = torch.zeros_like(p, dtype=torch.float32)
-        value[mask] = book[codes]
+        value[mask] = book[alloc.codes[i]]
         alloc.values[i] = value
         p.copy_(value)
 
@@ -69,6 +77,7 @@ class Admm:
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.frozen: Allocation | None = None
+        self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
 
     def start(self, budget: float) -> None:
         pass  # the first projection (step 0) chooses everything
@@ -88,24 +97,40 @@ class Admm:
 
     @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
-        """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho);
-        in the final phase, the shared-centroid step instead."""
+        """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho).
+        Once the allocation is fixed, the shared-centroid step instead; while retraining,
+        the optimizer's step first moves the latent weights (straight-through)."""
         if self.frozen is not None:
-            snap(self.params, self.frozen)
+            if self.latent is not None:
+                for p, w, value, mask in zip(self.params, self.latent, self.frozen.values, self.frozen.masks):
+                    w.add_(p.detach().float() - value).mul_(mask)
+            snap(self.params, self.frozen, self.latent)
             return
         a = lr * rho
         for p, v, u in zip(self.params, self.V, self.U):
             p.add_(v - u, alpha=a).div_(1 + a)
 
-    def freeze(self, alloc: Allocation) -> None:
-        """From now on train in the deployed shape: masks, bits and code assignments fixed,
-        pruned weights exactly zero, each centre the mean of its members."""
+    @torch.no_grad()
+    def freeze(self, alloc: Allocation, retrain: bool = False) -> None:
+        """From now on train in the deployed shape: masks and bits fixed, pruned weights
+        exactly zero, each centre the mean of its members. `retrain`: the kept weights go
+        on training behind their quantized values (straight-through), so code assignments
+        still move, until `fix_codes`."""
+        self.latent = [w * mask for w, mask in zip(self.weights(), alloc.masks)] if retrain else None
         self.frozen = alloc
-        snap(self.params, alloc)
+        snap(self.params, alloc, self.latent)
+
+    def fix_codes(self) -> None:
+        """End retraining: from now on code assignments are fixed too (the final phase)."""
+        self.latent = None
+
+    def weights(self) -> list[torch.Tensor]:
+        """The trained weights: while retraining, the latent ones behind the quantized weights."""
+        return self.latent if self.latent is not None else [p.detach().float() for p in self.params]
 
     def deployable(self, budget: float) -> Allocation:
-        """The model that would ship now: the joint projection of W itself."""
-        return self.projector.joint([p.detach() for p in self.params], budget)
+        """The model that would ship now: the joint projection of the trained weights."""
+        return self.projector.joint(self.weights(), budget)
 
     def density(self) -> torch.Tensor:
         """Kept fraction per layer of the last projection (what the file's positions will cost)."""
@@ -119,13 +144,15 @@ class Admm:
         return r.cpu().double(), d.cpu().double()
 
     def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen)}
+        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen), "latent": self.latent}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
         self.frozen = allocation_from_state(state["frozen"], self.params)
+        latent = state.get("latent")
+        self.latent = None if latent is None else [w.to(device) for w in latent]
 
 
 class _FixedAllocation:

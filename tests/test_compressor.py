@@ -144,18 +144,18 @@ def timeless(records: list) -> list[str]:
 
 
 def test_engine_is_a_loop_over_compressor(trained_mlp, digits):
-    config = CompressConfig(target="40x", epochs=4, finetune=0.5, device="cpu")
+    config = CompressConfig(target="40x", epochs=4, device="cpu")
     engine_records = [r for r in Engine(copy.deepcopy(trained_mlp), digits, config)
                       if isinstance(r, (StepRecord, EpochRecord, FinalRecord))]
     hand_records: list = []
     hand_written_loop(copy.deepcopy(trained_mlp), digits, config, hand_records.append)
-    assert {r.phase for r in hand_records if isinstance(r, EpochRecord)} == {"admm", "finetune"}
+    assert {r.phase for r in hand_records if isinstance(r, EpochRecord)} == {"admm", "retrain", "finetune"}
     assert timeless(hand_records) == timeless(engine_records)
 
 
-@pytest.mark.parametrize("cut", [2, 4])  # in the ADMM phase, and in the final phase
+@pytest.mark.parametrize("cut", [1, 2, 4])  # after ADMM, while retraining, and in the final phase
 def test_resume_from_state_dict_ends_identically(trained_mlp, digits, cut):
-    config = CompressConfig(target="60x", epochs=5, finetune=0.4, device="cpu")
+    config = CompressConfig(target="60x", epochs=5, retrain=0.4, finetune=0.4, device="cpu")
     spe = math.ceil(len(digits.train_y) / config.batch_size)
     cpu = torch.device("cpu")
 
@@ -264,7 +264,7 @@ def test_every_method_runs_through_its_phases_and_fits(method, trained_mlp, digi
     comp.convert_()
     assert (trained_mlp(digits.val_x).argmax(1) == digits.val_y).float().mean() > 0.85
     if method == "admm":
-        assert phases == {"admm", "finetune"}
+        assert phases == {"admm", "retrain", "finetune"}
 
 
 @pytest.mark.parametrize("real_over_estimate", [0.8, 1.0, 1.15])

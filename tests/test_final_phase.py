@@ -1,10 +1,12 @@
-"""Admm's final phase: the network is trained in exactly the shape that ships. Checked on
-the live weights during the phase, against the exported file, with a target moved during
-the phase, and with distillation on and off."""
+"""Admm's last two phases: retraining (masks and bitwidths fixed, the kept weights trained
+through their quantization) and the final phase, where the network is trained in exactly
+the shape that ships. Checked on the live weights during each phase, against the exported
+file, with a target moved during either phase, and with distillation on and off."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from jointcomp import CompressConfig, Engine, FinalRecord, load_compressed
@@ -62,19 +64,49 @@ def test_final_phase_keeps_the_deployed_shape_and_is_what_the_file_holds(trained
     assert accuracy == final.accuracy
 
 
-def test_a_target_moved_during_the_final_phase_is_met(trained_mlp, digits):
+def test_retraining_fixes_masks_and_bits_while_the_codes_move(trained_mlp, digits):
+    target = 32 * sum(w.numel() for n, w in trained_mlp.named_parameters() if n.endswith("weight")) / 60
+    config = CompressConfig(target="60x", epochs=6, retrain=0.5, finetune=0.2, device="cpu")
+    engine = Engine(trained_mlp, digits, config)
+    names = ["1.weight", "3.weight", "5.weight"]
+    masks, first, moved, distinct, records = None, None, False, [], []
+    for record in engine:
+        records.append(record)
+        if not (isinstance(record, StepRecord) and record.phase == "retrain"):
+            continue
+        weights = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n in names}
+        now = {n: partition(w[w != 0]) for n, w in weights.items()}
+        masks = masks or {n: w != 0 for n, w in weights.items()}
+        first = first or now
+        for n in names:
+            assert torch.equal(weights[n] != 0, masks[n]), "a mask changed while retraining"
+            moved = moved or not torch.equal(now[n], first[n])
+        distinct.append({n: int(weights[n][weights[n] != 0].unique().numel()) for n in names})
+    assert moved, "no code assignment moved while retraining: the kept weights did not train"
+    fixed = [r for r in records if isinstance(r, EpochRecord) and r.phase in ("retrain", "finetune")]
+    assert [r.phase for r in fixed] == ["retrain"] * 3 + ["finetune"] * 2
+    assert len({r.size_bits for r in fixed}) == 1 and fixed[0].size_bits <= target
+    assert len({tuple(layer.bits for layer in r.layers) for r in fixed}) == 1
+    bits = {layer.name: layer.bits for layer in fixed[0].layers}
+    assert all(d[n] <= 2 ** bits[n] for d in distinct for n in names)
+    assert records[-1].size_bits <= target
+
+
+@pytest.mark.parametrize("phase", ["retrain", "finetune"])
+def test_a_target_moved_while_masks_are_fixed_is_met(trained_mlp, digits, phase):
     engine = Engine(trained_mlp, digits, CompressConfig(target="40x", epochs=4, finetune=0.5, device="cpu"))
     new = None
     records = []
     for record in engine:
         records.append(record)
-        if isinstance(record, EpochRecord) and record.phase == "finetune" and new is None:
+        if isinstance(record, EpochRecord) and record.phase == phase and new is None:
             new = engine.set_target("120x")
     final = records[-1]
     assert final.size_bits <= new == final.target_bits
-    epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase == "finetune"]
-    assert "re-projected" in epochs[1].note  # said in the first record after the move
-    assert all(r.size_bits <= new for r in epochs[1:])
+    epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase in ("retrain", "finetune")]
+    moved = next(i for i, r in enumerate(epochs) if r.phase == phase)
+    assert "re-projected" in epochs[moved + 1].note  # said in the first record after the move
+    assert all(r.size_bits <= new for r in epochs[moved + 1:])
 
 
 def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits):
@@ -85,14 +117,15 @@ def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits):
         assert final.accuracy > 0.85
 
 
-def test_runs_of_any_length_end_in_the_final_phase_for_about_30_percent(trained_mlp, digits):
-    """Projections come four times an epoch, so even a one-epoch run trains its last part in
-    the deployed shape: admm steps, then final-phase steps, split at a projection."""
+def test_runs_of_any_length_retrain_then_end_in_the_final_phase_for_about_30_percent_each(trained_mlp, digits):
+    """Projections come four times an epoch, so even a one-epoch run has all three phases:
+    admm steps, retraining steps, then final-phase steps, each split at a projection."""
     for epochs in (1, 2, 10):
         engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=epochs, device="cpu"))
         records = list(engine)
         phases = [r.phase for r in records if isinstance(r, StepRecord)]
-        finetune = phases.count("finetune")
-        assert phases == ["admm"] * (len(phases) - finetune) + ["finetune"] * finetune
+        retrain, finetune = phases.count("retrain"), phases.count("finetune")
+        assert phases == ["admm"] * (len(phases) - retrain - finetune) + ["retrain"] * retrain + ["finetune"] * finetune
+        assert abs(retrain - 0.3 * len(phases)) <= engine.compressor.every
         assert abs(finetune - 0.3 * len(phases)) <= engine.compressor.every
         assert [r for r in records if isinstance(r, EpochRecord)][-1].phase == "finetune"
