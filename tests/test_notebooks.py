@@ -26,20 +26,47 @@ def output_types(nb) -> set[str]:
 
 
 RUN = """
-import sys, nbformat
+import sys, time
+from queue import Empty
+import nbformat
 from nbclient import NotebookClient
+
+
+def polling(get_msg):
+    # One long wait on a zmq socket can miss its wake-up (jupyter/nbclient#312, with ipywidgets):
+    # wait in one-second slices instead, each of which polls the socket afresh.
+    async def get(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=min(1.0, left))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+    return get
+
+
+class Client(NotebookClient):
+    async def async_start_new_kernel_client(self):
+        kc = await super().async_start_new_kernel_client()
+        for channel in (kc.shell_channel, kc.iopub_channel):
+            channel.get_msg = polling(channel.get_msg)
+        return kc
+
+
 nb = nbformat.read(sys.argv[1], as_version=4)
-NotebookClient(nb, timeout=300, kernel_name="python3", shutdown_kernel="immediate",
-               resources={"metadata": {"path": sys.argv[3]}}).execute()
+Client(nb, timeout=240, kernel_name="python3", shutdown_kernel="immediate",
+       resources={"metadata": {"path": sys.argv[3]}}).execute()
 nbformat.write(nb, sys.argv[2])
 """
 
 
 def execute(path: Path, out: Path, attempts: int = 2) -> None:
-    """Run the notebook in its own process group (kernel included). nbclient can wait forever
-    for a reply after a cell with ipywidgets (jupyter/nbclient#312: the kernel sits idle, the
-    client never returns); such a hang is killed after 5 minutes and retried once. Errors in
-    the notebook fail at once."""
+    """Run the notebook in its own process group (kernel included). nbclient can miss a reply
+    after a cell with ipywidgets (jupyter/nbclient#312), so RUN polls in short slices; should a
+    run still hang, it is killed after 5 minutes and retried once. Errors in the notebook fail
+    at once."""
     env = {**os.environ, "JOINTCOMP_QUICK": "1"}
     for attempt in range(attempts):
         proc = subprocess.Popen([sys.executable, "-c", RUN, str(path), str(out), str(path.parent)], env=env,
