@@ -270,7 +270,7 @@ class Compressor:
         """"admm", then "retrain" (masks and bits fixed, codes still move), then "finetune"."""
         if self.frozen_target is None:
             return "admm"
-        return "retrain" if self.method.latent is not None else "finetune"
+        return "retrain" if self.method.retraining else "finetune"
 
     def step(self, lr: float, loss: float | torch.Tensor | None = None) -> StepRecord:
         """Apply the method after one optimizer step taken at learning rate `lr`: projections

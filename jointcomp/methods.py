@@ -120,6 +120,11 @@ class Admm:
         self.frozen = alloc
         snap(self.params, alloc, self.latent)
 
+    @property
+    def retraining(self) -> bool:
+        """Whether code assignments still move (between `freeze(..., retrain=True)` and `fix_codes`)."""
+        return self.latent is not None
+
     def fix_codes(self) -> None:
         """End retraining: from now on code assignments are fixed too (the final phase)."""
         self.latent = None
@@ -159,6 +164,7 @@ class _FixedAllocation:
     """Shared by the baselines: an allocation decided once, then fine-tuned in place."""
 
     final_phase = False  # already trained in their deployed shape once decided
+    retraining = False
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
