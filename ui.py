@@ -54,10 +54,10 @@ def sidebar(with_method: bool = True) -> Choices:
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
                                        help=BUDGET_MODES_HELP)
         retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, CompressConfig.retrain, 0.1, key="retrain",
-                            help="admm then fixes masks and bitwidths and trains the kept weights through their "
+                            help="every method then fixes masks and bitwidths and trains the kept weights through their "
                                  "quantization, before the final phase")
         finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, CompressConfig.finetune, 0.1, key="finetune",
-                             help="admm trains the last part of the run in exactly the shape that ships")
+                             help="every method trains the last part of the run in exactly the shape that ships")
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed), method=method,

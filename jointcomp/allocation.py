@@ -63,14 +63,14 @@ class Projector:
         hi = torch.tensor([s.bounds.max_bits for s in self.specs])
         return bits.clamp(lo, hi)
 
-    def _room(self, bits: torch.Tensor, budget: float) -> tuple[torch.Tensor, float]:
+    def room(self, bits: torch.Tensor, budget: float) -> tuple[torch.Tensor, float]:
         """Cost of one kept weight per layer, and the budget left for kept weights."""
         unit = self.accounting.weight_bits(bits, self.numel)
         return unit, budget - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
 
     def fits(self, bits: torch.Tensor, budget: float) -> bool:
         """Whether every layer can keep its fewest weights at these bitwidths."""
-        unit, room = self._room(bits, budget)
+        unit, room = self.room(bits, budget)
         return float((unit * torch.tensor(self.min_keep, dtype=torch.float64)).sum()) <= room
 
     def prune(
@@ -79,7 +79,7 @@ class Projector:
         """Knapsack masks for these bitwidths; the multiplier at the cut."""
         if not self.fits(bits, budget):
             raise ValueError("the budget cannot hold one weight per layer at these bitwidths")
-        unit, room = self._room(bits, budget)
+        unit, room = self.room(bits, budget)
         return knapsack_prune(weights, unit.tolist(), room, self.min_keep)
 
     def quantize(

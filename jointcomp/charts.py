@@ -11,7 +11,7 @@ from .codec import Report
 
 WIDTH = 320
 HEIGHT = 300  # the whole chart (title, legend, axes) in Streamlit, which fits the height
-PHASES = {"dense": "dense", "admm": "ADMM", "retrain": "retraining", "finetune": "final phase"}
+PHASES = {"dense": "dense", "admm": "ADMM", "prune": "pruning", "retrain": "retraining", "finetune": "final phase"}
 MULTIPLIERS = {"lambda_prune": "pruning: weight score at the cut", "lambda_quant": "joint: price of one bit"}
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)

@@ -61,10 +61,10 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", choices=METHODS, default=CompressConfig.method,
                       help="admm (jointcomp) or a baseline, for comparisons (default admm)")
     comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
-                      help="admm: fraction of the epochs, before the final phase, with masks and bitwidths fixed and "
+                      help="fraction of the epochs (every method), before the final phase, with masks and bitwidths fixed and "
                            f"the kept weights trained through their quantization (default {CompressConfig.retrain})")
     comp.add_argument("--finetune", type=float, default=CompressConfig.finetune,
-                      help="admm: fraction of the epochs trained at the end in the deployed shape "
+                      help="fraction of the epochs (every method) trained at the end in the deployed shape "
                            f"(default {CompressConfig.finetune})")
     comp.add_argument("--distill", type=float, default=CompressConfig.distill,
                       help=f"weight of distillation from the dense starting model, 0 = off (default {CompressConfig.distill})")

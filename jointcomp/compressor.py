@@ -57,8 +57,8 @@ class CompressorConfig:
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
     project_every: int = 0  # steps between projections; 0 = steps // DEFAULT_PROJECTIONS
-    retrain: float = 0.3  # admm: fraction of the steps, before the final phase, with masks and bits fixed
-    finetune: float = 0.3  # admm: fraction of the steps trained at the end in the deployed shape
+    retrain: float = 0.3  # fraction of the steps, before the final phase, with masks and bits fixed
+    finetune: float = 0.3  # fraction of the steps trained at the end in the deployed shape
     distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
     temperature: float = 4.0  # of the distillation's soft targets
     layer_types: tuple[str, ...] = ("Conv2d", "Linear")
@@ -73,7 +73,7 @@ class CompressorConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
         if self.retrain + self.finetune > 0.9:
-            raise ValueError(f"retrain + finetune must leave at least a tenth of the steps to ADMM, got "
+            raise ValueError(f"retrain + finetune must leave at least a tenth of the steps to choosing the allocation, got "
                              f"{self.retrain} + {self.finetune}")
         if self.project_every < 0:
             raise ValueError(f"project_every must be at least 0, got {self.project_every}")
@@ -247,11 +247,10 @@ class Compressor:
     # --- the loop ---------------------------------------------------------------------
     def _tail_start(self, fraction: float) -> int:
         """The step that starts the last `fraction` of the run: a projection boundary, at
-        least one interval in and one before the end; -1 when there is none (fraction 0, or
-        a method that never fixes its allocation)."""
+        least one interval in and one before the end; -1 when there is none (fraction 0)."""
         slots = -(-self.steps // self.every)
         intervals = min(slots - 1, max(1, round(fraction * slots)))
-        if not self.method.final_phase or fraction == 0 or intervals < 1:
+        if fraction == 0 or intervals < 1:
             return -1
         return (slots - intervals) * self.every
 
@@ -267,9 +266,10 @@ class Compressor:
 
     @property
     def phase(self) -> str:
-        """"admm", then "retrain" (masks and bits fixed, codes still move), then "finetune"."""
+        """The method's first phase ("admm", or "prune" for the baselines), then "retrain" (masks
+        and bits fixed, codes still move), then "finetune" (the deployed shape)."""
         if self.frozen_target is None:
-            return "admm"
+            return self.method.first_phase
         return "retrain" if self.method.retraining else "finetune"
 
     def step(self, lr: float, loss: float | torch.Tensor | None = None) -> StepRecord:

@@ -3,17 +3,17 @@
 Every method is driven by the Compressor (compressor.py) over the same steps of the same
 training loop, and answers the same hooks: `start` (at the first step), `before_step`
 (projections), `after_step` (after each optimizer step), `deployable` (the model that would
-ship now, projected at a budget), `frozen` (the allocation being fine-tuned in its
-deployed shape, if any) and `freeze`.
+ship now, projected at a budget) and `freeze`. Methods differ only in how they choose the
+allocation (which weights to keep, how many bits each layer gets) during their first phase;
+from `freeze` on (the Compressor's `fix_step`) every method trains its allocation the same
+way (`Method`): first the kept weights retrain behind their quantized values, then
+(`fix_codes`) only the codebooks train. So the bench compares allocations, not recipes.
 
-* admm: the paper's method with the joint projection (allocation.py); for the last part
-  of the run the Compressor fixes its masks and bitwidths (`freeze`): first the kept weights
-  retrain behind their quantized values, then (`fix_codes`) only the codebooks train.
-* uniform: one global density and one bitwidth for every layer, chosen to hit the
-  target; magnitude pruning + k-means, then fine-tuning with masks and code assignments
-  fixed (Deep Compression style: each centre becomes the mean of its cluster's weights).
-* sequential: prune first (knapsack with one bitwidth for every layer) and fine-tune with
-  the mask fixed; halfway, choose bitwidths (knapsack), quantize, and fine-tune as uniform.
+* admm: the paper's method with the joint projection (allocation.py).
+* uniform: one global density and one bitwidth for every layer, chosen to hit the target
+  with the least error; magnitude pruning, then training with the masks fixed.
+* sequential: prune first (knapsack with one bitwidth for every layer) and train with the
+  masks fixed; at `freeze`, choose bitwidths for the kept weights (knapsack) and quantize.
 """
 from __future__ import annotations
 
@@ -64,51 +64,35 @@ def allocation_from_state(state: dict, params: list[nn.Parameter]) -> Allocation
                       float(state["size_bits"]), 0.0, 0.0)
 
 
-class Admm:
-    """The paper's ADMM with one joint projection: W (the trained weights), V (their
-    projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
+class Method:
+    """What every method shares: training a fixed allocation in its deployed shape (from
+    `freeze` on), its state, and the defaults of the hooks. Subclasses choose the allocation."""
 
-    final_phase = True  # trains its allocation in the deployed shape at the end (`freeze`)
+    first_phase = "admm"  # the records' name of the phase before `freeze`
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
         self.projector = projector
         self.every = every
-        self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.frozen: Allocation | None = None
+        self.frozen: Allocation | None = None  # the fixed allocation, from `freeze` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
 
     def start(self, budget: float) -> None:
-        pass  # the first projection (step 0) chooses everything
+        pass
 
-    @torch.no_grad()
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
-        two multipliers (pruning cut score, joint price of a bit), in squared error per bit."""
-        if self.frozen is not None or step % self.every:
-            return None
-        x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
-        alloc = self.projector.joint(x, budget)
-        self.V = alloc.values
-        for p, v, u in zip(self.params, self.V, self.U):
-            u.add_(p.detach().float() - v)
-        return alloc.lambda_prune, alloc.lambda_quant
+        """Projections due at this step; their two multipliers when there was one."""
+        return None
 
     @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
-        """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho).
-        Once the allocation is fixed, the shared-centroid step instead; while retraining,
-        the optimizer's step first moves the latent weights (straight-through)."""
-        if self.frozen is not None:
-            if self.latent is not None:
-                for p, w, value, mask in zip(self.params, self.latent, self.frozen.values, self.frozen.masks):
-                    w.add_(p.detach().float() - value).mul_(mask)
-            snap(self.params, self.frozen, self.latent)
-            return
-        a = lr * rho
-        for p, v, u in zip(self.params, self.V, self.U):
-            p.add_(v - u, alpha=a).div_(1 + a)
+        """Once the allocation is fixed, the shared-centroid step; while retraining, the
+        optimizer's step first moves the latent weights (straight-through)."""
+        assert self.frozen is not None
+        if self.latent is not None:
+            for p, w, value, mask in zip(self.params, self.latent, self.frozen.values, self.frozen.masks):
+                w.add_(p.detach().float() - value).mul_(mask)
+        snap(self.params, self.frozen, self.latent)
 
     @torch.no_grad()
     def freeze(self, alloc: Allocation, retrain: bool = False) -> None:
@@ -134,6 +118,59 @@ class Admm:
         return self.latent if self.latent is not None else [p.detach().float() for p in self.params]
 
     def deployable(self, budget: float) -> Allocation:
+        raise NotImplementedError
+
+    def density(self) -> torch.Tensor:
+        """Kept fraction per layer (what the file's positions will cost)."""
+        return torch.tensor([float((p.detach() != 0).double().mean()) for p in self.params], dtype=torch.float64)
+
+    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer: primal residual and dual norm (zero for methods without ADMM)."""
+        zeros = torch.zeros(len(self.params), dtype=torch.float64)
+        return zeros, zeros
+
+    def state_dict(self) -> dict:
+        return {"frozen": allocation_state(self.frozen), "latent": self.latent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frozen = allocation_from_state(state["frozen"], self.params)
+        device = self.params[0].device
+        self.latent = None if state["latent"] is None else [w.to(device) for w in state["latent"]]
+
+
+class Admm(Method):
+    """The paper's ADMM with one joint projection: W (the trained weights), V (their
+    projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
+
+    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
+        super().__init__(params, projector, steps, every)
+        self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+    @torch.no_grad()
+    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
+        """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
+        two multipliers (pruning cut score, joint price of a bit), in squared error per bit.
+        The first projection (step 0) chooses everything."""
+        if self.frozen is not None or step % self.every:
+            return None
+        x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
+        alloc = self.projector.joint(x, budget)
+        self.V = alloc.values
+        for p, v, u in zip(self.params, self.V, self.U):
+            u.add_(p.detach().float() - v)
+        return alloc.lambda_prune, alloc.lambda_quant
+
+    @torch.no_grad()
+    def after_step(self, lr: float, rho: float) -> None:
+        """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho)."""
+        if self.frozen is not None:
+            return super().after_step(lr, rho)
+        a = lr * rho
+        for p, v, u in zip(self.params, self.V, self.U):
+            p.add_(v - u, alpha=a).div_(1 + a)
+
+    def deployable(self, budget: float) -> Allocation:
         """The model that would ship now: the joint projection of the trained weights."""
         return self.projector.joint(self.weights(), budget)
 
@@ -149,69 +186,71 @@ class Admm:
         return r.cpu().double(), d.cpu().double()
 
     def state_dict(self) -> dict:
-        return {"V": self.V, "U": self.U, "frozen": allocation_state(self.frozen), "latent": self.latent}
+        return {**super().state_dict(), "V": self.V, "U": self.U}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
-        self.frozen = allocation_from_state(state["frozen"], self.params)
-        latent = state.get("latent")
-        self.latent = None if latent is None else [w.to(device) for w in latent]
 
 
-class _FixedAllocation:
-    """Shared by the baselines: an allocation decided once, then fine-tuned in place."""
+class _PruneFirst(Method):
+    """Shared by the baselines: masks chosen at the start (again if the target moves) and
+    held while training; bitwidths and codebooks fitted to the kept weights at `freeze`."""
 
-    final_phase = False  # already trained in their deployed shape once decided
-    retraining = False
+    first_phase = "prune"
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
-        self.params = params
-        self.projector = projector
-        self.alloc: Allocation | None = None
+        super().__init__(params, projector, steps, every)
+        self.budget = float("nan")  # the one the masks were chosen for
+        self.masks: list[torch.Tensor] = []
+        self.bits: torch.Tensor | None = None  # None: chosen by the bitwidth knapsack at `freeze`
 
-    def after_step(self, lr: float, rho: float) -> None:
-        assert self.alloc is not None
-        snap(self.params, self.alloc)
-
-    def deployable(self, budget: float) -> Allocation:
-        assert self.alloc is not None
-        return self.alloc
-
-    def residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(len(self.params), dtype=torch.float64)
-        return zeros, zeros
-
-    def density(self) -> torch.Tensor:
-        """Kept fraction per layer: the weights are held at zero where pruned."""
-        return torch.tensor([float((p.detach() != 0).double().mean()) for p in self.params], dtype=torch.float64)
-
-    @property
-    def frozen(self) -> Allocation | None:
-        return self.alloc
-
-    def state_dict(self) -> dict:
-        return allocation_state(self.alloc)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.alloc = allocation_from_state(state, self.params)
-
-    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        return None
-
-
-class Uniform(_FixedAllocation):
-    """One density and one bitwidth for all layers, magnitude pruning, then fine-tuning."""
+    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The masks (and the bitwidths, if already decided) for this budget."""
+        raise NotImplementedError
 
     def start(self, budget: float) -> None:
-        weights = [p.detach() for p in self.params]
+        self.before_step(0, budget)
+
+    @torch.no_grad()
+    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
+        if self.frozen is None and budget != self.budget:  # the start, or a moved target
+            self.masks, self.bits = self.choose(self.weights(), budget)
+            self.budget = budget
+        return None
+
+    @torch.no_grad()
+    def after_step(self, lr: float, rho: float) -> None:
+        if self.frozen is not None:
+            return super().after_step(lr, rho)
+        for p, m in zip(self.params, self.masks):
+            p.mul_(m)
+
+    def deployable(self, budget: float) -> Allocation:
+        """The kept weights quantized: with the chosen bits, or bits from the knapsack."""
+        weights = self.weights()
+        masks, bits = (self.masks, self.bits) if budget == self.budget else self.choose(weights, budget)
+        return self.projector.quantize(weights, masks, budget, bits=bits)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "budget": self.budget, "masks": self.masks, "bits": self.bits}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.budget, self.masks, self.bits = float(state["budget"]), state["masks"], state["bits"]
+
+
+class Uniform(_PruneFirst):
+    """One density and one bitwidth for all layers (the pair with the least error), by magnitude."""
+
+    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         numel = self.projector.numel
         best, best_err = None, float("inf")
         for b in BIT_CHOICES:
             bits = self.projector.clamp_bits(torch.full((len(weights),), b))
-            unit = self.projector.accounting.weight_bits(bits, numel)
-            room = budget - self.projector.reserved_bits - float(self.projector.accounting.layer_bits(bits, numel).sum())
+            unit, room = self.projector.room(bits, budget)
             density = room / float((unit * numel).sum())
             if density <= 0:
                 continue
@@ -222,59 +261,18 @@ class Uniform(_FixedAllocation):
                 continue
             err = sum(float((w - q).square().sum()) for w, q in zip(weights, alloc.values))
             if err < best_err:
-                best, best_err = alloc, err
+                best, best_err = (masks, bits), err
         if best is None:
             raise ValueError("no uniform density and bitwidth fits this target; try a larger one")
-        self.alloc = best
-        snap(self.params, self.alloc)
+        return best
 
 
-class Sequential(_FixedAllocation):
-    """Prune (knapsack at one bitwidth) and fine-tune; then choose bitwidths, quantize, fine-tune."""
+class Sequential(_PruneFirst):
+    """Prune by the knapsack at one bitwidth for every layer; bitwidths by the knapsack later."""
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
-        super().__init__(params, projector, steps, every)
-        self.switch_step = (-(-steps // every) // 2) * every  # halfway, at a projection boundary
-        self.masks: list[torch.Tensor] | None = None
-
-    def start(self, budget: float) -> None:
-        weights = [p.detach() for p in self.params]
-        bits = self.projector.initial_bits(weights, budget)
-        self.masks, _ = self.projector.prune(weights, bits, budget)
-        self._apply_masks()
-
-    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        if step == self.switch_step and self.alloc is None:
-            assert self.masks is not None
-            self.alloc = self.projector.quantize([p.detach() for p in self.params], self.masks, budget)
-            snap(self.params, self.alloc)
-            return float("nan"), self.alloc.lambda_quant
-        return None
-
-    def after_step(self, lr: float, rho: float) -> None:
-        if self.alloc is None:
-            self._apply_masks()
-        else:
-            snap(self.params, self.alloc)
-
-    def deployable(self, budget: float) -> Allocation:
-        if self.alloc is not None:
-            return self.alloc
-        assert self.masks is not None
-        return self.projector.quantize([p.detach() for p in self.params], self.masks, budget)
-
-    @torch.no_grad()
-    def _apply_masks(self) -> None:
-        assert self.masks is not None
-        for p, m in zip(self.params, self.masks):
-            p.mul_(m)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "prune_masks": self.masks}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.masks = state.pop("prune_masks")
-        super().load_state_dict(state)
+    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        masks, _ = self.projector.prune(weights, self.projector.initial_bits(weights, budget), budget)
+        return masks, None
 
 
 def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -283,7 +281,7 @@ def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(w.shape)
 
 
-def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int):
+def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> Method:
     """The method `name` over `steps` optimizer steps, projecting every `every` steps."""
     classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
     if name not in classes:

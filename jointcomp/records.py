@@ -32,7 +32,7 @@ class StartRecord:
 class StepRecord:
     """One optimizer step."""
 
-    phase: str  # "dense" (pre-training), "admm" (compression), "retrain" (masks, bits fixed), "finetune" (deployed shape)
+    phase: str  # "dense" (pre-training), "admm" (compression; "prune" for the baselines), "retrain" (masks, bits fixed), "finetune" (deployed shape)
     step: int
     epoch: int
     loss: float

@@ -38,7 +38,7 @@ class Progress:
     eta: float | None  # seconds, from the rate of the recent steps; None until it can be measured
     epoch: int = 0  # compression epochs finished
     total_epochs: int = 0
-    phase: str = ""  # of the last finished epoch: "dense", "admm", "retrain" or "finetune"
+    phase: str = ""  # of the last finished epoch: "dense", "admm" (or "prune"), "retrain" or "finetune"
     notes: tuple[str, ...] = ()  # events the epochs reported (e.g. the final phase restarted)
     steps: int = 0  # optimizer steps done
     total_steps: int = 0

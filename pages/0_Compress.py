@@ -116,6 +116,7 @@ def live() -> None:
     if r.error:
         st.error(f"The run failed: {r.error}")
     phase = {"admm": "ADMM: learning which weights to keep and how many bits each layer gets",
+             "prune": "pruning: a baseline's masks held while the network trains; bitwidths come next",
              "retrain": "retraining: masks and bitwidths fixed, the kept weights trained through their quantization",
              "finetune": "final phase: training the network in exactly the shape that ships (codebooks only)",
              "dense": "dense pre-training"}.get(p.phase, "")
