@@ -284,16 +284,15 @@ class Compressor:
         decided = t == 0
         if t == 0:
             self.accounting.observe(torch.full((len(self.specs),), self._initial_density(target)))
-            self.method.start(target)
+        projected = self.method.before_step(t, target)
+        if projected:
+            self.lambdas = projected
+            self.accounting.observe(self.method.density())
         if (self.frozen_target is None and t == self.fix_step) or self.frozen_target not in (None, target):
             self._freeze(target, retrain=self.freeze_step < 0 or t < self.freeze_step)
             decided = True
         elif t == self.freeze_step and self.phase == "retrain":
             self.method.fix_codes()
-        projected = self.method.before_step(t, target)
-        if projected:
-            self.lambdas = projected
-            self.accounting.observe(self.method.density())
         self.method.after_step(lr, self.config.rho)
         if decided or projected:
             distributed.check_same(self._digest(), "allocation after the projection")

@@ -1,8 +1,8 @@
 """How the compressed layers are trained: jointcomp's ADMM, and two baselines.
 
 Every method is driven by the Compressor (compressor.py) over the same steps of the same
-training loop, and answers the same hooks: `start` (at the first step), `before_step`
-(projections), `after_step` (after each optimizer step), `deployable` (the model that would
+training loop, and answers the same hooks: `before_step` (projections; it sees the live
+target first at every step), `after_step` (after each optimizer step), `deployable` (the model that would
 ship now, projected at a budget) and `freeze`. Methods differ only in how they choose the
 allocation (which weights to keep, how many bits each layer gets) during their first phase;
 from `freeze` on (the Compressor's `fix_step`) every method trains its allocation the same
@@ -77,11 +77,9 @@ class Method:
         self.frozen: Allocation | None = None  # the fixed allocation, from `freeze` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
 
-    def start(self, budget: float) -> None:
-        pass
-
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        """Projections due at this step; their two multipliers when there was one."""
+        """Projections due at this step (before `freeze`, if both are due); their two
+        multipliers when there was one."""
         return None
 
     @torch.no_grad()
@@ -196,8 +194,8 @@ class Admm(Method):
 
 
 class _PruneFirst(Method):
-    """Shared by the baselines: masks chosen at the start (again if the target moves) and
-    held while training; bitwidths and codebooks fitted to the kept weights at `freeze`."""
+    """Shared by the baselines: masks chosen at the start (again whenever the target moves)
+    and held while training; bitwidths and codebooks fitted to the kept weights at `freeze`."""
 
     first_phase = "prune"
 
@@ -211,12 +209,9 @@ class _PruneFirst(Method):
         """The masks (and the bitwidths, if already decided) for this budget."""
         raise NotImplementedError
 
-    def start(self, budget: float) -> None:
-        self.before_step(0, budget)
-
     @torch.no_grad()
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        if self.frozen is None and budget != self.budget:  # the start, or a moved target
+        if budget != self.budget:  # the start, or a moved target (then `freeze` follows, if past it)
             self.masks, self.bits = self.choose(self.weights(), budget)
             self.budget = budget
         return None
@@ -229,9 +224,10 @@ class _PruneFirst(Method):
             p.mul_(m)
 
     def deployable(self, budget: float) -> Allocation:
-        """The kept weights quantized: with the chosen bits, or bits from the knapsack."""
+        """The kept weights quantized, with the chosen bits or bits from the knapsack. The
+        masks are those chosen for the target; only a smaller budget chooses others."""
         weights = self.weights()
-        masks, bits = (self.masks, self.bits) if budget == self.budget else self.choose(weights, budget)
+        masks, bits = (self.masks, self.bits) if budget >= self.budget else self.choose(weights, budget)
         return self.projector.quantize(weights, masks, budget, bits=bits)
 
     def state_dict(self) -> dict:
