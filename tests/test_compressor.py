@@ -246,7 +246,7 @@ def test_plan_and_bad_use_leave_nothing_behind(trained_mlp):
 @pytest.mark.parametrize("method", ["admm", "uniform", "sequential"])
 def test_every_method_runs_through_the_same_phases_and_fits_a_moved_target(method, trained_mlp, digits):
     """Each method over a whole short run: its own first phase (admm, or pruning with the
-    masks held for the baselines), then the same retraining and final phase for all. The
+    masks held for the baselines, and kept when they quantize), then the same retraining and final phase for all. The
     target moves during the first phase; the final model fits the new one and still classifies."""
     loader = list(zip(digits.train_x.split(64), digits.train_y.split(64)))
     epochs = 4
@@ -262,12 +262,14 @@ def test_every_method_runs_through_the_same_phases_and_fits_a_moved_target(metho
             nn.functional.cross_entropy(trained_mlp(x), y).backward()
             opt.step()
             record = comp.step(lr=0.02)
+            zeros = {n: p.detach() == 0 for n, p in trained_mlp.named_parameters() if n in names}
+            if record.phase == "prune" and epoch == 0:
+                assert pruned is None or all(torch.equal(zeros[n], pruned[n]) for n in names), "a mask moved"
+            if record.phase == "retrain" and phases[-1] == "prune":  # quantized with the masks it held
+                assert all(torch.equal(zeros[n], pruned[n]) for n in names), "the masks changed at the freeze"
+            pruned = zeros
             if record.phase != (phases or [None])[-1]:
                 phases.append(record.phase)
-            if record.phase == "prune" and epoch == 0:
-                zeros = {n: p.detach() == 0 for n, p in trained_mlp.named_parameters() if n in names}
-                assert pruned is None or all(torch.equal(zeros[n], pruned[n]) for n in names), "a mask moved"
-                pruned = zeros
         comp.end_epoch()
     final = comp.finish()
     assert phases == ["admm" if method == "admm" else "prune", "retrain", "finetune"]
