@@ -29,23 +29,25 @@ METHODS = ("admm", "uniform", "sequential")
 
 @torch.no_grad()
 def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tensor] | None = None) -> None:
-    """Shared-centroid step: every centre becomes the mean of its cluster's current weights,
-    and every weight its centre (zeros stay zero); masks and assignments do not change.
-    With `latent` (straight-through training) the clusters are those of the latent weights:
-    each is first re-assigned to its nearest centre (one Lloyd step), so codes can move."""
+    """Shared-centroid step (Deep Compression): every centre moves by the mean of its members'
+    updates since the last step, and every weight becomes its centre (zeros stay zero).
+    With `latent` (straight-through retraining) each weight first joins the centre nearest to
+    its latent weight, so codes can move; latent weights are held within the codebook's range
+    (as BinaryConnect clips them), so every one stays a few steps from changing its code."""
     for i, (p, mask) in enumerate(zip(params, alloc.masks)):
-        kept = (p.detach() if latent is None else latent[i])[mask].float()
+        update = (p.detach().float() - alloc.values[i])[mask]
         book = alloc.codebooks[i]
-        codes = alloc.codes[i] if latent is None else assign(kept, book)
-        total = torch.zeros_like(book).index_add_(0, codes, kept)
-        count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(kept))
-        book = torch.where(count > 0, total / count.clamp(min=1), book)
+        codes = alloc.codes[i] if latent is None else assign(latent[i][mask].float(), book)
+        total = torch.zeros_like(book).index_add_(0, codes, update)
+        count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(update))
+        book = book + total / count.clamp(min=1)
         if latent is not None:  # keep it sorted for the next assignment
             book, order = book.sort()
             codes = order.argsort()[codes]
+            torch.clamp(latent[i], book[0], book[-1], out=latent[i]).mul_(mask)
         alloc.codebooks[i], alloc.codes[i] = book, codes
         value = torch.zeros_like(p, dtype=torch.float32)
-        value[mask] = book[alloc.codes[i]]
+        value[mask] = book[codes]
         alloc.values[i] = value
         p.copy_(value)
 
