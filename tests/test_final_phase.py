@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from jointcomp import CompressConfig, Engine, FinalRecord, load_compressed
+from jointcomp.allocation import Allocation
+from jointcomp.methods import snap
 from jointcomp.records import EpochRecord, StepRecord
 
 META = {"model": "mlp", "data": "digits", "input_shape": [1, 8, 8], "num_classes": 10}
@@ -129,3 +131,19 @@ def test_runs_of_any_length_retrain_then_end_in_the_final_phase_for_about_30_per
         assert abs(retrain - 0.3 * len(phases)) <= engine.compressor.every
         assert abs(finetune - 0.3 * len(phases)) <= engine.compressor.every
         assert [r for r in records if isinstance(r, EpochRecord)][-1].phase == "finetune"
+
+
+def test_a_retraining_step_moves_centres_by_their_members_updates_not_by_latent_outliers():
+    """One 1-bit layer, centres -1 and 1, every weight updated by +0.1 since the last step; one
+    latent weight has drifted to 50 and one to -0.2 (nearer to -1). The centres move by the
+    mean update (-0.9, 1.1) whatever the latent values, the drifted-down weight changes its
+    code, and the latent weights are held within the new codebook's range."""
+    values = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    weight = torch.nn.Parameter(values + 0.1)
+    latent = [torch.tensor([-1.0, -1.0, -1.0, 1.0, -0.2, 50.0])]
+    alloc = Allocation([torch.ones(6, dtype=torch.bool)], torch.tensor([1]), [torch.tensor([-1.0, 1.0])],
+                       [torch.tensor([0, 0, 0, 1, 1, 1])], [values.clone()], 6.0, 0.0, 0.0)
+    snap([weight], alloc, latent)
+    assert torch.allclose(alloc.codebooks[0], torch.tensor([-0.9, 1.1]))
+    assert torch.allclose(weight.detach(), torch.tensor([-0.9, -0.9, -0.9, 1.1, -0.9, 1.1]))
+    assert torch.allclose(latent[0], torch.tensor([-0.9, -0.9, -0.9, 1.0, -0.2, 1.1]))
