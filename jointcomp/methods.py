@@ -70,7 +70,7 @@ class Method:
     """What every method shares: training a fixed allocation in its deployed shape (from
     `freeze` on), its state, and the defaults of the hooks. Subclasses choose the allocation."""
 
-    first_phase = "admm"  # the records' name of the phase before `freeze`
+    first_phase: str  # the records' name of the phase before `freeze` ("admm", "prune")
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         self.params = params
@@ -141,6 +141,8 @@ class Method:
 class Admm(Method):
     """The paper's ADMM with one joint projection: W (the trained weights), V (their
     projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
+
+    first_phase = "admm"
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
         super().__init__(params, projector, steps, every)
