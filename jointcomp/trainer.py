@@ -420,9 +420,14 @@ class Engine:
             state = self.run_dir.load_state()
         else:
             state = torch.load(self.run_path / STATE_FILE, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.compressor.load_state_dict(state["compressor"])
-        self._saved_epochs, self._saved_score = int(state["epochs_done"]), float(state["accuracy"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.compressor.load_state_dict(state["compressor"])
+            self._saved_epochs, self._saved_score = int(state["epochs_done"]), float(state["accuracy"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # another layout, or edited
+            why = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"cannot resume: {self.run_path / STATE_FILE} was saved by another jointcomp version or "
+                             f"is damaged ({type(err).__name__} {why}); start a new run") from None
         if self.config.target != state["config"]["target"]:  # the resumed run was given a new target
             self.compressor.set_target(self.config.target)
         if state["epochs_done"] == self.config.dense_epochs:

@@ -181,11 +181,23 @@ def test_resume_needs_saved_state(trained_mlp, digits, tmp_path):
     assert not (tmp_path / "none").exists()  # resuming never creates the folder
 
 
-def test_damaged_state_file_is_reported(trained_mlp, digits, tmp_path):
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:500])
+
+
+def drop_latent(path):
+    """A state as an earlier version saved it: its method state had no "latent"."""
+    state = torch.load(path, weights_only=True)
+    del state["compressor"]["method"]["latent"]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage", [truncate, drop_latent])
+def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path, damage):
     config = CompressConfig(target="50x", epochs=1, device="cpu")
     run(Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path)))
-    state = tmp_path / "train_state.pt"
-    state.write_bytes(state.read_bytes()[:500])
+    damage(tmp_path / "train_state.pt")
     engine = Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path), resume=True)
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(ValueError, match="damaged") as caught:
         next(iter(engine))
+    assert "\n" not in str(caught.value)
