@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
+from .links import Links
 from .projections import assign, choose_bitwidths, fit_codebooks, joint_options, knapsack_prune
 
 
@@ -46,11 +47,13 @@ class Projector:
     """Projections of a model's compressed layers onto the size budget."""
 
     def __init__(
-        self, specs: list[LayerSpec], accounting: PaperAccounting, reserved_bits: float = 0.0
+        self, specs: list[LayerSpec], accounting: PaperAccounting, reserved_bits: float = 0.0,
+        links: Links | None = None,
     ) -> None:
         self.specs = specs
         self.accounting = accounting
         self.reserved_bits = reserved_bits  # layers left dense, and any fixed overhead
+        self.links = links if links is not None else Links([])  # which layer reads which one's units (links.py)
         self.numel = torch.tensor([s.numel for s in specs], dtype=torch.float64)
         self.min_keep = [s.bounds.min_keep(s.numel) for s in specs]
         lo = torch.tensor([s.bounds.min_bits for s in specs])
@@ -76,11 +79,17 @@ class Projector:
     def prune(
         self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float
     ) -> tuple[list[torch.Tensor], float]:
-        """Knapsack masks for these bitwidths; the multiplier at the cut."""
+        """Knapsack masks for these bitwidths; the multiplier at the cut. Weights that read a
+        unit the masks leave without inputs (`Links.useless`) give their budget to others."""
         if not self.fits(bits, budget):
             raise ValueError("the budget cannot hold one weight per layer at these bitwidths")
         unit, room = self.room(bits, budget)
-        return knapsack_prune(weights, unit.tolist(), room, self.min_keep)
+        masks, lam = knapsack_prune(weights, unit.tolist(), room, self.min_keep)
+        useless = self.links.useless(masks)
+        if any(u.any() for u in useless):
+            weights = [w.detach().masked_fill(u, 0) for w, u in zip(weights, useless)]
+            masks, lam = knapsack_prune(weights, unit.tolist(), room, self.min_keep)
+        return masks, lam
 
     def quantize(
         self,

@@ -34,6 +34,7 @@ from .allocation import Allocation, LayerSpec, Projector
 from .budget import LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
 from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
 from .deploy.c import FlashAccounting
+from .links import Links
 from .methods import METHODS, make_method
 from .records import CurvePoint, EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
@@ -208,7 +209,8 @@ class Compressor:
         self.accounting = BUDGET_MODES[self.config.budget_mode]()
         self.reserved_bits, self.dense_bits = self.accounting.reference_bits(model, layers)
         self.fp32_bytes = fp32_bytes(model)
-        self.projector = Projector(self.specs, self.accounting, self.reserved_bits)
+        self.links = Links.of(model, self.names)
+        self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
         self.every = self.config.project_every or max(1, self.steps // DEFAULT_PROJECTIONS)
         self.method = make_method(self.config.method, self.params, self.projector, self.steps, self.every)
         self._lock = threading.Lock()
@@ -469,7 +471,7 @@ class Compressor:
         """The joint projection of the current weights fitted to `bits` under `accounting`
         (a copy: nothing of the compressor changes); with its file bytes and size. `tables`:
         the weights' option tables, when several sizes are projected."""
-        projector = Projector(self.specs, accounting, self.reserved_bits)
+        projector = Projector(self.specs, accounting, self.reserved_bits, self.links)
         weights = [p.detach() for p in self.params]
         tables = tables or projector.joint_tables(weights)
         alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,
