@@ -45,6 +45,16 @@ def test_links_follow_unitwise_operations_and_stop_at_anything_else():
 
     assert links_of(Untraceable()) == []
 
+    class LastDim(nn.Module):  # a Linear layer on a convolution's output reads its last dimension, not channels
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)))
+
+    assert links_of(LastDim()) == []
+
 
 def test_useless_weights_read_units_without_inputs_in_cascade():
     links = Links([Link(0, 1, 1), Link(1, 2, 2)])
