@@ -1,10 +1,14 @@
 """Time of one projection, as a multiple of one torch.sort of the same weights in the same
 run: the two knapsacks in turn (pruning at fixed bitwidths, then codebooks for all bitwidths
 1..8 and the bitwidth knapsack) and the joint projection that training uses (every layer's
-(kept count, bitwidth) options priced by one multiplier, then pruning and codebooks).
+(kept count, bitwidth) options priced by one multiplier, then pruning and codebooks), without
+and with the links between layers that training traces from the model (links.py: a pruning that
+leaves units without inputs runs its knapsack a second time).
 
 Weights: ResNet-50 for CIFAR-10 (torchvision's, 10 classes: 23.5 M weights in 54 layers,
-at its own random initialisation) at 27x and 840x, and LeNet-5 (430,500 weights).
+at its own random initialisation) at 27x and 840x, and LeNet-5 (430,500 weights), at random
+initialisation and trained (quality.py's dense start for seed 0, trained and cached if missing),
+where pruning leaves units without inputs.
 
     python bench/projections.py [--device cuda] [--repeat 3]
 """
@@ -16,11 +20,12 @@ import time
 import torch
 import torchvision
 
-from common import machine
+from common import dense_model, machine
 from jointcomp import CompressConfig
 from jointcomp.allocation import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
+from jointcomp.links import Links
 from jointcomp.models import lenet5
 
 
@@ -39,6 +44,7 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
     projector = Projector(specs, PaperAccounting())
+    linked = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
     budget = parse_target(target, 32 * sum(w.numel() for w in weights))
     bits = torch.full((len(weights),), 4)
     flat = torch.cat([w.flatten() for w in weights])
@@ -52,8 +58,11 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     prune_s = min(timed(lambda: projector.prune(weights, bits, budget), device) for _ in range(repeat))
     full_s = min(timed(project, device) for _ in range(repeat))
     joint_s = min(timed(lambda: projector.joint(weights, budget), device) for _ in range(repeat))
+    linked_s = min(timed(lambda: linked.joint(weights, budget), device) for _ in range(repeat))
+    second = "yes" if any(u.any() for u in linked.links.useless(projector.joint(weights, budget).masks)) else "no"
     return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.3f} | "
-            f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} | {joint_s:.3f} | {joint_s / sort_s:.2f} |")
+            f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} | {joint_s:.3f} | {joint_s / sort_s:.2f} | "
+            f"{len(linked.links.links)} | {second} | {linked_s:.3f} | {linked_s / sort_s:.2f} |")
 
 
 def main() -> None:
@@ -64,16 +73,18 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50(num_classes=10)
+    trained = dense_model("lenet5", "fashion-mnist", 10, seed=0, batch_size=128)[0]
     rows = [
         f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}",
         "",
         "| weights | size / layers | target | one torch.sort s | pruning s | two knapsacks s | two / sort "
-        "| joint projection s | joint / sort |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| joint projection s | joint / sort | links | second pruning | joint with links s | with links / sort |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         bench("ResNet-50 (CIFAR-10)", resnet, "27x", device, args.repeat),
         bench("ResNet-50 (CIFAR-10)", resnet, "840x", device, args.repeat),
         bench("LeNet-5", lenet5((1, 28, 28), 10), "27x", device, args.repeat),
         bench("LeNet-5", lenet5((1, 28, 28), 10), "840x", device, args.repeat),
+        bench("LeNet-5 trained", trained, "2000x", device, args.repeat),
     ]
     print("\n".join(rows))
 
