@@ -22,10 +22,9 @@ from torch import nn
 
 from .allocation import Allocation, Projector
 from .budget import BIT_CHOICES
-from .projections import reassign
+from .projections import assign
 
 METHODS = ("admm", "uniform", "sequential")
-HYSTERESIS = 0.3  # while retraining, how much nearer (in centre spacings) another centre must be to take a weight
 
 
 @torch.no_grad()
@@ -33,14 +32,12 @@ def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tenso
     """Shared-centroid step (Deep Compression): every centre moves by the mean of its members'
     updates since the last step, and every weight becomes its centre (zeros stay zero).
     With `latent` (straight-through retraining) each weight first joins the centre nearest to
-    its latent weight, so codes can move, with hysteresis (`reassign`: at 1 bit, weights near
-    the boundary otherwise flip back and forth and the accuracy sags as retraining goes on);
-    latent weights are held within the codebook's range (as BinaryConnect clips them), so
-    every one stays a few steps from changing its code."""
+    its latent weight, so codes can move; latent weights are held within the codebook's range
+    (as BinaryConnect clips them), so every one stays a few steps from changing its code."""
     for i, (p, mask) in enumerate(zip(params, alloc.masks)):
         update = (p.detach().float() - alloc.values[i])[mask]
         book = alloc.codebooks[i]
-        codes = alloc.codes[i] if latent is None else reassign(latent[i][mask].float(), book, alloc.codes[i], HYSTERESIS)
+        codes = alloc.codes[i] if latent is None else assign(latent[i][mask].float(), book)
         total = torch.zeros_like(book).index_add_(0, codes, update)
         count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(update))
         book = book + total / count.clamp(min=1)

@@ -226,15 +226,6 @@ def assign(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, values.double(), right=True)
 
 
-def reassign(values: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, margin: float) -> torch.Tensor:
-    """Nearest centres with hysteresis: a value leaves its centre `codes` only for one nearer
-    by more than `margin` x the distance between the two, so that a value near a boundary
-    does not flip between two centres at every step (margin 0: `assign`)."""
-    nearest = assign(values, codebook)
-    gain = (values - codebook[codes]).abs() - (values - codebook[nearest]).abs()
-    return torch.where(gain > margin * (codebook[nearest] - codebook[codes]).abs(), nearest, codes)
-
-
 def lower_hull(cost: list[float], distortion: list[float]) -> list[int]:
     """Indices of the options on the lower convex hull, cheapest first, dominated ones removed."""
     order = sorted(range(len(cost)), key=lambda i: (cost[i], distortion[i]))

@@ -135,16 +135,15 @@ def test_runs_of_any_length_retrain_then_end_in_the_final_phase_for_about_30_per
 
 def test_a_retraining_step_moves_centres_by_their_members_updates_not_by_latent_outliers():
     """One 1-bit layer, centres -1 and 1, every weight updated by +0.1 since the last step; one
-    latent weight has drifted to 50, one to -0.7 (well past the boundary) and one to -0.1 (just
-    past it, within the hysteresis margin). The centres move by the mean update (-0.9, 1.1)
-    whatever the latent values, only the weight well past the boundary changes its code, and
-    the latent weights are held within the new codebook's range."""
-    values = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0])
+    latent weight has drifted to 50 and one to -0.2 (nearer to -1). The centres move by the
+    mean update (-0.9, 1.1) whatever the latent values, the drifted-down weight changes its
+    code, and the latent weights are held within the new codebook's range."""
+    values = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
     weight = torch.nn.Parameter(values + 0.1)
-    latent = [torch.tensor([-1.0, -1.0, 1.0, -0.1, -0.7, 50.0])]
+    latent = [torch.tensor([-1.0, -1.0, -1.0, 1.0, -0.2, 50.0])]
     alloc = Allocation([torch.ones(6, dtype=torch.bool)], torch.tensor([1]), [torch.tensor([-1.0, 1.0])],
-                       [torch.tensor([0, 0, 1, 1, 1, 1])], [values.clone()], 6.0, 0.0, 0.0)
+                       [torch.tensor([0, 0, 0, 1, 1, 1])], [values.clone()], 6.0, 0.0, 0.0)
     snap([weight], alloc, latent)
     assert torch.allclose(alloc.codebooks[0], torch.tensor([-0.9, 1.1]))
-    assert torch.allclose(weight.detach(), torch.tensor([-0.9, -0.9, 1.1, 1.1, -0.9, 1.1]))
-    assert torch.allclose(latent[0], torch.tensor([-0.9, -0.9, 1.0, -0.1, -0.7, 1.1]))
+    assert torch.allclose(weight.detach(), torch.tensor([-0.9, -0.9, -0.9, 1.1, -0.9, 1.1]))
+    assert torch.allclose(latent[0], torch.tensor([-0.9, -0.9, -0.9, 1.0, -0.2, 1.1]))

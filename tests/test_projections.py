@@ -7,8 +7,7 @@ import torch
 
 from jointcomp.allocation import LayerSpec, Projector
 from jointcomp.budget import LayerBounds, PaperAccounting
-from jointcomp.projections import (assign, choose_bitwidths, fit_codebooks, joint_options, knapsack_prune, reassign,
-                                   solve_mckp_exact)
+from jointcomp.projections import choose_bitwidths, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
 
 
 def sorted_greedy(weights, costs, budget, min_keep=None):
@@ -235,14 +234,3 @@ def test_joint_projection_honours_bounds():
     assert alloc.bits.tolist()[0] >= 5 and alloc.bits.tolist()[1] <= 2
     assert int(alloc.masks[0].sum()) >= 250
     assert alloc.size_bits <= 6 * 1300
-
-
-def test_reassign_moves_a_code_only_past_the_margin():
-    """Centres -1, 0, 2; every value starts at centre 1 (0.0). With margin 0.25 a value must be
-    nearer to a neighbour by a quarter of their distance: -0.6 is nearer to -1 by 0.2 (< 0.25),
-    -0.7 by 0.4; 1.2 is nearer to 2 by 0.4 (< 0.5), 1.3 by 0.6. Margin 0 is plain `assign`."""
-    book = torch.tensor([-1.0, 0.0, 2.0])
-    values = torch.tensor([-0.6, -0.7, 0.9, 1.2, 1.3, -5.0])
-    codes = torch.ones(6, dtype=torch.long)
-    assert reassign(values, book, codes, 0.25).tolist() == [1, 0, 1, 1, 2, 0]
-    assert torch.equal(reassign(values, book, codes, 0.0), assign(values, book))
