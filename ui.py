@@ -42,7 +42,8 @@ def sidebar(with_method: bool = True) -> Choices:
     sb.header("Training")
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
     rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
-    lr = sb.select_slider("Learning rate", [0.005, 0.01, 0.02, 0.05, 0.1], value=0.05 if model == "mlp" else 0.02, key=f"lr_{model}")
+    lr = sb.select_slider("Learning rate", ["auto", 0.005, 0.01, 0.02, 0.05, 0.1], value="auto", key="lr",
+                          help=f"auto: {CompressConfig.lr}, lowered to what the sharpness of the dense model allows")
     method, budget_mode = "admm", "paper"
     with sb.expander("Advanced"):
         pre_epochs = st.number_input("Dense pre-training epochs", 1, 200, dense_epochs(model), key=f"dense_{model}")
@@ -60,7 +61,7 @@ def sidebar(with_method: bool = True) -> Choices:
                              help="every method trains the last part of the run in exactly the shape that ships")
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
-    config = CompressConfig(epochs=epochs, rho=rho, lr=lr, batch_size=batch, seed=int(seed), method=method,
+    config = CompressConfig(epochs=epochs, rho=rho, lr=CompressConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
                             budget_mode=budget_mode if method == "admm" else "paper", retrain=retrain, finetune=finetune, distill=distill)
     return Choices(model, data, int(pre_epochs), config)
 

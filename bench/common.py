@@ -11,19 +11,19 @@ from jointcomp.trainer import train_dense
 from jointcomp.models import load_weights, save_weights
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-LR = {"mlp": 0.05, "lenet5": 0.02, "resnet20": 0.05}  # the bench's learning rate per model (dense and compression)
 
 
-def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0, batch_size: int = 64):
-    """A dense model trained for `epochs` from seed `seed` (cached on disk), and its data set."""
+def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0):
+    """A dense model trained for `epochs` from seed `seed` with the `train` command's defaults
+    (cached on disk), and its data set."""
     data = load_dataset(data_name)
     torch.manual_seed(seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
-    path = CACHE / f"{model_name}_{data_name}_{epochs}ep_seed{seed}_batch{batch_size}.safetensors"
+    path = CACHE / f"{model_name}_{data_name}_{epochs}ep_seed{seed}.safetensors"
     if path.is_file():
         load_weights(model, path)
     else:
-        config = CompressConfig(lr=LR.get(model_name, 0.02), seed=seed, batch_size=batch_size)
+        config = CompressConfig(seed=seed)
         for _ in train_dense(model, data, config, epochs):
             pass
         CACHE.mkdir(exist_ok=True)

@@ -53,7 +53,7 @@ def main() -> None:
           "firmware text / data / bss B | same predictions | max abs diff | instructions per inference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name, data_name, epochs, target in CASES:
-        model, data = dense_model(model_name, data_name, epochs, batch_size=64 if model_name == "mlp" else 128)
+        model, data = dense_model(model_name, data_name, epochs)
         folder = BUILD / f"{model_name}_{target}"
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"model": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}

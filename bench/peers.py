@@ -24,7 +24,7 @@ from importlib.metadata import version
 
 import torch
 
-from common import LR, dense_model, machine
+from common import dense_model, machine
 from jointcomp import CompressConfig, Engine, FinalRecord
 from jointcomp.codec import fp32_bytes
 
@@ -111,8 +111,7 @@ def mct_rows(dense, data, ratios):
 
 
 def jointcomp_run(dense, data, target: str, epochs: int, seed: int, budget_mode: str = "file") -> FinalRecord:
-    config = CompressConfig(target=target, budget_mode=budget_mode, epochs=epochs, lr=LR["lenet5"], batch_size=128,
-                            seed=seed)
+    config = CompressConfig(target=target, budget_mode=budget_mode, epochs=epochs, seed=seed)  # the CLI's defaults
     meta = {"model": "lenet5", "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     return next(r for r in Engine(copy.deepcopy(dense), data, config, meta=meta) if isinstance(r, FinalRecord))
 
@@ -127,10 +126,10 @@ def main() -> None:
     p.add_argument("--smallest-only", action="store_true",
                    help="run jointcomp only at the smallest size a peer reached (for long runs)")
     args = p.parse_args()
-    dense, data = dense_model("lenet5", "fashion-mnist", 10, args.seed, 128)
+    dense, data = dense_model("lenet5", "fashion-mnist", 15, args.seed)
     fp32 = fp32_bytes(dense)
     print(f"Machine: {machine()}; model-compression-toolkit {version('model-compression-toolkit')}, torchao "
-          f"{version('torchao')}; LeNet-5 / Fashion-MNIST dense start (10 epochs, seed {args.seed}): accuracy "
+          f"{version('torchao')}; LeNet-5 / Fashion-MNIST dense start (15 epochs, seed {args.seed}): accuracy "
           f"{accuracy(dense, data):.4f}, fp32 state dict {fp32:,} B, torch.save {torch_save_bytes(dense):,} B. "
           f"jointcomp trains on the 60,000 training images for the epochs shown.\n")
     print("| tool | setting | training data | accuracy | nominal size B | bytes of its exported file | export |")

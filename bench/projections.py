@@ -73,7 +73,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50(num_classes=10)
-    trained = dense_model("lenet5", "fashion-mnist", 10, seed=0, batch_size=128)[0]
+    trained = dense_model("lenet5", "fashion-mnist", 10, seed=0)[0]
     rows = [
         f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}",
         "",

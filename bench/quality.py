@@ -1,78 +1,98 @@
 """Accuracy at equal size and equal training: jointcomp's ADMM against the uniform and
-sequential baselines (see jointcomp/methods.py), from one cached dense start per seed.
+sequential baselines (see jointcomp/methods.py), run exactly as a user runs them: every run
+is a `python -m jointcomp` command with the defaults, only the target, method and seed given.
 
-    python bench/quality.py                                  # LeNet-5 / Fashion-MNIST, the issue's grid
+    python bench/quality.py                                  # LeNet-5 / Fashion-MNIST, 100x 600x 2000x
     python bench/quality.py --model mlp --data digits --targets 50x 200x 800x
     python bench/quality.py --budget-mode file --targets 20KB 12KB 8KB --methods admm
+    python bench/quality.py --model nets:conv_bn --targets 500x --methods admm sequential   # bench/nets.py
 
+Per seed, the dense start is `python -m jointcomp train --epochs N --seed S`; every run is
+`python -m jointcomp compress --pretrained <that> --target T --method M --seed S`. Run folders
+stay in bench/.cache/quality (a finished one is not run again, so an interrupted bench goes on).
 Prints one markdown row per target and method: mean accuracy over the seeds with its
-min-max, and for admm the per-layer bitwidths at the first and last compression epoch.
+min-max, and the command of one of its runs.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import os
+import shlex
 import statistics
-import time
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from common import LR, dense_model, machine
-from jointcomp import CompressConfig, Engine, EpochRecord, FinalRecord
+from common import CACHE, machine
 from jointcomp.methods import METHODS
 
+RUNS = CACHE / "quality"
 
-def setting(default, text: str):
-    """A --set value in the type of its default (bools from true/false, 1/0)."""
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    return type(default)(text)
+
+def run(args: list[str], jobs: int) -> None:
+    """One `python -m jointcomp` command (one thread each when several run side by side), with
+    bench/ importable for `--model nets:conv_bn`, a network that is not built in."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
+    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
+
+
+def command(args: list[str]) -> str:
+    return "python -m jointcomp " + shlex.join(args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="lenet5")
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--dense-epochs", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--targets", nargs="+", default=["100x", "300x", "600x", "1200x", "2000x"])
+    p.add_argument("--dense-epochs", type=int, default=15, help="of the `train` command that makes each dense start")
+    p.add_argument("--targets", nargs="+", default=["100x", "600x", "2000x"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--budget-mode", default="paper", choices=("paper", "file"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="other CompressConfig settings for every run, e.g. distill=0.5 finetune=0")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
     args = p.parse_args()
-    extra = {k: setting(getattr(CompressConfig, k), v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    lr = LR.get(args.model, 0.02)
-    starts = {seed: dense_model(args.model, args.data, args.dense_epochs, seed, args.batch_size) for seed in args.seeds}
-    data = starts[args.seeds[0]][1]
-    meta = {"model": args.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    print(f"Machine: {machine()}; {args.model} on {args.data}; dense start trained {args.dense_epochs} epochs "
-          f"per seed; every method {args.epochs} epochs (lr {lr}, batch {args.batch_size}, SGD, cosine); seeds {args.seeds}; "
-          f"budget mode {args.budget_mode}; settings {extra or 'defaults'}\n")
-    print("| target | method | accuracy mean (min-max) | dense accuracy | paper ratio | file bytes | bits first -> last (admm) | minutes per run |")
-    print("|---|---|---|---|---|---|---|---|")
+
+    base = ["--model", args.model, "--data", args.data]
+    dense = {s: RUNS / f"dense-{args.model.replace(':', '.')}-{args.data}-{args.dense_epochs}ep-seed{s}" for s in args.seeds}
+    todo = [[*base, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d)]
+            for s, d in dense.items() if not (d / "summary.json").is_file()]
+    mode = ["--budget-mode", args.budget_mode] if args.budget_mode != "paper" else []
+    grid = {}
     for target in args.targets:
         for method in args.methods:
-            accs, dense, ratios, files, bits, minutes = [], [], [], [], "", []
             for seed in args.seeds:
-                config = CompressConfig(target=target, epochs=args.epochs, method=method, lr=lr, seed=seed,
-                                        batch_size=args.batch_size,
-                                        budget_mode=args.budget_mode, device=args.device, **extra)
-                tic = time.perf_counter()
-                records = list(Engine(copy.deepcopy(starts[seed][0]), data, config, meta=meta))
-                minutes.append((time.perf_counter() - tic) / 60)
-                final = next(r for r in records if isinstance(r, FinalRecord))
-                accs.append(final.accuracy)
-                dense.append(final.dense_accuracy)
-                ratios.append(final.ratio)
-                files.append(final.file_bytes)
-                epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase != "dense"]
-                if method == "admm" and not bits:
-                    bits = " -> ".join(",".join(str(layer.bits) for layer in e.layers) for e in (epochs[0], epochs[-1]))
-            print(f"| {target} | {method} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | "
-                  f"{statistics.mean(dense):.4f} | {statistics.mean(ratios):.1f}x | {statistics.mean(files):,.0f} | "
-                  f"{bits} | {statistics.mean(minutes):.1f} |", flush=True)
+                out = RUNS / f"{args.model.replace(':', '.')}-{args.data}-{args.budget_mode}-{target}-{method}-seed{seed}"
+                grid[target, method, seed] = ([*base, "--pretrained", str(dense[seed]), "--target", target,
+                                               *(["--method", method] if method != "admm" else []), *mode,
+                                               "--seed", str(seed), "--out", str(out)], out)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda a: run(["train", *a], args.jobs), todo))
+        list(pool.map(lambda item: run(["compress", *item[0]], args.jobs),
+                      [item for item in grid.values() if not (item[1] / "summary.json").is_file()]))
+
+    dense_acc = [json.loads((d / "summary.json").read_text())["accuracy"] for d in dense.values()]
+    print(f"Machine: {machine()}; {args.model} on {args.data}; seeds {args.seeds}; {args.jobs} run(s) at a time. "
+          f"Dense starts: `python -m jointcomp train {shlex.join(base)} --epochs {args.dense_epochs} --seed S "
+          f"--out DENSE` (accuracy {', '.join(f'{a:.4f}' for a in dense_acc)}). Every run: the command in its row, "
+          "with the CLI's defaults.\n")
+    print("| target | method | accuracy mean (min-max) | loss to dense (points) | paper ratio | file bytes | bits per layer (seed "
+          f"{args.seeds[0]}) | minutes per run | command (seed {args.seeds[0]}) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for target in args.targets:
+        for method in args.methods:
+            runs = [json.loads((grid[target, method, s][1] / "summary.json").read_text()) for s in args.seeds]
+            accs = [r["accuracy"] for r in runs]
+            loss = statistics.mean(r["dense_accuracy"] - r["accuracy"] for r in runs) * 100
+            bits = ",".join(str(layer["bits"]) for layer in runs[0]["layers"])
+            cmd = command(["compress", *grid[target, method, args.seeds[0]][0]]).replace(str(RUNS) + "/", "")
+            print(f"| {target} | {method} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {loss:.2f} | "
+                  f"{statistics.mean(r['ratio'] for r in runs):.1f}x | {statistics.mean(r['file_bytes'] for r in runs):,.0f} | "
+                  f"{bits} | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} | `{cmd}` |", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     defaults = CompressConfig()
     p.add_argument("--model", default="mlp", help="mlp, lenet5, resnet20, torchvision:<name> or module:factory")
     _data_args(p)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help=f"peak learning rate (default {defaults.lr}; compress lowers it to what the sharpness of the "
+                        "starting model allows, unless --lr is given)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer)
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -131,6 +133,8 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
                 line = f"epoch {record.epoch + 1} [{record.phase}] accuracy {record.accuracy:.4f}"
                 if record.phase != "dense":
                     line += f"  size {record.size_bits:.0f} bits ({record.ratio:.1f}x)"
+                if record.note:
+                    line += f"\n  {record.note}"
                 if not quiet:
                     tqdm.write(line)
             elif isinstance(record, FinalRecord):
@@ -195,7 +199,10 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         if fixed:
             names = ", ".join("--" + k.replace("_", "-") for k in sorted(fixed))
             raise ValueError(f"{names} cannot change when resuming; only --{', --'.join(RESUME_OVERRIDES)} can")
-        engine = _engine_for_run(args.resume, {k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit})
+        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit}
+        if "lr" in overrides:
+            overrides["auto_lr"] = False
+        engine = _engine_for_run(args.resume, overrides)
     else:
         if not args.out:
             raise ValueError("compress needs --out DIR (or --resume DIR)")
@@ -204,7 +211,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         )
         config = CompressConfig(
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
-            lr=args.lr, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
+            lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device,
         )

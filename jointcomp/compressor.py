@@ -281,6 +281,10 @@ class Compressor:
         if self.converted:
             raise RuntimeError("the model was converted to its deployed weights; start a new Compressor to go on")
         t = self.step_count
+        if t % self.every == 0 and not bool(torch.stack([p.detach().float().square().sum() for p in self.params]).isfinite().all()):
+            raise FloatingPointError(f"step {t}: the weights are not finite (NaN, infinite, or too large to square), so they "
+                                     "cannot be projected; training diverged: lower the learning rate and start again from "
+                                     "a good state")
         with self._lock:  # under torchrun every process takes rank 0's target
             target = self._target_bits = distributed.from_main(self._target_bits)
         decided = t == 0
@@ -301,6 +305,10 @@ class Compressor:
         self.step_count += 1
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
+
+    def note(self, text: str) -> None:
+        """Tell `text` in the next epoch record (an event of the run, e.g. a recovery)."""
+        self.notes.append(text)
 
     def distill(self, x: torch.Tensor, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """`loss` mixed with distillation from the model as attached (soft targets over the
@@ -462,7 +470,7 @@ class Compressor:
         (`retrain`: with code assignments still free)."""
         alloc = trim_to_fit(self.method.deployable, target, self._size)
         if self.frozen_target is not None:
-            self.notes.append(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
+            self.note(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
                               "that phase started again")
         self.method.freeze(alloc, retrain)
         self.frozen_target = target

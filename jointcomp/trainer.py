@@ -4,9 +4,14 @@ by a `Compressor` (compressor.py) driven from this loop.
 `Engine` is an iterator of records (see records.py). It can be stopped (`stop()`) and its
 target moved (`set_target()`) from another thread; the next projection uses the new
 target. With a run folder it saves a resumable state after every healthy epoch.
+
+Given only a target, the run chooses its own learning rate: the peak rate is lowered to what the
+sharpness of the model as attached allows (sharpness.py); and a step whose loss is not finite
+rolls the run back to the last good state held in memory and halves the rate (`recover`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -24,11 +29,13 @@ from . import distributed
 from .budget import DENSE_BITS
 from .compressor import PROJECTIONS_PER_EPOCH, Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
+from .sharpness import sharpness, stable_lr
 from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
 
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
+RECOVERIES = 3  # roll-backs after a non-finite loss before a run gives up
 
 
 @dataclass
@@ -38,7 +45,8 @@ class CompressConfig(CompressorConfig):
     epochs: int = 15
     dense_epochs: int = 0  # plain training first, for a model that is not pre-trained
     batch_size: int = 64  # of in-memory data sets (DataLoaders bring their own)
-    lr: float = 0.05
+    lr: float = 0.05  # peak learning rate; lowered for compression by `auto_lr`
+    auto_lr: bool = True  # lower the compression's peak rate to what the sharpness of the model as attached allows
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -68,13 +76,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_per_epoch: int):
-    """The configured optimizer with a warm-up + cosine learning-rate schedule over `epochs`."""
+def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
+    """The configured optimizer with a warm-up + cosine learning-rate schedule over `epochs`,
+    peaking at `lr` (default: the config's)."""
     params = list(model.parameters())
+    lr = config.lr if lr is None else lr
     if config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps = max(1, epochs * steps_per_epoch)
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
 
@@ -127,7 +137,8 @@ def val_batches(data: Data, device: torch.device, size: int = 1000):
 
 
 def set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
-    """Give a loaded optimizer and schedule a new peak learning rate (a resumed run's --lr)."""
+    """Give a loaded optimizer and schedule a new peak learning rate (a resumed run's --lr,
+    or a recovery's lower one)."""
     sched.base_lrs = [lr] * len(opt.param_groups)
     for group, factor in zip(opt.param_groups, sched.lr_lambdas):
         group["initial_lr"] = lr
@@ -229,6 +240,8 @@ class Engine:
         self._lock = threading.Lock()  # guards swapping the compressor against set_target
         self.compressor = self._attach(config.target)
         self._saved_epochs, self._saved_score = 0, float("-inf")  # the state a resume starts from
+        self._good: dict | None = None  # the last good state in memory, for `_recover`
+        self._recoveries = 0
 
     def _attach(self, target: str | float) -> Compressor:
         """A compressor on the model as it is now (the start of compression)."""
@@ -283,16 +296,18 @@ class Engine:
         if state and "optimizer" in state:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            set_base_lr(opt, sched, cfg.lr)
+            if {"lr", "auto_lr"} & set(changes):  # the resumed run was given a learning rate
+                set_base_lr(opt, sched, cfg.lr)
         if not state:  # a state to come back to, whatever happens in the first epoch
             self._save(0, opt, sched, 0.0, float("-inf"))
 
         try:
             yield from self._epochs(done, opt, sched, elapsed, started)
         except FloatingPointError as err:
+            tried = f" ({self._recoveries} roll-backs to a good state at lower learning rates did not help)" if self._recoveries else ""
             where = (f"; the run folder keeps the state after epoch {self._saved_epochs}: resume it with a "
                      f"lower learning rate (--resume {self.run_dir.path} --lr {cfg.lr / 10:g})") if self.run_dir else ""
-            raise FloatingPointError(f"{err}{where}") from None
+            raise FloatingPointError(f"{err}{tried}{where}") from None
 
     def _epochs(self, done: int, opt, sched, elapsed: float, started: float) -> Iterator[Record]:
         cfg, spe = self.config, self.steps_per_epoch
@@ -302,17 +317,13 @@ class Engine:
                 self._reattach()
                 opt, sched = self._optimizer(dense=False)
             tic = time.perf_counter()
-            for i, (x, y) in enumerate(batches(self.data, cfg, epoch, self.device)):
-                loss = train_step(self.train_model, opt, x, y, self.loss, None if dense else self.compressor)
-                lr = opt.param_groups[0]["lr"]
-                sched.step()
-                if dense:
-                    record = StepRecord("dense", epoch * spe + i, epoch, loss, lr)
-                else:
-                    record = self._shift(self.compressor.step(lr, loss))
-                yield self._emit(record)
-                if self._stopping():
-                    break
+            first: int | None = 0
+            while first is not None:
+                try:
+                    yield from self._steps(epoch, first, dense, opt, sched)
+                    first = None
+                except FloatingPointError as err:
+                    first = self._recover(err, dense, opt, sched)
             if self._stop.is_set():
                 break
             if dense:
@@ -329,6 +340,82 @@ class Engine:
         if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
             self._reattach()
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
+
+    def _steps(self, epoch: int, first: int, dense: bool, opt, sched) -> Iterator[Record]:
+        """The training steps of one epoch from its batch `first` on. While compressing, a
+        good state is kept in memory at every projection interval, to come back to."""
+        spe = self.steps_per_epoch
+        for i, (x, y) in enumerate(batches(self.data, self.config, epoch, self.device)):
+            if i < first:
+                continue
+            if not dense and i % self.compressor.every == 0:
+                self._good = copy.deepcopy({
+                    "batch": i, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "compressor": self.compressor.state_dict()})
+            loss = train_step(self.train_model, opt, x, y, self.loss, None if dense else self.compressor)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            if dense:
+                record = StepRecord("dense", epoch * spe + i, epoch, loss, lr)
+            else:
+                record = self._shift(self.compressor.step(lr, loss))
+            yield self._emit(record)
+            if self._stopping():
+                return
+
+    def _recover(self, err: FloatingPointError, dense: bool, opt, sched) -> int:
+        """After a non-finite loss: back to the last good state held in memory, at half the
+        learning rate or what the sharpness there allows, if lower; returns the batch of the
+        epoch to go on from. Re-raises `err` in dense training, under torchrun (the processes
+        would have to agree) and after RECOVERIES tries."""
+        if dense or self._good is None or distributed.active() or self._recoveries >= RECOVERIES:
+            raise err
+        self._recoveries += 1
+        failed_at = self.config.dense_epochs * self.steps_per_epoch + self.compressor.step_count
+        good = copy.deepcopy(self._good)  # loading shares tensors with the state: keep this one intact
+        self.model.load_state_dict(good["model"])
+        opt.load_state_dict(good["optimizer"])
+        sched.load_state_dict(good["scheduler"])
+        self.compressor.load_state_dict(good["compressor"])
+        old = sched.base_lrs[0]
+        lr, _ = self._stable_lr(old / 2)
+        set_base_lr(opt, sched, lr)
+        self.compressor.note(f"recovered at step {failed_at}: learning rate {old:.3g} -> {lr:.3g} "
+                             "(the loss was not finite; back to the last good state)")
+        return good["batch"]
+
+    def _compression_lr(self) -> float:
+        """The peak learning rate of compression: the config's, lowered (`auto_lr`, SGD) to
+        what the sharpness of the model as attached allows on the first batch, with the loss
+        it will train on (distillation included)."""
+        cfg = self.config
+        if not cfg.auto_lr or self.compressor.step_count > 0:
+            return cfg.lr
+        lr, curvature = self._stable_lr(cfg.lr)
+        if lr < cfg.lr:
+            self.compressor.note(f"learning rate {cfg.lr:g} -> {lr:.3g}: the model as attached has sharpness "
+                                 f"{curvature:.3g}, and SGD is stable only below {2 * (1 + cfg.momentum) / curvature:.3g}")
+        return lr
+
+    def _stable_lr(self, lr: float) -> tuple[float, float]:
+        """`lr`, lowered to what the sharpness of the compression's loss at the model's
+        weights allows (SGD only: Adam's steps do not scale with the curvature); and that
+        sharpness, measured on the first training batch."""
+        cfg = self.config
+        if cfg.optimizer != "sgd":
+            return lr, float("nan")
+        x, y = next(iter(batches(self.data, cfg, 0, self.device)))
+
+        def loss() -> torch.Tensor:
+            output = self.model(x)
+            return self.compressor.distill(x, output, self.loss(output, y))
+
+        self.model.train()
+        if self.compressor.step_count == 0:
+            with torch.no_grad():
+                loss()  # the first call keeps the teacher: the weights as attached, not a perturbed copy
+        curvature = distributed.from_main(sharpness(self.model, loss))
+        return stable_lr(lr, curvature, cfg.momentum), curvature
 
     # --- pieces ---------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -347,8 +434,9 @@ class Engine:
         return dataclasses.replace(record, epoch=record.epoch + offset, step=record.step + offset * self.steps_per_epoch)
 
     def _optimizer(self, dense: bool):
-        epochs = self.config.dense_epochs if dense else self.config.epochs
-        return make_optimizer(self.model, self.config, epochs, self.steps_per_epoch)
+        if dense:
+            return make_optimizer(self.model, self.config, self.config.dense_epochs, self.steps_per_epoch)
+        return make_optimizer(self.model, self.config, self.config.epochs, self.steps_per_epoch, self._compression_lr())
 
     def _emit(self, record: Record) -> Record:
         if self.run_dir:
