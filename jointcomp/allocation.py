@@ -9,7 +9,7 @@ import torch
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
 from .links import Links
-from .projections import assign, choose_bitwidths, fit_codebooks, joint_options, knapsack_prune
+from .projections import FIT_SAMPLE, assign, choose_bitwidths, fit_codebooks_many, joint_options_many, knapsack_prune
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,7 @@ class Projector:
         choices = list(BIT_CHOICES)
         lam = 0.0
         if bits is None:
-            fits = [fit_codebooks(k, choices) for k in kept]
-            dist = torch.stack([d.cpu() for _, d in fits])
+            books, dist = fit_codebooks_many(kept, torch.tensor([choices] * len(kept)), sample=FIT_SAMPLE)
             options = torch.tensor(choices)[None, :].expand(len(masks), -1)
             cost = self.accounting.weight_bits(options, self.numel[:, None]) * nnz[:, None]
             cost = cost + self.accounting.layer_bits(options, self.numel[:, None])
@@ -113,9 +112,9 @@ class Projector:
             room = budget - self.reserved_bits
             pick, lam = choose_bitwidths(cost, dist, room)
             bits = torch.tensor(choices)[pick]
-            codebooks = [books[int(i)] for (books, _), i in zip(fits, pick)]
+            codebooks = [layer[int(i)] for layer, i in zip(books, pick)]
         else:
-            codebooks = [fit_codebooks(k, [int(b)])[0][0] for k, b in zip(kept, bits)]
+            codebooks = [layer[0] for layer in fit_codebooks_many(kept, bits.long()[:, None], sample=FIT_SAMPLE)[0]]
         codes = [assign(k, c) for k, c in zip(kept, codebooks)]
         quantized = []
         for v, m, c, book in zip(values, masks, codes, codebooks):
@@ -129,7 +128,7 @@ class Projector:
         """Each layer's (kept counts, errors) options (`projections.joint_options`): they
         depend on the weights only, so projections of the same weights to several budgets
         can share them."""
-        return [joint_options(w, list(BIT_CHOICES), keep) for w, keep in zip(weights, self.min_keep)]
+        return joint_options_many(weights, list(BIT_CHOICES), self.min_keep)
 
     def joint_bits(self, weights: list[torch.Tensor], budget: float,
                    tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, float]:

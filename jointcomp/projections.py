@@ -80,68 +80,147 @@ def _cut_bucket(
 
 
 EXACT_BELOW = 128  # sets this small are clustered exactly (Lloyd's local optima hurt most here)
+FIT_SAMPLE = 1 << 16  # the deployed codebooks of larger kept sets are fitted on a random sample this big
+N_STARTS = 3  # Lloyd's deterministic starts: evenly spaced quantiles, evenly spaced values, companded
 
 
 def fit_codebooks(
     values: torch.Tensor, bit_choices: list[int], iters: int = 50, exact_below: int = EXACT_BELOW
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """1-D k-means with 2^b centres for every b in `bit_choices`.
+    """1-D k-means with 2^b centres for every b in `bit_choices`: `fit_codebooks_many` of one set.
+    Returns the sorted centres for each b (float32) and the squared error of each fit (float64)."""
+    books, errors = fit_codebooks_many([values], torch.tensor([list(bit_choices)]), iters, exact_below)
+    return books[0], errors[0]
 
-    Fewer than `exact_below` values: the optimal clustering, by dynamic programming.
-    Otherwise Lloyd's algorithm, batched over bitwidths and over three deterministic starts
-    (evenly spaced quantiles, evenly spaced values, points spread with density p^(1/3));
-    a centre left with no values is moved to split the cluster with the largest error.
-    The best fit wins. Returns the
-    sorted centres for each b (float32) and the squared error of each fit (float64).
+
+def fit_codebooks_many(
+    sets: list[torch.Tensor], bits: torch.Tensor, iters: int = 50, exact_below: int = EXACT_BELOW,
+    measure_on: list[torch.Tensor | None] | None = None, sample: int | None = None,
+) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """1-D k-means of many sets of values at once: set i with 2^b centres for every b in row i
+    of `bits` (sets x choices).
+
+    Fewer than `exact_below` values: the optimal clustering, by dynamic programming. Otherwise
+    Lloyd's algorithm from three deterministic starts (evenly spaced quantiles, evenly spaced
+    values, points spread with density p^(1/3)); a centre left with no values is moved to split
+    the cluster with the largest error; the best start wins. Every fit of every set is one
+    segment of one batched run on sorted values with prefix sums, so an iteration costs a few
+    tensor operations whatever the number of sets. `measure_on[i]`, when given, is where set
+    i's error is measured (the fit stays that of set i). A set of more than `sample` values is
+    fitted on a fixed random `sample` of them (256 centres need no more), its error scaled up
+    from the sample's, so no large set is sorted. Returns per set the sorted centres for each
+    choice (float32) and the squared errors (sets x choices, float64).
     """
-    xs = values.detach().flatten().float().sort().values
-    n = xs.numel()
-    if n == 0:
+    measure_on = list(measure_on or [None] * len(sets))
+    flat = [v.detach().flatten().float() for v in sets]
+    scale = torch.ones(len(sets), 1, dtype=torch.float64)
+    for i, v in enumerate(flat):
+        if sample is not None and v.numel() > sample:
+            scale[i] = v.numel() / sample
+            flat[i] = v[torch.randint(v.numel(), (sample,), generator=torch.Generator().manual_seed(v.numel())).to(v.device)]
+    sorted_sets = [v.sort().values for v in flat]
+    if any(x.numel() == 0 for x in sorted_sets):
         raise ValueError("cannot fit a codebook to an empty set of weights")
-    x64 = xs.double()
-    s1 = torch.cat([x64.new_zeros(1), x64.cumsum(0)])
-    s2 = torch.cat([x64.new_zeros(1), x64.square().cumsum(0)])
-    if n < exact_below:
-        return _exact_codebooks(x64, s1, s2, bit_choices)
-    dev = xs.device
+    bits = torch.as_tensor(bits).long().cpu()
+    books: list[list[torch.Tensor]] = [[] for _ in sets]
+    errors = torch.zeros(bits.shape, dtype=torch.float64)
+    small = [i for i, x in enumerate(sorted_sets) if x.numel() < exact_below]
+    if small:
+        found, err = _exact_codebooks([sorted_sets[i] for i in small], bits[small])
+        for i, b, e in zip(small, found, err):
+            books[i], errors[i] = b, e
+    fits = []  # (set, column) of the large sets' fits that need Lloyd
+    for i, x in enumerate(sorted_sets):
+        if x.numel() >= exact_below:
+            books[i] = [torch.empty(0)] * bits.shape[1]
+            for j, b in enumerate(bits[i].tolist()):
+                if x.numel() <= 2**b:  # every value its own centre
+                    books[i][j] = torch.cat([x, x[-1:].expand(2**b - x.numel())])
+                else:
+                    fits.append((i, j))
+    if fits:
+        found, err = _lloyd_codebooks(sorted_sets, [(i, int(bits[i, j])) for i, j in fits], iters)
+        for (i, j), book, e in zip(fits, found, err.cpu()):
+            books[i][j], errors[i, j] = book, e
+    for i, where in enumerate(measure_on):
+        if where is not None:
+            errors[i] = torch.stack([_sse(where, book) for book in books[i]]).cpu()
+    return books, errors * scale
 
-    # segment = one (start, bitwidth) fit; centres of all segments live in one flat tensor
-    n_bits, n_starts = len(bit_choices), 3
-    sizes = torch.tensor([2**b for b in bit_choices] * n_starts, device=dev)
-    seg = torch.repeat_interleave(torch.arange(n_starts * n_bits, device=dev), sizes)
+
+def _sse(values: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    values = values.double()
+    return (values - book.double()[assign(values, book)]).square().sum()
+
+
+class _Packed:
+    """Sorted sets laid end to end (float64) with prefix sums; `shifted` adds each set's index
+    times more than the whole value range, so one searchsorted finds positions within any set."""
+
+    def __init__(self, sorted_sets: list[torch.Tensor]) -> None:
+        dev = sorted_sets[0].device
+        self.lengths = torch.tensor([x.numel() for x in sorted_sets], device=dev)
+        self.base = torch.cumsum(self.lengths, 0) - self.lengths
+        self.ends = self.base + self.lengths
+        self.x = torch.cat(sorted_sets).double()
+        self.width = float(self.x.max() - self.x.min()) + 1.0
+        owner = torch.repeat_interleave(torch.arange(len(sorted_sets), device=dev), self.lengths)
+        self.shifted = self.x + owner.double() * self.width
+        zero = self.x.new_zeros(1)
+        self.s1 = torch.cat([zero, self.x.cumsum(0)])
+        self.s2 = torch.cat([zero, self.x.square().cumsum(0)])
+
+    def positions(self, values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Index of the first element >= value within the owner's set, for each value."""
+        pos = torch.searchsorted(self.shifted, values + owner.double() * self.width)
+        return torch.minimum(torch.maximum(pos, self.base[owner]), self.ends[owner])
+
+
+def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]], iters: int
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Lloyd's algorithm for every fit (set, bits) from every start at once (see
+    `fit_codebooks_many`); the best start's centres and error of each fit."""
+    data = _Packed(sorted_sets)
+    dev = data.x.device
+    fit_set = torch.tensor([i for i, _ in fits], device=dev).repeat_interleave(N_STARTS)  # fit-major segments
+    sizes = (2 ** torch.tensor([b for _, b in fits], device=dev)).repeat_interleave(N_STARTS)
+    seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), sizes)
+    owner = fit_set[seg]
     first = sizes.cumsum(0) - sizes
     frac = (torch.arange(int(sizes.sum()), device=dev) - first[seg] + 0.5).double() / sizes[seg]
-    start = seg // n_bits
-    starts = (
-        x64[(frac * n).long().clamp_(0, n - 1)],  # evenly spaced quantiles
-        x64[0] + frac * (x64[-1] - x64[0]),  # evenly spaced values
-        _companded(x64, frac),  # the MSE-optimal point density
-    )
-    centres = torch.where(start == 0, starts[0], torch.where(start == 1, starts[1], starts[2]))
+    start = seg % N_STARTS
+    n, base = data.lengths[owner], data.base[owner]
+    x = data.x
+    centres = torch.where(
+        start == 0, x[base + (frac * n).long().clamp_(max=n - 1)],  # evenly spaced quantiles
+        torch.where(start == 1, x[base] + frac * (x[base + n - 1] - x[base]),  # evenly spaced values
+                    _companded(data, owner, frac)))  # the MSE-optimal point density
     has_next = torch.ones_like(seg, dtype=torch.bool)
     has_next[first + sizes - 1] = False
-    has_prev = torch.roll(has_next, 1)
+    s1, s2 = data.s1, data.s2
 
-    def cluster_bounds(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mids = (c[:-1] + c[1:])[has_next[:-1]] / 2
-        pos = torch.searchsorted(x64, mids)  # elements equal to a mid go to the upper centre
-        lo = torch.zeros_like(seg)
-        hi = torch.full_like(seg, n)
+    def cluster_bounds(c: torch.Tensor, has_next: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inner = has_next[:-1]
+        pos = data.positions((c[:-1] + c[1:])[inner] / 2, owner[:-1][inner])  # a value equal to a mid goes up
+        lo, hi = data.base[owner].clone(), data.ends[owner].clone()
         hi[has_next] = pos
-        lo[has_prev] = pos
+        lo[torch.roll(has_next, 1)] = pos
         return lo, hi
 
     def cluster_sse(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return (s2[hi] - s2[lo]) - 2 * c * (s1[hi] - s1[lo]) + c.square() * (hi - lo)
 
-    def reseed_empty(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def reseed_empty(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, seg: torch.Tensor,
+                     first: torch.Tensor) -> torch.Tensor:
         """The r-th empty centre of a segment takes the upper half of its r-th worst cluster."""
         empty = hi == lo
         worst = torch.sort(-cluster_sse(c, lo, hi), stable=True).indices
         worst = worst[torch.sort(seg[worst], stable=True).indices]  # by segment, worst first
         empties = torch.nonzero(empty).flatten()
-        rank = torch.cumsum(empty.long(), 0)[empties] - 1 - torch.cumsum(empty.long(), 0)[first[seg[empties]]] + empty[first[seg[empties]]].long()
-        donor = worst[first[seg[empties]] + rank]
+        counted = torch.cumsum(empty.long(), 0)
+        seg_first = first[seg[empties]]
+        rank = counted[empties] - 1 - counted[seg_first] + empty[seg_first].long()
+        donor = worst[seg_first + rank]
         ok = (hi[donor] - lo[donor] >= 2) & ~empty[donor]
         empties, donor = empties[ok], donor[ok]
         mid = (lo[donor] + hi[donor]) // 2
@@ -151,73 +230,124 @@ def fit_codebooks(
         order = torch.sort(c, stable=True).indices
         return c[order[torch.sort(seg[order], stable=True).indices]]  # sorted within segments
 
+    # Lloyd steps on the segments still moving: one that did not move is at its fixed point
+    active = torch.ones(len(sizes), dtype=torch.bool, device=dev)
     for _ in range(iters):
-        lo, hi = cluster_bounds(centres)
+        at = torch.nonzero(active[seg]).flatten()
+        sub_sizes = sizes[active]
+        sub_seg = torch.repeat_interleave(torch.arange(len(sub_sizes), device=dev), sub_sizes)
+        c, sub_owner = centres[at], owner[at]
+        lo, hi = cluster_bounds(c, has_next[at], sub_owner)
         count = (hi - lo).double()
-        means = torch.where(count > 0, (s1[hi] - s1[lo]) / count.clamp(min=1), centres)
-        if bool((count == 0).any()):
-            means = reseed_empty(means, lo, hi)
-        if torch.equal(means, centres):
+        means = torch.where(count > 0, (s1[hi] - s1[lo]) / count.clamp(min=1), c)
+        if bool((count == 0).any()):  # reseed within the segments that have an empty cluster
+            hit = torch.zeros(len(sub_sizes), dtype=torch.bool, device=dev).index_fill_(0, sub_seg[count == 0], True)
+            at_hit = torch.nonzero(hit[sub_seg]).flatten()
+            hit_sizes = sub_sizes[hit]
+            means[at_hit] = reseed_empty(means[at_hit], lo[at_hit], hi[at_hit],
+                                         torch.repeat_interleave(torch.arange(len(hit_sizes), device=dev), hit_sizes),
+                                         hit_sizes.cumsum(0) - hit_sizes)
+        moved = torch.zeros(len(sub_sizes), dtype=torch.long, device=dev).index_add_(0, sub_seg, (means != c).long()) > 0
+        centres[at] = means
+        active[torch.nonzero(active).flatten()[~moved]] = False
+        if not bool(active.any()):
             break
-        centres = means
 
-    lo, hi = cluster_bounds(centres)
-    sse = cluster_sse(centres, lo, hi)
-    per_fit = torch.zeros(n_starts * n_bits, dtype=torch.float64, device=dev).index_add_(0, seg, sse)
-    error, best_start = per_fit.clamp_(min=0).view(n_starts, n_bits).min(0)
-    fits = centres.float().split(sizes.tolist())
-    codebooks = [fits[s * n_bits + i] for i, s in enumerate(best_start.tolist())]
-    return codebooks, error
+    lo, hi = cluster_bounds(centres, has_next, owner)
+    per_segment = torch.zeros(len(sizes), dtype=torch.float64, device=dev).index_add_(0, seg, cluster_sse(centres, lo, hi))
+    error, best_start = per_segment.clamp_(min=0).view(len(fits), N_STARTS).min(1)
+    segments = centres.float().split(sizes.tolist())
+    return [segments[f * N_STARTS + s] for f, s in enumerate(best_start.tolist())], error
 
 
-def _companded(x64: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 16) -> torch.Tensor:
+def _companded(data: _Packed, owner: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 16) -> torch.Tensor:
     """Points at quantiles `frac` of the measure with density p(x)^(1/3), the point density
-    that minimises squared error; p is estimated from the gaps between sorted values (an
-    evenly strided sample of them: a density needs no more)."""
-    x64 = x64[:: max(1, x64.numel() // sample)]
-    n = x64.numel()
-    if n < 3 or x64[-1] <= x64[0]:
-        return x64[(frac * n).long().clamp_(0, n - 1)]
-    gap = x64.diff()
-    density = (2.0 / (torch.cat([gap[:1], gap]) + torch.cat([gap, gap[-1:]])).clamp(min=1e-30)).pow(1 / 3)
-    mass = 0.5 * (density[1:] + density[:-1]) * gap
-    cdf = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
-    cdf = cdf / cdf[-1]
-    j = torch.searchsorted(cdf, frac).clamp_(1, n - 1)
-    t = (frac - cdf[j - 1]) / (cdf[j] - cdf[j - 1]).clamp(min=1e-300)
-    return x64[j - 1] + t * (x64[j] - x64[j - 1])
+    that minimises squared error, within each owner's set; p is estimated from the gaps between
+    sorted values (an evenly strided sample of at most `sample` of them: a density needs no more)."""
+    dev = data.x.device
+    stride = (data.lengths // sample).clamp(min=1)
+    m = (data.lengths + stride - 1) // stride  # sampled points per set
+    sample_base = torch.cumsum(m, 0) - m
+    who = torch.repeat_interleave(torch.arange(len(m), device=dev), m)
+    local = torch.arange(int(m.sum()), device=dev) - sample_base[who]
+    y = data.x[data.base[who] + local * stride[who]]
+    last = local == m[who] - 1
+    gap = torch.cat([y.diff(), y.new_zeros(1)])  # gap to the next point of the same set (0 after the last)
+    right = torch.where(last, torch.roll(gap, 1), gap)
+    left = torch.where(local == 0, gap, torch.roll(gap, 1))
+    density = (2.0 / (left + right).clamp(min=1e-30)).pow(1 / 3)
+    mass = torch.where(last, 0.0, 0.5 * (density + torch.roll(density, -1)) * gap)
+    cdf = torch.cat([mass.new_zeros(1), mass.cumsum(0)])[:-1]  # at each point, from the start of all sets
+    cdf = cdf - cdf[sample_base[who]]
+    total = cdf[sample_base + m - 1]
+    cdf = cdf / total.clamp(min=1e-300)[who]
+    j = torch.searchsorted(cdf + 2.0 * who.double(), frac + 2.0 * owner.double())
+    j = (j - sample_base[owner]).clamp(min=1, max=None)
+    j = torch.minimum(j, (m[owner] - 1).clamp(min=1))
+    at = sample_base[owner]
+    lo_c, hi_c = cdf[at + j - 1], cdf[(at + j).clamp(max=len(y) - 1)]
+    lo_y, hi_y = y[at + j - 1], y[(at + j).clamp(max=len(y) - 1)]
+    t = (frac - lo_c) / (hi_c - lo_c).clamp(min=1e-300)
+    value = lo_y + t * (hi_y - lo_y)
+    degenerate = (m < 3) | (y[sample_base + m - 1] <= y[sample_base])
+    quantile = y[at + (frac * m[owner]).long().clamp(max=m[owner] - 1)]
+    return torch.where(degenerate[owner], quantile, value)
 
 
-def _exact_codebooks(
-    x64: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, bit_choices: list[int]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Optimal 1-D k-means of sorted values for every bitwidth: one DP over cluster counts."""
-    n = x64.numel()
-    i = torch.arange(n + 1, device=x64.device)
-    span = (i[None, :] - i[:, None]).double()  # span[j, e] = size of the group x[j:e]
-    group_sse = (s2[None, :] - s2[:, None]) - (s1[None, :] - s1[:, None]).square() / span.clamp(min=1)
-    group_sse = torch.where(span > 0, group_sse.clamp(min=0), torch.inf)
-    k_max = min(n, 2 ** max(bit_choices))
-    best = [group_sse[0]]  # best[k-1][e]: least error of x[:e] in k groups
-    split = []
-    for _ in range(1, k_max):
-        value, arg = (best[-1][:, None] + group_sse).min(0)
-        best.append(value)
-        split.append(arg)
-
-    codebooks, errors = [], []
-    for b in bit_choices:
-        k = min(2**b, n)
-        ends = [n]
-        for level in range(k - 1, 0, -1):
-            ends.append(int(split[level - 1][ends[-1]]))
-        bounds = ends[::-1]
-        starts, stops = [0, *bounds[:-1]], bounds
-        means = torch.stack([(s1[e] - s1[a]) / (e - a) for a, e in zip(starts, stops)])
-        pad = means[-1].expand(2**b - k)  # more centres than values: repeat the last one
-        codebooks.append(torch.cat([means, pad]).float())
-        errors.append(best[k - 1][n])
-    return codebooks, torch.stack(errors).clamp(min=0)
+def _exact_codebooks(sorted_sets: list[torch.Tensor], bits: torch.Tensor
+                     ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """Optimal 1-D k-means of small sorted sets for every choice: one dynamic programme over
+    cluster counts for all the sets of a size class at once (padding repeats the last value,
+    which no prefix x[:e] of a set's own values sees). A set of at most 2^b values is its own
+    codebook (error 0; the last value repeats)."""
+    books = [[torch.empty(0)] * bits.shape[1] for _ in sorted_sets]
+    errors = torch.zeros(bits.shape, dtype=torch.float64)
+    sizes = [x.numel() for x in sorted_sets]
+    classes: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        classes.setdefault(n.bit_length(), []).append(i)
+    for members in classes.values():
+        width = max(sizes[i] for i in members)
+        dev = sorted_sets[members[0]].device
+        x64 = torch.stack([torch.cat([sorted_sets[i], sorted_sets[i][-1:].expand(width - sizes[i])])
+                           for i in members]).double()
+        zero = x64.new_zeros(len(members), 1)
+        s1 = torch.cat([zero, x64.cumsum(1)], 1)
+        s2 = torch.cat([zero, x64.square().cumsum(1)], 1)
+        i = torch.arange(width + 1, device=dev)
+        span = (i[None, :] - i[:, None]).double()  # span[j, e] = size of the group x[j:e]
+        group_sse = (s2[:, None, :] - s2[:, :, None]) - (s1[:, None, :] - s1[:, :, None]).square() / span.clamp(min=1)
+        group_sse = torch.where(span > 0, group_sse.clamp(min=0), torch.inf)
+        rows = bits[members]
+        k_max = max([2**b for b in rows.unique().tolist() if 2**b < width], default=1)
+        best = [group_sse[:, 0]]  # best[k-1][g, e]: least error of set g's x[:e] in k groups
+        split = []
+        for _ in range(1, k_max):
+            value, arg = (best[-1][:, :, None] + group_sse).min(1)
+            best.append(value)
+            split.append(arg)
+        n = torch.tensor([sizes[m] for m in members], device=dev)
+        for col in range(bits.shape[1]):
+            for b in rows[:, col].unique().tolist():
+                k = 2**b
+                for local in (rows[:, col] == b).nonzero().flatten().tolist():
+                    if sizes[members[local]] <= k:
+                        values = sorted_sets[members[local]]
+                        books[members[local]][col] = torch.cat([values, values[-1:].expand(k - values.numel())]).float()
+                pick = ((rows[:, col] == b) & (n > k)).nonzero().flatten()
+                if pick.numel() == 0:
+                    continue
+                ends = [n[pick]]  # the groups' bounds, from the last back
+                for level in range(k - 1, 0, -1):
+                    ends.append(split[level - 1][pick, ends[-1]])
+                bounds = torch.stack(ends[::-1], 1)
+                starts = torch.cat([torch.zeros_like(bounds[:, :1]), bounds[:, :-1]], 1)
+                means = (s1[pick[:, None], bounds] - s1[pick[:, None], starts]) / (bounds - starts).double()
+                found = best[k - 1][pick, n[pick]].clamp(min=0).cpu()
+                for r, local in enumerate(pick.tolist()):
+                    books[members[local]][col] = means[r].float()
+                    errors[members[local], col] = found[r]
+    return books, errors
 
 
 def assign(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -316,11 +446,22 @@ def solve_mckp_exact(cost: torch.Tensor, distortion: torch.Tensor, budget: int) 
     return torch.tensor(choice[::-1])
 
 
+FIT_BITS_UP_TO = 6  # above this, a table's k-means error is the high-resolution limit's: a quarter per extra bit
+
+
 def joint_options(
     weights: torch.Tensor, bit_choices: list[int], min_keep: int = 1, points: int = 24,
     sample: int = 1 << 12, pool: int = 1 << 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The error of every (kept count, bitwidth) option of one layer, for the joint projection.
+    """`joint_options_many` of one layer."""
+    return joint_options_many([weights], bit_choices, [min_keep], points, sample, pool)[0]
+
+
+def joint_options_many(
+    weights: list[torch.Tensor], bit_choices: list[int], min_keep: list[int], points: int = 24,
+    sample: int = 1 << 12, pool: int = 1 << 16,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The error of every (kept count, bitwidth) option of each layer, for the joint projection.
 
     Kept counts form a geometric ladder from `min_keep` to all weights; the kept set of a
     count is the largest-magnitude weights. Error = the pruned weights' squared sum + the
@@ -328,25 +469,38 @@ def joint_options(
     on a fixed random sample of `pool` of them (scaled up), so the table costs the same for
     any layer size. Above `sample` kept values a codebook is fitted on an evenly strided
     sample and its error measured on another one (interleaved, so 256 centres cannot
-    overfit a small sample). Returns the kept counts (K,) and the errors (K, len(bit_choices)).
+    overfit a small sample). All the codebooks of all layers are one `fit_codebooks_many`, for
+    bitwidths up to FIT_BITS_UP_TO; beyond, each bit divides the error by 4 (Panter and Dite's
+    high-resolution limit, D ~ 4^-b), which costs nothing instead of 3/4 of the centres.
+    Returns per layer the kept counts (K,) and the errors (K, len(bit_choices)).
     """
-    flat = weights.detach().flatten().float()
-    n = flat.numel()
-    if n > pool:
-        flat = flat[torch.randint(n, (pool,), generator=torch.Generator().manual_seed(n)).to(flat.device)]
-    scale = n / flat.numel()
-    by_size = flat[flat.abs().argsort(descending=True)]
-    tail = torch.cat([by_size.double().square().flip(0).cumsum(0).flip(0), by_size.new_zeros(1, dtype=torch.float64)])
-    ladder = torch.logspace(math.log10(max(1, min_keep)), math.log10(n), points, dtype=torch.float64)
-    keeps = torch.unique(ladder.round().long().clamp(max(1, min_keep), n))
-    errors = []
-    for k in keeps.tolist():
-        kept = by_size[: max(1, round(k / scale))]
-        stride = max(1, kept.numel() // sample)
-        fit_on = kept[::stride]
-        books, quant = fit_codebooks(fit_on, bit_choices, iters=15)
-        if stride > 1:
-            fit_on = kept[stride // 2 :: stride].double()
-            quant = torch.stack([(fit_on - b.double()[assign(fit_on, b)]).square().sum() for b in books])
-        errors.append(tail[kept.numel()].cpu() * scale + quant.cpu() * (k / fit_on.numel()))
-    return keeps.cpu(), torch.stack(errors)
+    fit_sets, measure, ladders = [], [], []
+    for w, low in zip(weights, min_keep):
+        flat = w.detach().flatten().float()
+        n = flat.numel()
+        if n > pool:
+            flat = flat[torch.randint(n, (pool,), generator=torch.Generator().manual_seed(n)).to(flat.device)]
+        scale = n / flat.numel()
+        by_size = flat[flat.abs().argsort(descending=True)]
+        tail = torch.cat([by_size.double().square().flip(0).cumsum(0).flip(0), by_size.new_zeros(1, dtype=torch.float64)])
+        ladder = torch.logspace(math.log10(max(1, low)), math.log10(n), points, dtype=torch.float64)
+        keeps = torch.unique(ladder.round().long().clamp(max(1, low), n))
+        kept_n = [max(1, round(k / scale)) for k in keeps.tolist()]
+        for m in kept_n:
+            stride = max(1, m // sample)
+            fit_sets.append(by_size[:m:stride])
+            measure.append(by_size[stride // 2 : m : stride] if stride > 1 else None)
+        ladders.append((keeps, kept_n, scale, tail.cpu()))
+    fitted = [b for b in bit_choices if b <= FIT_BITS_UP_TO]
+    _, quant = fit_codebooks_many(fit_sets, torch.tensor([fitted] * len(fit_sets)), iters=15, measure_on=measure)
+    beyond = torch.tensor([b for b in bit_choices if b > FIT_BITS_UP_TO])
+    exact = torch.tensor([len(f) for f in fit_sets])[:, None] <= 2**beyond  # every value its own centre
+    quant = torch.cat([quant, torch.where(exact, 0.0, quant[:, -1:] * 4.0 ** -(beyond - fitted[-1]))], 1)
+    tables, row = [], 0
+    for keeps, kept_n, scale, tail in ladders:
+        sizes = torch.tensor([(len(m) if m is not None else len(f)) for f, m in
+                              zip(fit_sets[row : row + len(kept_n)], measure[row : row + len(kept_n)])], dtype=torch.float64)
+        errors = tail[kept_n][:, None] * scale + quant[row : row + len(kept_n)] * (keeps.double() / sizes)[:, None]
+        tables.append((keeps.cpu(), errors))
+        row += len(kept_n)
+    return tables

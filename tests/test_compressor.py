@@ -144,7 +144,7 @@ def timeless(records: list) -> list[str]:
 
 
 def test_engine_is_a_loop_over_compressor(trained_mlp, digits):
-    config = CompressConfig(target="40x", epochs=4, device="cpu")
+    config = CompressConfig(target="40x", epochs=4, device="cpu", auto_lr=False)  # the loop alone (auto_lr: test_defaults)
     engine_records = [r for r in Engine(copy.deepcopy(trained_mlp), digits, config)
                       if isinstance(r, (StepRecord, EpochRecord, FinalRecord))]
     hand_records: list = []
