@@ -1,6 +1,9 @@
 # `make run` sets up and opens the app; `make test` sets up and runs the whole suite.
 VENV := .venv
 PY := $(VENV)/bin/python
+# CIFAR-10 and the published ResNet checkpoints, offline, when ../shared is beside this checkout
+SHARED := $(abspath ../shared)
+export JOINTCOMP_DATA ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data)
 SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
 .PHONY: setup system-deps run test bench bench-mcu bench-peers

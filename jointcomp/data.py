@@ -1,17 +1,28 @@
 """Data sets: in-memory tensors by name (digits, bundled and the default; Fashion-MNIST,
 MNIST, CIFAR-10; an image folder as "folder:PATH"), or any DataLoaders as `Loaders`.
 
-Nothing is downloaded unless the caller asks for it (`download=True`).
+A data set may carry its training augmentation (`Dataset.augment`, e.g. CIFAR's `CropFlip`),
+which the trainer applies to each training batch on its device. Nothing is downloaded unless
+the caller asks for it (`download=True`).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import logging
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
+
+from .rundir import atomic_write
+
+log = logging.getLogger("jointcomp")
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder:PATH")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -24,6 +35,33 @@ _HOW_TO_GET = {
     "mnist": "download it once with --download (needs internet)",
     "cifar10": "download it once with --download (needs internet)",
 }
+CIFAR10_ARCHIVE, CIFAR10_FOLDER = "cifar10-jpeg.tar.gz", "cifar10-jpeg"  # train/<class>/*.jpg and test/<class>/*.jpg
+CIFAR10_MEAN, CIFAR10_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the published checkpoints were trained with
+MAX_IMAGE_BYTES = 1 << 20  # a member of an image archive larger than this is refused (a 32x32 JPEG is ~1 KB)
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """Training augmentation as CIFAR practice has it: pad `pad` pixels of `fill` (per channel;
+    the normalised value of black, so the pad is zero before normalisation), crop back to the
+    original size at a random offset, and flip half of the images left to right. Works on a
+    batch on its own device; `generator` (on the CPU) makes it repeatable."""
+
+    pad: int = 4
+    fill: tuple[float, ...] = (0.0,)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        fill = torch.tensor(self.fill, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
+        padded = fill.expand(n, c, h + 2 * self.pad, w + 2 * self.pad).clone()
+        padded[:, :, self.pad : self.pad + h, self.pad : self.pad + w] = x
+        dy, dx = (torch.randint(2 * self.pad + 1, (2, n), generator=generator)).to(x.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        cols = dx[:, None] + torch.arange(w, device=x.device)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        rows = dy[:, None] + torch.arange(h, device=x.device)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
@@ -36,6 +74,7 @@ class Dataset:
     val_x: torch.Tensor
     val_y: torch.Tensor
     num_classes: int
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None  # of training batches
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -63,7 +102,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     if name in ("fashion-mnist", "mnist"):
         return _idx(name, _find_dir(name, data_dir), download)
     if name == "cifar10":
-        return _cifar10(_find_dir(name, data_dir), download)
+        return _cifar10(data_dir, download)
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -74,7 +113,7 @@ def available(data_dir: str | os.PathLike | None = None) -> list[str]:
         root = _find_dir(name, data_dir)
         if all((root / f).is_file() for pair in _IDX_FILES.values() for f in pair):
             found.append(name)
-    if (_find_dir("cifar10", data_dir) / "cifar-10-batches-py").is_dir():
+    if _cifar10_source(data_dir) is not None:
         found.append("cifar10")
     return found
 
@@ -157,41 +196,141 @@ def _idx(name: str, root: Path, download: bool) -> Dataset:
     return Dataset(name, train_x, split["train"][1], val_x, split["val"][1], 10)
 
 
-def _cifar10(root: Path, download: bool) -> Dataset:
-    import torchvision
+def _cifar10_source(data_dir: str | os.PathLike | None) -> Path | None:
+    """Where CIFAR-10 is: the JPEG archive, its unpacked folder, or torchvision's
+    cifar-10-batches-py, in --data-dir, else $JOINTCOMP_DATA (or its cifar10/), else
+    /usr/share/datasets/cifar10."""
+    env = os.environ.get("JOINTCOMP_DATA")
+    roots = [Path(data_dir)] if data_dir else [*([Path(env), Path(env) / "cifar10"] if env else []),
+                                              Path("/usr/share/datasets/cifar10")]
+    for root in roots:
+        for name in (CIFAR10_ARCHIVE, CIFAR10_FOLDER, "cifar-10-batches-py"):
+            if (root / name).exists():
+                return root / name
+    return None
 
-    try:
-        train = torchvision.datasets.CIFAR10(str(root), train=True, download=download)
-        val = torchvision.datasets.CIFAR10(str(root), train=False, download=download)
-    except RuntimeError as err:
+
+def _cifar10(data_dir: str | os.PathLike | None, download: bool) -> Dataset:
+    source = _cifar10_source(data_dir)
+    if source is None and download:
+        import torchvision
+
+        root = Path(data_dir or os.environ.get("JOINTCOMP_DATA") or "data") / "cifar10"
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+        source = root / "cifar-10-batches-py"
+    if source is None:
+        where = data_dir or os.environ.get("JOINTCOMP_DATA") or "/usr/share/datasets/cifar10"
         raise FileNotFoundError(
-            f"cifar10 not found in {root}; {_HOW_TO_GET['cifar10']}, or point --data-dir at "
-            "a folder holding cifar-10-batches-py"
-        ) from err
+            f"cifar10 not found in {where} (no {CIFAR10_ARCHIVE}, {CIFAR10_FOLDER}/ or cifar-10-batches-py/); "
+            f"{_HOW_TO_GET['cifar10']}, or point --data-dir / $JOINTCOMP_DATA at a folder holding one of them")
+    if source.name == "cifar-10-batches-py":
+        import torchvision
 
-    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        return x, torch.tensor(ds.targets, dtype=torch.long)
+        splits = [torchvision.datasets.CIFAR10(str(source.parent), train=t) for t in (True, False)]
+        (tx, ty), (vx, vy) = [(torch.tensor(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+                              for d in splits]
+    else:
+        tx, ty, vx, vy = _cached_images(source)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    norm = lambda x: (x.float() / 255.0 - mean) / std  # noqa: E731
+    fill = tuple(((0.0 - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)).tolist())
+    return Dataset("cifar10", norm(tx), ty.long(), norm(vx), vy.long(), 10, augment=CropFlip(4, fill))
 
-    (tx, ty), (vx, vy) = tensors(train), tensors(val)
-    tx, vx = _normalise(tx, vx)
-    return Dataset("cifar10", tx, ty, vx, vy, 10)
+
+def cache_dir() -> Path:
+    """Where decoded data sets are kept: $JOINTCOMP_CACHE, else ~/.cache/jointcomp."""
+    return Path(os.environ.get("JOINTCOMP_CACHE") or Path.home() / ".cache" / "jointcomp")
+
+
+def _cached_images(source: Path) -> tuple[torch.Tensor, ...]:
+    """The train and test images (uint8, N x C x H x W) and labels of an ImageFolder-style
+    archive or folder, decoded once and kept as a safetensors file in `cache_dir()` (keyed by
+    the source's path, size and time); a cache that cannot be written only costs the decoding."""
+    from safetensors.torch import load_file, save
+
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{source.name.split('.')[0]}-{key}.safetensors"
+    if cached.is_file():
+        try:
+            t = load_file(str(cached))
+            return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+        except Exception:  # damaged or foreign: decode again
+            log.info("%s: unreadable cache, decoding %s again", cached, source)
+    members = _archive_images(source) if source.is_file() else _folder_images(source)
+    split = _decode(members, source)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, save(split))
+    except OSError as err:
+        log.info("cannot cache the decoded images in %s (%s); set $JOINTCOMP_CACHE", cached.parent, err)
+    return split["train_x"], split["train_y"], split["test_x"], split["test_y"]
+
+
+_MEMBER = re.compile(r"(?:^|/)(train|test|val)/([^/]+)/[^/]+$")
+
+
+def _archive_images(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    """(split, class, bytes) of every image in a .tar(.gz) laid out as */split/class/file."""
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                match = _MEMBER.search(member.name)
+                if not member.isfile() or not match or not member.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                if member.size > MAX_IMAGE_BYTES:
+                    raise ValueError(f"{path}: {member.name} is {member.size} bytes, too large for an image")
+                yield match.group(1), match.group(2), tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable image archive ({err}); download it again") from None
+
+
+def _folder_images(root: Path) -> Iterator[tuple[str, str, bytes]]:
+    for path in sorted(root.glob("*/*/*")):
+        match = _MEMBER.search(path.relative_to(root).as_posix())
+        if match and path.suffix.lower() in IMAGE_SUFFIXES and path.stat().st_size <= MAX_IMAGE_BYTES:
+            yield match.group(1), match.group(2), path.read_bytes()
+
+
+def _decode(members: Iterable[tuple[str, str, bytes]], source: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
+    from PIL import Image
+
+    images: dict[str, list] = {"train": [], "test": []}
+    for split, label, data in members:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                images["train" if split == "train" else "test"].append((label, np.asarray(img.convert("RGB"))))
+        except OSError as err:
+            raise ValueError(f"{source}: an image of class {label!r} cannot be decoded ({err})") from None
+    classes = sorted({label for part in images.values() for label, _ in part})
+    if not images["train"] or not images["test"] or len(classes) < 2:
+        raise ValueError(f"{source} needs train/<class>/ and test/<class>/ images of at least two classes")
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for part, found in images.items():
+        out[f"{part}_x"] = torch.from_numpy(np.stack([a for _, a in found])).permute(0, 3, 1, 2).contiguous()
+        out[f"{part}_y"] = torch.tensor([index[label] for label, _ in found], dtype=torch.uint8)
+    return out
 
 
 def _folder(root: Path) -> Dataset:
     """An image folder in torchvision's ImageFolder layout, `train/<class>/*.png` and
-    `val/<class>/*.png`, read into memory: grey if every image is, else RGB; all images
-    must have one size."""
+    `val/<class>/*.png` (or `test/`), read into memory: grey if every image is, else RGB;
+    all images must have one size."""
     import numpy as np
     from PIL import Image
 
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise FileNotFoundError(f"{root} needs train/ and val/ folders with one sub-folder of images per class")
+    val = "val" if (root / "val").is_dir() else "test"
+    if not (root / "train").is_dir() or not (root / val).is_dir():
+        raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) folders with one sub-folder of images per class")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{root}/train needs at least two class folders, found {len(classes)}")
     files = {part: [(f, y) for y, c in enumerate(classes) for f in sorted((root / part / c).glob("*"))
-                    if f.suffix.lower() in IMAGE_SUFFIXES] for part in ("train", "val")}
+                    if f.suffix.lower() in IMAGE_SUFFIXES] for part in ("train", val)}
     for part, found in files.items():
         if not found:
             raise FileNotFoundError(f"{root}/{part} holds no images in its class folders ({', '.join(classes)})")
@@ -205,10 +344,10 @@ def _folder(root: Path) -> Dataset:
             except OSError as err:
                 raise ValueError(f"{path} is not a readable image ({err}); remove or replace it") from None
         images[part] = arrays
-    every = images["train"] + images["val"]
+    every = images["train"] + images[val]
     mode = "L" if all(img.mode == "L" for img in every) else "RGB"
     size = every[0].size
-    odd = next(((img, f) for img, (f, _) in zip(every, files["train"] + files["val"]) if img.size != size), None)
+    odd = next(((img, f) for img, (f, _) in zip(every, files["train"] + files[val]) if img.size != size), None)
     if odd:
         raise ValueError(f"{odd[1]} is {odd[0].size[0]}x{odd[0].size[1]} but the first image is {size[0]}x{size[1]}; "
                          "resize the images to one size")
@@ -218,6 +357,6 @@ def _folder(root: Path) -> Dataset:
         x = x.unsqueeze(1) if mode == "L" else x.permute(0, 3, 1, 2)
         return x, torch.tensor([y for _, y in files[part]], dtype=torch.long)
 
-    (tx, ty), (vx, vy) = tensors("train"), tensors("val")
+    (tx, ty), (vx, vy) = tensors("train"), tensors(val)
     tx, vx = _normalise(tx, vx)
     return Dataset(f"folder:{root}", tx, ty, vx, vy, len(classes))

@@ -1,7 +1,9 @@
 """Built-in networks, torchvision models and users' own factories, by name.
 
-Names: "mlp", "lenet5" (Caffe LeNet-5 of the paper's experiments), "resnet20" (CIFAR,
-1x1 projection shortcuts), "torchvision:<name>", or "package.module:factory".
+Names: "mlp", "lenet5" (Caffe LeNet-5 of the paper's experiments), "resnet20", "resnet32",
+"resnet44", "resnet56" (He et al.'s CIFAR ResNets with parameter-free "option A" shortcuts and
+the module names of the published CIFAR-10 checkpoints, so those load as they are),
+"torchvision:<name>", or "package.module:factory".
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from torch import nn
 
 from .rundir import DENSE_FILE, atomic_write
 
-BUILTIN = ("mlp", "lenet5", "resnet20")
-_DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, "resnet20": 30}
+RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
+BUILTIN = ("mlp", "lenet5", *RESNET_DEPTHS)
+_DENSE_EPOCHS = {"mlp": 20, "lenet5": 10, **{name: 30 for name in RESNET_DEPTHS}}
 
 
 def dense_epochs(name: str) -> int:
@@ -52,32 +55,77 @@ def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
-class _Block(nn.Module):
+class ShortcutA(nn.Module):
+    """The parameter-free shortcut of He et al.'s CIFAR ResNets ("option A") where a block
+    halves the map and widens it: the input subsampled by 2 in both spatial dimensions and
+    zero-padded with `pad` channels on each side."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 (stride s) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut, then ReLU."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = ShortcutA((cout - cin) // 2) if stride != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """ResNet-20 for 32x32 images, with 1x1 projection shortcuts (option B)."""
-    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(3):
-            layers.append(_Block(cin, cout, stride if i == 0 else 1))
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images (He et al. 2016, section 4.2): a 3x3 stem with 16
+    channels, three stages of n blocks with 16, 32 and 64 channels (the first block of the
+    second and third halves the map), global average pooling, one Linear layer. Module names
+    are those of the published CIFAR-10 checkpoints (conv1, bn1, layer1.0.conv1, ..., linear)."""
+
+    def __init__(self, depth: int, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, ...), not {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            stages.append(nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]))
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    return nn.Sequential(*layers)
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.flatten(self.pool(x)))
+
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return CifarResNet(20, input_shape, num_classes)
+
+
+def resnet32(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return CifarResNet(32, input_shape, num_classes)
+
+
+def resnet44(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return CifarResNet(44, input_shape, num_classes)
+
+
+def resnet56(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return CifarResNet(56, input_shape, num_classes)
 
 
 def check_model_name(name: str) -> str:
@@ -169,8 +217,16 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write(path, save(state))
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")
+OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints lack BatchNorm's step counter
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load dense weights from a .safetensors / .pt state dict, or a `train` run folder."""
+    """Load dense weights into `model`: a `train` run folder, a .safetensors file, or a
+    torch.save'd file (.pt, .pth, .th; read with weights_only=True, so nothing is unpickled
+    but tensors) holding a state dict, or a dict with one under "state_dict" or "model" (as
+    published checkpoints do). A "module." prefix (DataParallel's) is stripped. Keys that are
+    missing or unexpected, or shapes that differ, are one ValueError naming the first few."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -178,13 +234,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if path.is_dir():
         path = path / DENSE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no pretrained weights at {path}; pass a .safetensors/.pt file or a `train` run folder")
+        raise FileNotFoundError(f"no pretrained weights at {path}; pass a {'/'.join(CHECKPOINT_SUFFIXES)} file or a "
+                                "`train` run folder")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) else state
     except pickle.UnpicklingError:
         raise ValueError(
             f"{path} is not a plain state dict (it holds pickled objects); save it with "
@@ -192,11 +248,21 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         raise ValueError(f"cannot read pretrained weights {path}: {str(err).strip().splitlines()[0]}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{path} does not fit this model ({detail}); was it trained with another --model?") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors, or one under 'state_dict' or 'model')")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(OPTIONAL_BUFFERS)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} is {list(state[k].shape)} in the file but {list(own[k].shape)} in the model"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [f"{what} {', '.join(keys[:3])}{f' (and {len(keys) - 3} more)' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys] + shapes[:2]
+    if problems:
+        raise ValueError(f"{path} does not fit this model: {'; '.join(problems)}; was it trained with another --model?")
+    model.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state})
     return model

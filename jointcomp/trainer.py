@@ -109,9 +109,9 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
 
 
 def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device):
-    """The training batches of one epoch. In memory: shuffled, the order depending only on
-    seed and epoch (and shared out between the processes of a torchrun); DataLoaders: their
-    own order (a DistributedSampler gets the epoch)."""
+    """The training batches of one epoch. In memory: shuffled and augmented (the data set's
+    `augment`), both depending only on seed and epoch (and shared out between the processes of
+    a torchrun); DataLoaders: their own order (a DistributedSampler gets the epoch)."""
     if isinstance(data, Loaders):
         sampler = getattr(data.train, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -122,9 +122,11 @@ def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device
     sampler = _sampler(data, config.seed)
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler))
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)  # the augmentation's draws
     for i in range(0, len(order), config.batch_size):
         idx = order[i : i + config.batch_size]
-        yield data.train_x[idx].to(device), data.train_y[idx].to(device)
+        x = data.train_x[idx].to(device)
+        yield (data.augment(x, generator) if data.augment else x), data.train_y[idx].to(device)
 
 
 def val_batches(data: Data, device: torch.device, size: int = 1000):

@@ -116,7 +116,7 @@ def test_conv_bn_factory_through_every_command(tmp_path, mode, target):
 
 
 def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
-    """Digits scaled to 3 x 32 x 32: BatchNorm, residual adds and 1x1 shortcuts."""
+    """Digits scaled to 3 x 32 x 32: BatchNorm, residual adds and option-A shortcuts."""
     def grow(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.interpolate(x, size=32, mode="bilinear").repeat(1, 3, 1, 1)
 
@@ -141,7 +141,7 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
     with torch.no_grad():
         engine.model.load_state_dict(expected)
         assert torch.equal(engine.model.eval()(data.val_x), loaded(data.val_x))
-    assert len(inspect(path).layers) == 22  # 19 convolutions, 2 projection shortcuts, the classifier
+    assert len(inspect(path).layers) == 20  # 19 convolutions and the classifier (option-A shortcuts have no weights)
 
 
 def test_torchvision_model_on_one_channel_data(tmp_path):

@@ -31,12 +31,13 @@ from torch import nn
 
 from ..budget import LayerBounds, MeasuredAccounting, Shipped
 from ..codec import PackedLayer, load_packed, pack_codes, varint_bytes
+from ..models import ShortcutA
 from ..rundir import atomic_write
 
 FLOAT_BYTES = 4
 CODE_PAD_BYTES = 1  # the decoder reads codes two bytes at a time: one byte after the last
 SUPPORTED = ("Linear, Conv2d, BatchNorm after them or alone, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), ReLU, "
-             "Flatten/view/reshape, Dropout, Identity, residual add")
+             "Flatten/view/reshape, Dropout, Identity, residual add, the CIFAR ResNets' option-A shortcut")
 
 _ALIAS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _ALIAS_FUNCTIONS = (torch.flatten, torch.reshape)
@@ -47,7 +48,15 @@ _SHAPE_METHODS = ("size", "dim")  # ints, consumed only by views
 _KERNEL_NEEDS = {  # kernels.c's sections each one calls; a model's source holds only what it uses
     "linear": ("weights", "next", "affine"), "conv": ("weights", "next", "affine"), "dense": ("weights",),
     "affine": (), "pool": (), "relu": (), "add": (), "copy": (), "argmax": (), "weights": (), "next": (),
+    "shortcut": (),
 }
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with the option-A shortcut kept whole (one C kernel, not a slice and a pad)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ShortcutA) or super().is_leaf_module(m, qualname)
 
 
 def kernel_source(used: set[str]) -> str:
@@ -138,6 +147,8 @@ def _module_op(node, module: nn.Module) -> Op:
         return Op("pool", name, src, node.name, module)
     if isinstance(module, nn.ReLU):
         return Op("relu", name, src, node.name)
+    if isinstance(module, ShortcutA):
+        return Op("shortcut", name, src, node.name, module)
     if isinstance(module, _ALIAS_MODULES):
         return Op("alias", name, src, node.name)
     raise ValueError(f"cannot export layer {name!r} ({type(module).__name__}) to C; supported: {SUPPORTED}")
@@ -168,7 +179,7 @@ class Program:
 
     def __init__(self, model: nn.Module) -> None:
         try:
-            self.graph = torch.fx.symbolic_trace(model)
+            self.graph = torch.fx.GraphModule(model, _Tracer().trace(model))
         except Exception as err:  # fx raises many kinds on data-dependent Python
             raise ValueError(f"cannot export the model to C: torch.fx cannot trace it "
                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
@@ -401,6 +412,9 @@ class _Renderer:
             return comment + f"    jc_relu({x}, {y}, {size_out});"
         if op.kind == "add":
             return comment + f"    jc_add({x}, {where[op.inputs[1]]}, {y}, {size_out});"
+        if op.kind == "shortcut":
+            (_, cin, ih, iw), (_, cout, oh, ow) = _chw(op, shapes[op.inputs[0]]), _chw(op, shapes[op.output])
+            return comment + f"    jc_shortcut({x}, {y}, {cin}, {ih}, {iw}, {op.module.pad}, {cout}, {oh}, {ow});"
         scale = self._floats_array(c + "_scale", op.scale)
         shift = self._floats_array(c + "_shift", op.shift)
         if op.kind == "affine":

@@ -163,6 +163,18 @@ static void jc_add(const float *a, const float *b, float *y, int32_t n)
     for (i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
+/* == shortcut == */
+/* Option A: every second row and column of each input channel, with pad zero channels before and after. */
+static void jc_shortcut(const float *x, float *y, int32_t cin, int32_t ih, int32_t iw, int32_t pad,
+                        int32_t cout, int32_t oh, int32_t ow)
+{
+    int32_t c, r, k;
+    for (c = 0; c < cout; c++)
+        for (r = 0; r < oh; r++)
+            for (k = 0; k < ow; k++)
+                y[(c * oh + r) * ow + k] = (c < pad || c >= pad + cin) ? 0.0f : x[((c - pad) * ih + 2 * r) * iw + 2 * k];
+}
+
 /* == copy == */
 static void jc_copy(const float *x, float *y, int32_t n)
 {

@@ -1,0 +1,157 @@
+"""The paper's setting in small: CIFAR-10 read from the JPEG archive (a few hundred of its real
+images, copied into an archive the test writes), the published ResNet checkpoints, checkpoints
+in every form users bring, and a compressed ResNet-20 that runs as C."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from c_runtime import compile_c, run_c
+from jointcomp import build_model, load_dataset
+from jointcomp.data import CIFAR10_ARCHIVE, CropFlip
+from jointcomp.models import load_weights
+from jointcomp.trainer import accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ARCHIVE = SHARED / "data" / CIFAR10_ARCHIVE
+RESNET20 = SHARED / "models" / "resnet20-12fca82f.th"
+RESNET56 = SHARED / "models" / "resnet56-4bfd9763.th"
+needs_shared = pytest.mark.skipif(not ARCHIVE.is_file() or not RESNET20.is_file(),
+                                  reason="../shared/data and ../shared/models are not beside this checkout")
+
+
+@pytest.fixture(scope="module")
+def small_cifar(tmp_path_factory):
+    """An archive laid out as the shared one, with its first 30 training and 20 test images
+    of each class."""
+    root = tmp_path_factory.mktemp("cifar")
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(ARCHIVE) as src, tarfile.open(root / CIFAR10_ARCHIVE, "w:gz") as dst:
+        for member in src:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 3:
+                continue
+            split, label = parts[-3], parts[-2]
+            if counts.get((split, label), 0) >= (30 if split == "train" else 20):
+                continue
+            counts[(split, label)] = counts.get((split, label), 0) + 1
+            dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOINTCOMP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@needs_shared
+def test_cifar10_from_the_jpeg_archive_is_decoded_once_and_normalised_as_the_checkpoints(small_cifar, cache):
+    data = load_dataset("cifar10", small_cifar)
+    assert data.train_x.shape == (300, 3, 32, 32) and data.val_x.shape == (200, 3, 32, 32)
+    assert sorted(data.train_y.unique().tolist()) == list(range(10))
+    assert [int((data.val_y == c).sum()) for c in range(10)] == [20] * 10
+    black = (0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(data.train_x.amin((0, 2, 3)), black, atol=0.05)  # pixels 0..255 scaled as the checkpoints were
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    again = load_dataset("cifar10", small_cifar)
+    assert torch.equal(again.train_x, data.train_x) and torch.equal(again.val_y, data.val_y)
+
+
+@needs_shared
+def test_the_published_checkpoints_load_as_they_are_and_classify(small_cifar, cache):
+    data = load_dataset("cifar10", small_cifar)
+    for name, path in (("resnet20", RESNET20), ("resnet56", RESNET56)):
+        model = load_weights(build_model(name, data.input_shape, 10), path)
+        assert accuracy(model, data) > 0.7, name  # 81 % and 83 % on the whole JPEG test set
+    with pytest.raises(ValueError, match=r"does not fit this model: missing layer1\.3\.conv1\.weight, .*\(and \d+ more\)"):
+        load_weights(build_model("resnet32", data.input_shape, 10), RESNET20)
+
+
+def test_crop_flip_shifts_and_mirrors_each_image_repeatably():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    aug = CropFlip(pad=2, fill=(-1.0, -2.0, -3.0))
+    a, b = aug(x, torch.Generator().manual_seed(5)), aug(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for c, fill in enumerate((-1.0, -2.0, -3.0)):
+        padded[:, c][torch.nn.functional.pad(torch.zeros(6, 6), (2, 2, 2, 2), value=1).bool().expand(2, 10, 10)] = fill
+    for i in range(2):
+        crops = [padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(a[i], c) or torch.equal(a[i], c.flip(2)) for c in crops)
+
+
+def test_checkpoints_in_every_form_load_and_mismatches_name_the_keys(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("mlp", (1, 8, 8), 10)
+    state = source.state_dict()
+    forms = {
+        "plain.pt": state,
+        "wrapped.th": {"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 91.7},
+        "model.pth": {"model": state, "epoch": 3},
+    }
+    for name, content in forms.items():
+        torch.save(content, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
+    x = torch.randn(4, 1, 8, 8)
+    for name in [*forms, "weights.safetensors"]:
+        target = build_model("mlp", (1, 8, 8), 10)
+        assert torch.equal(load_weights(target, tmp_path / name)(x), source(x)), name
+
+    torch.save({k: v for k, v in state.items() if not k.startswith("5.")}, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"short\.pt does not fit this model: missing 5\.weight, 5\.bias;"):
+        load_weights(build_model("mlp", (1, 8, 8), 10), tmp_path / "short.pt")
+    torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "long.pt")
+    with pytest.raises(ValueError, match=r"unexpected extra\.weight"):
+        load_weights(build_model("mlp", (1, 8, 8), 10), tmp_path / "long.pt")
+    with pytest.raises(ValueError, match=r"5\.weight is \[10, 128\] in the file but \[7, 128\] in the model"):
+        load_weights(build_model("mlp", (1, 8, 8), 7), tmp_path / "plain.pt")
+    torch.save({"state_dict": {"a": 1}}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_weights(build_model("mlp", (1, 8, 8), 10), tmp_path / "junk.pt")
+
+
+def cli(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "jointcomp", *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, **env})
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}: {result.stderr[-2000:]}")
+    return result
+
+
+@needs_shared
+def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, tmp_path):
+    env = {"JOINTCOMP_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "r20"
+    cli("compress", "--model", "resnet20", "--data", "cifar10", "--data-dir", small_cifar, "--pretrained", RESNET20,
+        "--target", "50x", "--epochs", "1", "--out", out, env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] > 0.3  # one epoch on 300 images, from 81 %
+    evaluated = cli("evaluate", out / "model.jcz", "--data", "cifar10", "--data-dir", small_cifar, env=env).stdout
+    assert f"accuracy {summary['accuracy']:.4f}" in evaluated
+    cli("export-c", out / "model.jcz", "--out", tmp_path / "c", env=env)
+    from jointcomp import load_compressed
+
+    model = load_compressed(out / "model.jcz").eval()
+    data = load_dataset("cifar10", small_cifar)
+    inputs = data.val_x[:20]
+    with torch.no_grad():
+        expected = model(inputs)
+    got = run_c(compile_c(tmp_path / "c"), inputs)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4)
+
+    missing = cli("compress", "--model", "resnet20", "--data", "cifar10", "--data-dir", tmp_path / "nowhere",
+                  "--out", tmp_path / "x", env=env, check=False)
+    assert missing.returncode == 2 and "cifar10 not found" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
