@@ -1,6 +1,11 @@
-"""Seconds per epoch of ADMM training against plain training of the same model, data and
-batches, in one run: the engine's dense pre-training epochs are the plain baseline.
-Training time only (projections included); validation is excluded from both.
+"""What compressing costs beyond training, measured in one run each:
+
+* seconds per epoch of compression against plain training of the same model, data and
+  batches (the engine's dense pre-training epochs are the plain baseline; training time
+  only, projections included, validation excluded);
+* the app's run (a Runner, with the trade-off curve every epoch) against the same Engine
+  without the curve: the digits MLP, 15 epochs, whole runs;
+* the CLI: `compress` against `train` on the same data and epochs, whole processes.
 
     python bench/overhead.py [--device cuda]
 """
@@ -8,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 
 from common import machine
 from jointcomp import CompressConfig, Engine, EpochRecord, build_model, load_dataset
+from jointcomp.runner import Runner
 
 
 def bench(model_name: str, data_name: str, epochs: int, device: str) -> str:
@@ -38,6 +48,43 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(bench("mlp", "digits", 10, args.device))
     print(bench("lenet5", "fashion-mnist", 3, args.device))
+    print()
+    print(app_against_engine(args.device))
+    print()
+    print(cli_compress_against_train(args.device))
+
+
+def app_against_engine(device: str, epochs: int = 15) -> str:
+    data = load_dataset("digits")
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model("mlp", data.input_shape, data.num_classes)
+
+    config = CompressConfig(target="50x", epochs=epochs, device=device)
+    tic = time.perf_counter()
+    list(Engine(fresh(), data, config))
+    engine_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    Runner.compress(fresh(), data, config, "mlp").wait()
+    app_s = time.perf_counter() - tic
+    return ("| digits MLP, 15 epochs from a random start | Engine s | app's Runner (trade-off curve each epoch) s | ratio |\n"
+            f"|---|---|---|---|\n| whole run | {engine_s:.1f} | {app_s:.1f} | {app_s / engine_s:.2f} |")
+
+
+def cli_compress_against_train(device: str, epochs: int = 15) -> str:
+    def run(*args: str) -> float:
+        tic = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jointcomp", *args, "--device", device], check=True, capture_output=True)
+        return time.perf_counter() - tic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_s = run("train", "--model", "mlp", "--data", "digits", "--epochs", str(epochs), "--out", f"{tmp}/dense")
+        compress_s = run("compress", "--model", "mlp", "--data", "digits", "--epochs", str(epochs),
+                         "--pretrained", f"{tmp}/dense", "--out", f"{tmp}/run")
+    return ("| CLI, digits MLP, 15 epochs, whole processes | train s | compress s | ratio |\n|---|---|---|---|\n"
+            f"| `python -m jointcomp train` / `compress --pretrained` | {train_s:.1f} | {compress_s:.1f} | "
+            f"{compress_s / train_s:.2f} |")
 
 
 if __name__ == "__main__":
