@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 # CIFAR-10 and the published ResNet checkpoints, offline, when ../shared is beside this checkout
 SHARED := $(abspath ../shared)
 export JOINTCOMP_DATA ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data)
+export JOINTCOMP_MODELS ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models)
 SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
 .PHONY: setup system-deps run test bench bench-mcu bench-peers

@@ -1,8 +1,10 @@
-"""Streamlit widgets shared by app.py and the pages: choices, the cached dense model, the
+"""Streamlit widgets of the Compress and Sweep pages: choices, the cached dense model, the
 log-scale target slider. Pages consume only records and the public jointcomp API."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 
@@ -10,12 +12,15 @@ from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
 from jointcomp.compressor import BUDGET_MODES, BUDGET_MODES_HELP
-from jointcomp.data import available
-from jointcomp.models import dense_epochs
+from jointcomp.data import available, cache_dir
+from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
+from jointcomp.rundir import atomic_write
 from jointcomp.runner import prepare
 
 FOLDER = "image folder…"
-MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"], "cifar10": ["resnet20", "mlp"]}
+MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"],
+              "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "mlp"]}
+TRAIN_HERE, UPLOAD = "train a dense model here", "upload a checkpoint…"
 RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]
 RATIOS = [int(r) for r in RATIOS]  # a log scale of round ratios: 2x, 3x, 5x, 7x, 10x, 15x ... 3000x
 
@@ -26,6 +31,7 @@ class Choices:
     data: str
     dense_epochs: int
     config: CompressConfig
+    checkpoint: str | None = None  # dense weights to start from, instead of training here
 
 
 def sidebar(with_method: bool = True) -> Choices:
@@ -39,6 +45,15 @@ def sidebar(with_method: bool = True) -> Choices:
                              help="torchvision's ImageFolder layout: train/<class>/*.png and val/<class>/*.png, one image size")
         data = f"folder:{path.strip()}"
     model = sb.selectbox("Model", MODELS_FOR.get(data, ["mlp", "lenet5"]), key=f"model_{data}")
+    shared = {p.name: str(p) for p in published_checkpoints(model)}
+    start = sb.selectbox("Start from", [TRAIN_HERE, *shared, UPLOAD], key=f"start_{model}",
+                         help="a dense model trained here, a published checkpoint ($JOINTCOMP_MODELS), or your own "
+                              "file (.pt, .pth, .th, .safetensors)")
+    checkpoint = shared.get(start)
+    if start == UPLOAD:
+        upload = sb.file_uploader("Checkpoint", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES], key="checkpoint")
+        if upload is not None:
+            checkpoint = str(saved_upload(upload.name, upload.getvalue()))
     sb.header("Training")
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
     rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
@@ -63,15 +78,25 @@ def sidebar(with_method: bool = True) -> Choices:
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = CompressConfig(epochs=epochs, rho=rho, lr=CompressConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
                             budget_mode=budget_mode if method == "admm" else "paper", retrain=retrain, finetune=finetune, distill=distill)
-    return Choices(model, data, int(pre_epochs), config)
+    return Choices(model, data, int(pre_epochs), config, checkpoint)
+
+
+def saved_upload(name: str, content: bytes) -> Path:
+    """An uploaded checkpoint as a file (named by its content, so a re-upload is the same start)."""
+    path = cache_dir() / "uploads" / f"{hashlib.sha256(content).hexdigest()[:16]}{Path(name).suffix}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, content)
+    return path
 
 
 @st.cache_resource(show_spinner=False)
-def dense_model(model: str, data: str, dense_epochs: int, seed: int):
-    """The dense-trained starting point of every run with these choices (read-only), with a
-    progress bar while it trains (once per server)."""
+def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None = None):
+    """The dense starting point of every run with these choices (read-only): trained once per
+    server with a progress bar, or loaded from `checkpoint`."""
     bar = st.progress(0.0, text=f"loading {data}…")
-    result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text))
+    result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text),
+                     checkpoint=checkpoint)
     bar.empty()
     return result
 

@@ -218,6 +218,16 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")
+
+
+def published_checkpoints(model_name: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """Checkpoint files for `model_name` in `folder` (default $JOINTCOMP_MODELS): those named
+    "<model>-<anything>" with a checkpoint suffix, as the published CIFAR ResNets are."""
+    folder = folder or os.environ.get("JOINTCOMP_MODELS")
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.name.startswith(f"{model_name}-") and p.suffix in CHECKPOINT_SUFFIXES)
 OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints lack BatchNorm's step counter
 
 

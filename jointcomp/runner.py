@@ -23,7 +23,7 @@ from .compressor import Compressor
 from .data import Dataset, load_dataset
 from .rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from .trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, steps_per_epoch, train_dense
-from .models import build_model
+from .models import build_model, load_weights
 from .records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
                       layers_frame, steps_frame)
 
@@ -54,27 +54,32 @@ class Progress:
 
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, data_dir: str | None = None,
-            progress: Callable[[float, str], None] | None = None) -> tuple[nn.Module, Dataset, float]:
-    """A dense-trained model, its data, and its validation accuracy (the start of every run).
+            progress: Callable[[float, str], None] | None = None,
+            checkpoint: str | None = None) -> tuple[nn.Module, Dataset, float]:
+    """A dense-trained model, its data, and its validation accuracy (the start of every run):
+    trained here for `dense_epochs`, or loaded from `checkpoint` (any file `load_weights` takes).
     `progress(fraction, text)` hears of the training every few steps."""
     import torch
 
     data = load_dataset(data_name, data_dir)
     torch.manual_seed(seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
+    if checkpoint:
+        load_weights(model, checkpoint)
+        return model, data, accuracy(model, data)
     config = CompressConfig(seed=seed)
     total = max(1, dense_epochs * steps_per_epoch(data, config.batch_size))
-    accuracy, started = float("nan"), time.monotonic()
+    score, started = float("nan"), time.monotonic()
     for record in train_dense(model, data, config, dense_epochs):
         if isinstance(record, EpochRecord):
-            accuracy = record.accuracy
+            score = record.accuracy
         elif progress is not None and record.step % 10 == 0:
             done = (record.step + 1) / total
             left = (time.monotonic() - started) * (1 - done) / done
             progress(done, f"training the dense {model_name} once (cached for this server): epoch "
                            f"{record.epoch + 1} of {dense_epochs}, step {record.step + 1:,} of {total:,}, "
                            f"about {left:.0f} s left")
-    return model, data, accuracy
+    return model, data, score
 
 
 def meta_for(model_name: str, data: Dataset) -> dict:

@@ -19,12 +19,14 @@ st.caption("Give only the target size: one training run learns which weights to 
 
 choices = ui.sidebar()
 try:
-    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed)
+    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed,
+                                                 choices.checkpoint)
 except (ValueError, FileNotFoundError) as err:
     st.error(str(err))
     st.stop()
 
-key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode)
+key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode,
+       choices.checkpoint)
 if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
     st.session_state.preview = what_if(model, data, choices.config, choices.model)
     st.session_state.preview_key = key

@@ -14,7 +14,8 @@ st.caption("Runs each target with jointcomp (admm) and the chosen baselines, sam
 
 choices = ui.sidebar(with_method=False)
 try:
-    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed)
+    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed,
+                                                 choices.checkpoint)
 except (ValueError, FileNotFoundError) as err:
     st.error(str(err))
     st.stop()

@@ -97,7 +97,7 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     at.selectbox(key="data").set_value("image folder…").run()
     at.text_input(key="folder").input(str(image_folder / "nowhere")).run()
     assert not at.exception
-    assert any("needs train/ and val/ folders" in e.value for e in at.error)
+    assert any("needs train/ and val/ (or test/) folders" in e.value for e in at.error)
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
     assert "Size (paper accounting)" in [m.label for m in at.metric]  # the what-if of the folder's model

@@ -155,3 +155,14 @@ def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, tmp_
                   "--out", tmp_path / "x", env=env, check=False)
     assert missing.returncode == 2 and "cifar10 not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@needs_shared
+def test_the_app_can_start_from_a_published_checkpoint_instead_of_training(small_cifar, cache):
+    from jointcomp.models import published_checkpoints
+    from jointcomp.runner import prepare
+
+    assert published_checkpoints("resnet20", SHARED / "models") == [RESNET20]
+    assert published_checkpoints("resnet32", SHARED / "models") == []
+    model, data, dense_accuracy = prepare("resnet20", "cifar10", 30, data_dir=str(small_cifar), checkpoint=str(RESNET20))
+    assert dense_accuracy == accuracy(model, data) > 0.7  # loaded, not trained: 30 epochs would take minutes

@@ -197,4 +197,4 @@ def test_image_folder_trains_and_compresses(tmp_path, image_folder):
     assert result.returncode == 2 and "broken.png is not a readable image" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     result = jointcomp("evaluate", out / "model.jcz", "--data", f"folder:{tmp_path / 'nowhere'}", check=False)
-    assert result.returncode == 2 and "needs train/ and val/ folders" in result.stderr
+    assert result.returncode == 2 and "needs train/ and val/ (or test/) folders" in result.stderr
