@@ -6,9 +6,9 @@ and with the links between layers that training traces from the model (links.py:
 leaves units without inputs runs its knapsack a second time).
 
 Weights: ResNet-50 for CIFAR-10 (torchvision's, 10 classes: 23.5 M weights in 54 layers,
-at its own random initialisation) at 27x and 840x, and LeNet-5 (430,500 weights), at random
-initialisation and trained (quality.py's dense start for seed 0, trained and cached if missing),
-where pruning leaves units without inputs.
+at its own random initialisation) at 27x and 840x, LeNet-5 (430,500 weights), at random
+initialisation and trained (a dense start trained and cached if missing), where pruning leaves
+units without inputs, ResNet-56 (57 layers) and the digits MLP (50,432 weights).
 
     python bench/projections.py [--device cuda] [--repeat 3]
 """
@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from common import dense_model, machine
-from jointcomp import CompressConfig
+from jointcomp import CompressConfig, build_model
 from jointcomp.allocation import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
@@ -85,6 +85,8 @@ def main() -> None:
         bench("LeNet-5", lenet5((1, 28, 28), 10), "27x", device, args.repeat),
         bench("LeNet-5", lenet5((1, 28, 28), 10), "840x", device, args.repeat),
         bench("LeNet-5 trained", trained, "2000x", device, args.repeat),
+        bench("ResNet-56 (CIFAR-10)", build_model("resnet56", (3, 32, 32), 10), "200x", device, args.repeat),
+        bench("digits MLP", build_model("mlp", (1, 8, 8), 10), "200x", device, args.repeat),
     ]
     print("\n".join(rows))
 

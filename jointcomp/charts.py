@@ -215,12 +215,16 @@ def report_frame(report: Report) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bytes_breakdown(report: Report) -> alt.Chart:
-    """Stacked bars of a .jcz file's bytes by layer and part."""
+def bytes_breakdown(report: Report) -> alt.LayerChart:
+    """One bar per layer (and for the dense parameters and the header) of a .jcz file's
+    bytes, split by part, with each bar's total written at its end."""
     frame = report_frame(report)
-    return alt.Chart(frame).mark_bar().encode(
-        x=alt.X("bytes:Q", stack="zero", title="bytes"),
-        y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
-        color=alt.Color("part:N", title="part"), tooltip=["layer:N", "part:N", "bytes:Q"],
-    ).properties(title=f"Where the {report.file_bytes:,} bytes go", width=2 * WIDTH,
-                 height=_rows_height(frame["layer"].nunique()))
+    y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=260))
+    bars = alt.Chart(frame).mark_bar().encode(
+        x=alt.X("sum(bytes):Q", stack="zero", title="bytes"), y=y,
+        color=alt.Color("part:N", title="part"), tooltip=["layer:N", "part:N", alt.Tooltip("bytes:Q", format=",")],
+    )
+    totals = alt.Chart(frame).mark_text(align="left", dx=4).encode(
+        x=alt.X("sum(bytes):Q"), y=y, text=alt.Text("sum(bytes):Q", format=","))
+    return (bars + totals).properties(title=f"Where the {report.file_bytes:,} bytes go", width=2 * WIDTH,
+                                      height=alt.Step(28))

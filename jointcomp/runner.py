@@ -19,6 +19,7 @@ from typing import Callable
 import pandas as pd
 from torch import nn
 
+from .budget import parse_target
 from .compressor import Compressor
 from .data import Dataset, load_dataset
 from .rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
@@ -291,13 +292,25 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
         summary = summary or {}
         rows.append({
             "run": folder.name, "status": status, "model": config.get("model"), "data": config.get("data"),
-            "method": config["compress"].get("method"), "target": str(config["compress"].get("target")),
+            "method": config["compress"].get("method"), "target": _ended_target(str(config["compress"].get("target")), summary),
             "accuracy": summary.get("accuracy"), "dense_accuracy": summary.get("dense_accuracy"),
             "size_kb": summary["size_bits"] / 8000 if "size_bits" in summary else None,
             "ratio": summary.get("ratio"), "file_bytes": summary.get("file_bytes"), "epochs": summary.get("epochs"),
             "path": str(folder),
         })
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def _ended_target(first: str, summary: dict) -> str:
+    """The target a run ended at: the one it was started with, or the one the slider moved it
+    to, as a ratio, saying that it moved."""
+    try:
+        dense_bits = float(summary["ratio"]) * float(summary["size_bits"])
+        ended = float(summary["target_bits"])
+        started = parse_target(first, dense_bits)
+    except (KeyError, TypeError, ValueError):
+        return first
+    return first if abs(started - ended) <= 1e-6 * started else f"{dense_bits / ended:.4g}x (moved from {first})"
 
 
 def active_runner(path: str | Path) -> Runner | None:

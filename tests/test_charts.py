@@ -32,3 +32,22 @@ def test_layer_bars_single_view(n_layers):
     spec = charts.layer_bars(layer_history(n_layers, 0, 2)).to_dict()
     assert "hconcat" not in spec and "vconcat" not in spec  # Streamlit can only fit single views
     assert spec["height"] >= 7 * n_layers
+
+
+def test_the_runs_list_shows_the_target_a_run_ended_at(tmp_path):
+    import json
+
+    from jointcomp.runner import list_runs
+
+    dense_bits = 32 * 1000.0
+    for name, target, ended in (("a-kept", "50x", dense_bits / 50), ("b-moved", "50x", dense_bits / 200)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model": "mlp", "data": "digits",
+                                                        "compress": {"target": target, "method": "admm"}}))
+        size = ended * 0.99
+        (folder / "summary.json").write_text(json.dumps({"target_bits": ended, "size_bits": size,
+                                                         "ratio": dense_bits / size, "stopped": False}))
+    runs = list_runs(tmp_path).set_index("run")
+    assert runs.loc["a-kept", "target"] == "50x"
+    assert runs.loc["b-moved", "target"] == "200x (moved from 50x)"
