@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--model", default="lenet5")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--dense-epochs", type=int, default=15, help="of the `train` command that makes each dense start")
+    p.add_argument("--pretrained", help="weights the dense starts are fine-tuned from (`train --pretrained`)")
     p.add_argument("--targets", nargs="+", default=["100x", "600x", "2000x"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -58,8 +59,10 @@ def main() -> None:
     args = p.parse_args()
 
     base = ["--model", args.model, "--data", args.data]
-    dense = {s: RUNS / f"dense-{args.model.replace(':', '.')}-{args.data}-{args.dense_epochs}ep-seed{s}" for s in args.seeds}
-    todo = [[*base, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d)]
+    start = f"-from-{Path(args.pretrained).stem}" if args.pretrained else ""
+    dense = {s: RUNS / f"dense-{args.model.replace(':', '.')}-{args.data}{start}-{args.dense_epochs}ep-seed{s}" for s in args.seeds}
+    tune = ["--pretrained", args.pretrained] if args.pretrained else []
+    todo = [[*base, *tune, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d)]
             for s, d in dense.items() if not (d / "summary.json").is_file()]
     mode = ["--budget-mode", args.budget_mode] if args.budget_mode != "paper" else []
     grid = {}
@@ -77,7 +80,7 @@ def main() -> None:
 
     dense_acc = [json.loads((d / "summary.json").read_text())["accuracy"] for d in dense.values()]
     print(f"Machine: {machine()}; {args.model} on {args.data}; seeds {args.seeds}; {args.jobs} run(s) at a time. "
-          f"Dense starts: `python -m jointcomp train {shlex.join(base)} --epochs {args.dense_epochs} --seed S "
+          f"Dense starts: `python -m jointcomp train {shlex.join([*base, *tune])} --epochs {args.dense_epochs} --seed S "
           f"--out DENSE` (accuracy {', '.join(f'{a:.4f}' for a in dense_acc)}). Every run: the command in its row, "
           "with the CLI's defaults.\n")
     print("| target | method | accuracy mean (min-max) | loss to dense (points) | paper ratio | file bytes | bits per layer (seed "

@@ -19,7 +19,8 @@ from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
 from .models import build_model, dense_epochs, load_weights, save_weights
-from .trainer import CompressConfig, Engine, accuracy, train_dense
+from .sharpness import sharpness, stable_lr
+from .trainer import CompressConfig, Engine, accuracy, batches, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
 
@@ -52,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="dense training (no compression)")
     _train_args(train)
     train.add_argument("--epochs", type=int, default=None, help="default: per model")
+    train.add_argument("--pretrained", help="weights to start from (fine-tuning; any file --pretrained of compress takes); "
+                                            "the rate is then lowered to what their sharpness allows, unless --lr is given")
 
     comp = sub.add_parser("compress", help="prune + quantize jointly to a target size")
     _train_args(comp)
@@ -155,7 +158,7 @@ def explicit_options(argv: list[str]) -> set[str]:
     return set(vars(root.parse_args(argv))) - {"command"}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     out = RunDir(args.out, overwrite=args.overwrite).path  # checked before any training
@@ -163,6 +166,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.input_shape, data.num_classes)
     config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
+    if args.pretrained:
+        load_weights(model, args.pretrained)
+        if "lr" not in explicit and config.optimizer == "sgd":
+            x, y = next(batches(data, config, 0, torch.device("cpu")))
+            model.train()
+            lr = stable_lr(config.lr, sharpness(model, lambda: torch.nn.functional.cross_entropy(model(x), y)), config.momentum)
+            if lr < config.lr:
+                print(f"learning rate {config.lr:g} -> {lr:.3g}: what the sharpness of the pretrained weights allows")
+                config = dataclasses.replace(config, lr=lr)
     epochs = args.epochs if args.epochs is not None else dense_epochs(args.model)
     last: Record | None = None
     with tqdm(total=epochs, unit="epoch") as bar:
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
-    commands = {"train": cmd_train, "compress": lambda a: cmd_compress(a, explicit_options(argv)),
+    commands = {"train": lambda a: cmd_train(a, explicit_options(argv)), "compress": lambda a: cmd_compress(a, explicit_options(argv)),
                 "export": cmd_export, "export-c": cmd_export_c, "export-onnx": cmd_export_onnx, "inspect": cmd_inspect,
                 "evaluate": cmd_evaluate, "decompress": cmd_decompress}
     try:

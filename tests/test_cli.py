@@ -198,3 +198,17 @@ def test_image_folder_trains_and_compresses(tmp_path, image_folder):
     assert len(result.stderr.strip().splitlines()) == 1
     result = jointcomp("evaluate", out / "model.jcz", "--data", f"folder:{tmp_path / 'nowhere'}", check=False)
     assert result.returncode == 2 and "needs train/ and val/ (or test/) folders" in result.stderr
+
+
+def test_train_fine_tunes_from_pretrained_weights(tmp_path):
+    jointcomp("train", "--model", "mlp", "--data", "digits", "--epochs", "3", "--out", tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())["accuracy"]
+    jointcomp("train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--pretrained", tmp_path / "a",
+              "--out", tmp_path / "b")
+    tuned = json.loads((tmp_path / "b" / "summary.json").read_text())["accuracy"]
+    assert tuned >= first - 0.03  # it went on from the weights (one epoch from scratch scores far lower)
+    fresh = jointcomp("train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--out", tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["accuracy"] < tuned
+    bad = jointcomp("train", "--model", "lenet5", "--data", "fashion-mnist", "--pretrained", tmp_path / "a",
+                    "--out", tmp_path / "d", check=False)
+    assert bad.returncode == 2 and "does not fit this model" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,67 @@
+"""Where one joint projection's time goes: the option tables (k-means of every kept count and
+bitwidth of every layer), the multiple-choice knapsack, and the deployable model (pruning
+knapsack, links, the chosen codebooks), each against one torch.sort of the same weights.
+
+    python bench/projection_profile.py [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torchvision
+
+from common import machine
+from jointcomp import CompressConfig, build_model
+from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.budget import PaperAccounting, parse_target
+from jointcomp.compressor import compressible_weights
+from jointcomp.links import Links
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def row(name: str, model: torch.nn.Module, target: str, device: torch.device) -> str:
+    layers = compressible_weights(model, CompressConfig())
+    weights = [w.detach().to(device) for _, w, _ in layers]
+    specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
+    projector = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    budget = parse_target(target, 32 * sum(w.numel() for w in weights))
+    flat = torch.cat([w.flatten() for w in weights])
+    projector.joint(weights, budget)  # warm-up
+    tables = projector.joint_tables(weights)
+    bits, _ = projector.joint_bits(weights, budget, tables)
+    sort_s = best_of(lambda: torch.sort(flat))
+    tables_s = best_of(lambda: projector.joint_tables(weights))
+    mckp_s = best_of(lambda: projector.joint_bits(weights, budget, tables))
+    deploy_s = best_of(lambda: projector.deploy(weights, bits, budget))
+    joint_s = best_of(lambda: projector.joint(weights, budget))
+    return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.4f} | {tables_s:.4f} | "
+            f"{mckp_s:.4f} | {deploy_s:.4f} | {joint_s:.4f} | {joint_s / sort_s:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    device = torch.device(parser.parse_args().device)
+    torch.manual_seed(0)
+    print(f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}\n")
+    print("| weights | size / layers | target | one torch.sort s | option tables s | knapsack s | deployable s "
+          "| joint projection s | joint / sort |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(row("digits MLP", build_model("mlp", (1, 8, 8), 10), "200x", device))
+    print(row("LeNet-5", build_model("lenet5", (1, 28, 28), 10), "600x", device))
+    print(row("ResNet-56 (CIFAR)", build_model("resnet56", (3, 32, 32), 10), "200x", device))
+    print(row("ResNet-50 (CIFAR-10)", torchvision.models.resnet50(num_classes=10), "27x", device))
+
+
+if __name__ == "__main__":
+    main()
