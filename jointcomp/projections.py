@@ -260,7 +260,7 @@ def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]
     return [segments[f * N_STARTS + s] for f, s in enumerate(best_start.tolist())], error
 
 
-def _companded(data: _Packed, owner: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 16) -> torch.Tensor:
+def _companded(data: _Packed, owner: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 10) -> torch.Tensor:
     """Points at quantiles `frac` of the measure with density p(x)^(1/3), the point density
     that minimises squared error, within each owner's set; p is estimated from the gaps between
     sorted values (an evenly strided sample of at most `sample` of them: a density needs no more)."""
