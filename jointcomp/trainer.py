@@ -353,7 +353,8 @@ class Engine:
             if not dense and i % self.compressor.every == 0:
                 self._good = copy.deepcopy({
                     "batch": i, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "compressor": self.compressor.state_dict()})
+                    "scheduler": sched.state_dict(),
+                    "compressor": {**self.compressor.state_dict(), "teacher": None}})  # the teacher never changes
             loss = train_step(self.train_model, opt, x, y, self.loss, None if dense else self.compressor)
             lr = opt.param_groups[0]["lr"]
             sched.step()
