@@ -6,6 +6,8 @@ is a `python -m jointcomp` command with the defaults, only the target, method an
     python bench/quality.py --model mlp --data digits --targets 50x 200x 800x
     python bench/quality.py --budget-mode file --targets 20KB 12KB 8KB --methods admm
     python bench/quality.py --model nets:conv_bn --targets 500x --methods admm sequential   # bench/nets.py
+    python bench/quality.py --model resnet20 --data cifar10 --pretrained ../shared/models/resnet20-12fca82f.th \
+        --dense-epochs 3 --epochs 5 --targets 50x 200x --seeds 0 --jobs 2
 
 Per seed, the dense start is `python -m jointcomp train --epochs N --seed S`; every run is
 `python -m jointcomp compress --pretrained <that> --target T --method M --seed S`. Run folders
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--dense-epochs", type=int, default=15, help="of the `train` command that makes each dense start")
     p.add_argument("--pretrained", help="weights the dense starts are fine-tuned from (`train --pretrained`)")
+    p.add_argument("--epochs", type=int, help="of each `compress` run (default: the CLI's)")
     p.add_argument("--targets", nargs="+", default=["100x", "600x", "2000x"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -65,13 +68,15 @@ def main() -> None:
     todo = [[*base, *tune, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d)]
             for s, d in dense.items() if not (d / "summary.json").is_file()]
     mode = ["--budget-mode", args.budget_mode] if args.budget_mode != "paper" else []
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    length = f"-{args.epochs}ep" if args.epochs else ""
     grid = {}
     for target in args.targets:
         for method in args.methods:
             for seed in args.seeds:
-                out = RUNS / f"{args.model.replace(':', '.')}-{args.data}-{args.budget_mode}-{target}-{method}-seed{seed}"
+                out = RUNS / f"{args.model.replace(':', '.')}-{args.data}{start}-{args.budget_mode}-{target}{length}-{method}-seed{seed}"
                 grid[target, method, seed] = ([*base, "--pretrained", str(dense[seed]), "--target", target,
-                                               *(["--method", method] if method != "admm" else []), *mode,
+                                               *(["--method", method] if method != "admm" else []), *mode, *epochs,
                                                "--seed", str(seed), "--out", str(out)], out)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda a: run(["train", *a], args.jobs), todo))
