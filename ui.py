@@ -11,7 +11,7 @@ import streamlit as st
 from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
-from jointcomp.compressor import BUDGET_MODES, BUDGET_MODES_HELP
+from jointcomp.budget import BUDGET_MODES, budget_modes_help
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
 from jointcomp.rundir import atomic_write
@@ -68,7 +68,7 @@ def sidebar(with_method: bool = True) -> Choices:
             method = st.selectbox("Method", list(METHODS), key="method",
                                   help="admm is jointcomp; the others are baselines")
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
-                                       help=BUDGET_MODES_HELP)
+                                       help=budget_modes_help())
         retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, CompressConfig.retrain, 0.1, key="retrain",
                             help="every method then fixes masks and bitwidths and trains the kept weights through their "
                                  "quantization, before the final phase")

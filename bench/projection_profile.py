@@ -14,7 +14,7 @@ import torchvision
 
 from common import machine
 from jointcomp import CompressConfig, build_model
-from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links
@@ -42,7 +42,7 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
     sort_s = best_of(lambda: torch.sort(flat))
     tables_s = best_of(lambda: projector.joint_tables(weights))
     mckp_s = best_of(lambda: projector.joint_bits(weights, budget, tables))
-    deploy_s = best_of(lambda: projector.deploy(weights, bits, budget))
+    deploy_s = best_of(lambda: projector.prune_and_quantize(weights, bits, budget))
     joint_s = best_of(lambda: projector.joint(weights, budget))
     return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.4f} | {tables_s:.4f} | "
             f"{mckp_s:.4f} | {deploy_s:.4f} | {joint_s:.4f} | {joint_s / sort_s:.2f} |")

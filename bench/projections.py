@@ -22,7 +22,7 @@ import torchvision
 
 from common import dense_model, machine
 from jointcomp import CompressConfig, build_model
-from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links

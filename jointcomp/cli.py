@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .codec import CheckpointError, format_report, inspect, load_compressed
-from .compressor import BUDGET_MODES, BUDGET_MODES_HELP
+from .budget import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, load_dataset
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
@@ -32,7 +32,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, out_required: bool) -> None:
     defaults = CompressConfig()
     p.add_argument("--model", default="mlp", help="mlp, lenet5, resnet20, torchvision:<name> or module:factory")
     _data_args(p)
@@ -43,21 +43,29 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--out", required=out_required, help="run folder to write")
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m jointcomp", description=__doc__)
+class _ExplicitOnly(argparse.ArgumentParser):
+    """The same command line with no defaults: parsing it gives only the options it names
+    (its subparsers are of this class too)."""
+
+    def add_argument(self, *args, **kwargs):
+        return super().add_argument(*args, **{**kwargs, "default": argparse.SUPPRESS})
+
+
+def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    root = cls(prog="python -m jointcomp", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="dense training (no compression)")
-    _train_args(train)
+    _train_args(train, out_required=True)
     train.add_argument("--epochs", type=int, default=None, help="default: per model")
     train.add_argument("--pretrained", help="weights to start from (fine-tuning; any file --pretrained of compress takes); "
                                             "the rate is then lowered to what their sharpness allows, unless --lr is given")
 
     comp = sub.add_parser("compress", help="prune + quantize jointly to a target size")
-    _train_args(comp)
+    _train_args(comp, out_required=False)
     comp.add_argument("--target", default="50x", help="e.g. 50x, 12KB, 96000b, 0.2%% (default 50x)")
     comp.add_argument("--epochs", type=int, default=CompressConfig.epochs)
     comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
@@ -74,12 +82,8 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--distill", type=float, default=CompressConfig.distill,
                       help=f"weight of distillation from the dense starting model, 0 = off (default {CompressConfig.distill})")
     comp.add_argument("--exclude", action="append", default=[], help="weight name glob to leave out")
-    comp.set_defaults(out=None)
-    for action in comp._actions:
-        if action.dest == "out":
-            action.required = False
     comp.add_argument("--budget-mode", choices=tuple(BUDGET_MODES), default=CompressConfig.budget_mode,
-                      help=BUDGET_MODES_HELP)
+                      help=budget_modes_help())
     comp.add_argument("--resume", metavar="DIR",
                       help="continue an interrupted run in DIR; with it, only --lr, --rho, --epochs, --target and "
                            "--device may be given, to change what made it fail (recorded in its history)")
@@ -150,12 +154,7 @@ RESUME_OVERRIDES = ("lr", "rho", "epochs", "target", "device")
 
 def explicit_options(argv: list[str]) -> set[str]:
     """The options a command line gives explicitly (argparse fills the rest with defaults)."""
-    root = parser()
-    for sub in root._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
-        sub._defaults.clear()
-        for action in sub._actions:
-            action.default = argparse.SUPPRESS
-    return set(vars(root.parse_args(argv))) - {"command"}
+    return set(vars(parser(_ExplicitOnly).parse_args(argv))) - {"command"}
 
 
 def cmd_train(args: argparse.Namespace, explicit: set[str]) -> int:

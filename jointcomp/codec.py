@@ -35,7 +35,7 @@ import torch
 import zstandard
 from torch import nn
 
-from .budget import LayerBounds, MeasuredAccounting, Shipped
+from .budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -221,6 +221,7 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@register_budget_mode
 class FileAccounting(MeasuredAccounting):
     """The budget mode in which the target is this file's size: every tensor the file
     stores densely is reserved, each kept weight pays its code and its position, each layer

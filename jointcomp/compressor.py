@@ -30,21 +30,17 @@ import torch
 from torch import nn
 
 from . import distributed
-from .allocation import Allocation, LayerSpec, Projector
-from .budget import LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
-from .codec import FileAccounting, PackedLayer, encode, fp32_bytes
-from .deploy.c import FlashAccounting
+from .projector import Allocation, LayerSpec, Projector
+from .budget import BUDGET_MODES, LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
+from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
+from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
 from .links import Links
 from .methods import METHODS, make_method
 from .records import CurvePoint, EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
+from .schedule import Schedule
 
-BUDGET_MODES: dict[str, type[PaperAccounting]] = {
-    "paper": PaperAccounting, "file": FileAccounting, "flash": FlashAccounting,
-}
-PROJECTIONS_PER_EPOCH = 4  # the bench's choice (BENCHMARKS.md): more often than once per epoch helps at high ratios
-DEFAULT_PROJECTIONS = 15 * PROJECTIONS_PER_EPOCH  # over a run whose epochs are unknown (a user's loop)
-BUDGET_MODES_HELP = "; ".join(f"{name}: {mode.description}" for name, mode in BUDGET_MODES.items())
+SAVED_VERSION = 2  # of saved settings and states: a resume or export checks it
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
@@ -57,7 +53,7 @@ class CompressorConfig:
     method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
-    project_every: int = 0  # steps between projections; 0 = steps // DEFAULT_PROJECTIONS
+    project_every: int = 0  # steps between projections; 0 = schedule.DEFAULT_PROJECTIONS over the run
     retrain: float = 0.3  # fraction of the steps, before the final phase, with masks and bits fixed
     finetune: float = 0.3  # fraction of the steps trained at the end in the deployed shape
     distill: float = 0.5  # weight of the starting model's soft targets in `distill()` (0 = off)
@@ -92,15 +88,23 @@ class CompressorConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["bounds"] = {k: dataclasses.asdict(v) for k, v in self.bounds.items()}
-        return data
+        return {"version": SAVED_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict):
         data = dict(data)
+        check_version(data.pop("version", None), "settings")
         data["bounds"] = {k: LayerBounds(**v) for k, v in data.get("bounds", {}).items()}
         for key in ("layer_types", "exclude"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
+
+
+def check_version(version: object, what: str) -> None:
+    """Refuse `what` (settings, state) saved by a jointcomp that wrote another layout."""
+    if version != SAVED_VERSION:
+        raise ValueError(f"these {what} were saved by another jointcomp version (layout {version}, this one reads "
+                         f"{SAVED_VERSION}); start a new run")
 
 
 def compressible_weights(model: nn.Module, config: CompressorConfig) -> list[tuple[str, nn.Parameter, LayerBounds]]:
@@ -211,14 +215,14 @@ class Compressor:
         self.fp32_bytes = fp32_bytes(model)
         self.links = Links.of(model, self.names)
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
-        self.every = self.config.project_every or max(1, self.steps // DEFAULT_PROJECTIONS)
-        self.method = make_method(self.config.method, self.params, self.projector, self.steps, self.every)
+        self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
+        self.method = make_method(self.config.method, self.params, self.projector, self.schedule.every)
         self._lock = threading.Lock()
         self._target_bits = self._resolve(self.config.target)
         self.step_count = 0
         self.epoch = 0  # epochs reported by end_epoch()
         self.lambdas = (float("nan"), float("nan"))  # of the projections since the last epoch record
-        self.frozen_target: float | None = None  # the target the final phase's allocation fits
+        self.fixed_target: float | None = None  # the target the final phase's allocation fits
         self.notes: list[str] = []  # events for the next epoch record
         self.teacher: nn.Module | None = None  # the model as attached, copied by the first `distill()`
         self.dense_metric = self._evaluate(None)  # of the model as attached
@@ -247,30 +251,11 @@ class Compressor:
         return resolve_target(target, numel, bounds, self.accounting, self.reserved_bits, self.dense_bits)
 
     # --- the loop ---------------------------------------------------------------------
-    def _tail_start(self, fraction: float) -> int:
-        """The step that starts the last `fraction` of the run: a projection boundary, at
-        least one interval in and one before the end; -1 when there is none (fraction 0)."""
-        slots = -(-self.steps // self.every)
-        intervals = min(slots - 1, max(1, round(fraction * slots)))
-        if fraction == 0 or intervals < 1:
-            return -1
-        return (slots - intervals) * self.every
-
-    @property
-    def fix_step(self) -> int:
-        """The step from which masks and bitwidths are fixed (retraining, then the final phase)."""
-        return self._tail_start(self.config.retrain + self.config.finetune)
-
-    @property
-    def freeze_step(self) -> int:
-        """The step at which the final phase (training in the deployed shape) starts."""
-        return self._tail_start(self.config.finetune)
-
     @property
     def phase(self) -> str:
         """The method's first phase ("admm", or "prune" for the baselines), then "retrain" (masks
         and bits fixed, codes still move), then "finetune" (the deployed shape)."""
-        if self.frozen_target is None:
+        if self.fixed_target is None:
             return self.method.first_phase
         return "retrain" if self.method.retraining else "finetune"
 
@@ -281,7 +266,7 @@ class Compressor:
         if self.converted:
             raise RuntimeError("the model was converted to its deployed weights; start a new Compressor to go on")
         t = self.step_count
-        if t % self.every == 0 and not bool(torch.stack([p.detach().float().square().sum() for p in self.params]).isfinite().all()):
+        if self.schedule.projects(t) and not bool(torch.stack([p.detach().float().square().sum() for p in self.params]).isfinite().all()):
             raise FloatingPointError(f"step {t}: the weights are not finite (NaN, infinite, or too large to square), so they "
                                      "cannot be projected; training diverged: lower the learning rate and start again from "
                                      "a good state")
@@ -294,10 +279,11 @@ class Compressor:
         if projected:
             self.lambdas = projected
             self.accounting.observe(self.method.density())
-        if (self.frozen_target is None and t == self.fix_step) or self.frozen_target not in (None, target):
-            self._freeze(target, retrain=self.freeze_step < 0 or t < self.freeze_step)
+        schedule = self.schedule
+        if (self.fixed_target is None and t == schedule.retrain_start) or self.fixed_target not in (None, target):
+            self._fix_allocation(target, retrain=schedule.finetune_start < 0 or t < schedule.finetune_start)
             decided = True
-        elif t == self.freeze_step and self.phase == "retrain":
+        elif t == schedule.finetune_start and self.phase == "retrain":
             self.method.fix_codes()
         self.method.after_step(lr, self.config.rho)
         if decided or projected:
@@ -331,7 +317,7 @@ class Compressor:
         per-layer density and bitwidth. Call it once per epoch (or whenever you like)."""
         seconds = time.perf_counter() - self._epoch_started
         target = self.target_bits
-        alloc = self.method.frozen or self.method.deployable(target)
+        alloc = self.method.fixed or self.method.deployable(target)
         file_bytes = len(self.encode(alloc))
         size = self._measure(alloc, self.accounting, file_bytes)
         residual, dual = self.method.residuals()
@@ -350,9 +336,9 @@ class Compressor:
         """The deployable model, checked to fit the live target: the fine-tuned allocation of
         the final phase when it still fits, else a fresh projection trimmed until it does."""
         target = self.target_bits
-        frozen = self.method.frozen
-        if frozen is not None and self._size(frozen) <= target:
-            alloc = frozen
+        fixed = self.method.fixed
+        if fixed is not None and self._size(fixed) <= target:
+            alloc = fixed
         else:
             alloc = trim_to_fit(self.method.deployable, target, self._size)
         self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
@@ -415,8 +401,8 @@ class Compressor:
     def state_dict(self) -> dict:
         """Everything a resumed run needs besides the model's and the optimizer's own state."""
         return {
-            "config": self.config.to_dict(), "steps": self.steps, "step": self.step_count, "epoch": self.epoch,
-            "target_bits": self.target_bits, "frozen_target": self.frozen_target, "lambdas": list(self.lambdas),
+            "version": SAVED_VERSION, "config": self.config.to_dict(), "steps": self.steps, "step": self.step_count, "epoch": self.epoch,
+            "target_bits": self.target_bits, "fixed_target": self.fixed_target, "lambdas": list(self.lambdas),
             "notes": list(self.notes), "method": self.method.state_dict(), "accounting": self.accounting.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "dense_metric": self.dense_metric, "seconds": self.seconds,
@@ -424,10 +410,11 @@ class Compressor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`; load the model's weights first."""
+        check_version(state.get("version"), "compressor state")
         self.step_count, self.epoch = int(state["step"]), int(state["epoch"])
         with self._lock:
             self._target_bits = float(state["target_bits"])
-        self.frozen_target = state["frozen_target"]
+        self.fixed_target = state["fixed_target"]
         self.lambdas = tuple(state["lambdas"])
         self.notes = list(state["notes"])
         self.method.load_state_dict(state["method"])
@@ -465,15 +452,15 @@ class Compressor:
                           lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
         return accounting.measure(alloc.size_bits, shipped)
 
-    def _freeze(self, target: float, retrain: bool) -> None:
+    def _fix_allocation(self, target: float, retrain: bool) -> None:
         """Fit the current weights to the live target and train in that shape from now on
         (`retrain`: with code assignments still free)."""
         alloc = trim_to_fit(self.method.deployable, target, self._size)
-        if self.frozen_target is not None:
+        if self.fixed_target is not None:
             self.note(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
                               "that phase started again")
-        self.method.freeze(alloc, retrain)
-        self.frozen_target = target
+        self.method.fix_allocation(alloc, retrain)
+        self.fixed_target = target
 
     def _project(self, bits: float, accounting: PaperAccounting, tables: list | None = None) -> tuple[Allocation, int, float]:
         """The joint projection of the current weights fitted to `bits` under `accounting`

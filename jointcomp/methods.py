@@ -3,24 +3,24 @@
 Every method is driven by the Compressor (compressor.py) over the same steps of the same
 training loop, and answers the same hooks: `before_step` (projections; it sees the live
 target first at every step), `after_step` (after each optimizer step), `deployable` (the model that would
-ship now, projected at a budget) and `freeze`. Methods differ only in how they choose the
+ship now, projected at a budget) and `fix_allocation`. Methods differ only in how they choose the
 allocation (which weights to keep, how many bits each layer gets) during their first phase;
-from `freeze` on (the Compressor's `fix_step`) every method trains its allocation the same
+from `fix_allocation` on (the schedule's `retrain_start`, schedule.py) every method trains its allocation the same
 way (`Method`): first the kept weights retrain behind their quantized values, then
 (`fix_codes`) only the codebooks train. So the bench compares allocations, not recipes.
 
-* admm: the paper's method with the joint projection (allocation.py).
+* admm: the paper's method with the joint projection (projector.py).
 * uniform: one global density and one bitwidth for every layer, chosen to hit the target
   with the least error; magnitude pruning, then training with the masks fixed.
 * sequential: prune first (knapsack with one bitwidth for every layer) and train with the
-  masks fixed; at `freeze`, choose bitwidths for the kept weights (knapsack) and quantize.
+  masks fixed; at `fix_allocation`, choose bitwidths for the kept weights (knapsack) and quantize.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .allocation import Allocation, Projector
+from .projector import Allocation, Projector
 from .budget import BIT_CHOICES
 from .projections import assign
 
@@ -68,19 +68,19 @@ def allocation_from_state(state: dict, params: list[nn.Parameter]) -> Allocation
 
 class Method:
     """What every method shares: training a fixed allocation in its deployed shape (from
-    `freeze` on), its state, and the defaults of the hooks. Subclasses choose the allocation."""
+    `fix_allocation` on), its state, and the defaults of the hooks. Subclasses choose the allocation."""
 
-    first_phase: str  # the records' name of the phase before `freeze` ("admm", "prune")
+    first_phase: str  # the records' name of the phase before `fix_allocation` ("admm", "prune")
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
+    def __init__(self, params: list[nn.Parameter], projector: Projector, every: int) -> None:
         self.params = params
         self.projector = projector
         self.every = every
-        self.frozen: Allocation | None = None  # the fixed allocation, from `freeze` on
+        self.fixed: Allocation | None = None  # the fixed allocation, from `fix_allocation` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
 
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        """Projections due at this step (before `freeze`, if both are due); their two
+        """Projections due at this step (before `fix_allocation`, if both are due); their two
         multipliers when there was one."""
         return None
 
@@ -88,25 +88,25 @@ class Method:
     def after_step(self, lr: float, rho: float) -> None:
         """Once the allocation is fixed, the shared-centroid step; while retraining, the
         optimizer's step first moves the latent weights (straight-through)."""
-        assert self.frozen is not None
+        assert self.fixed is not None
         if self.latent is not None:
-            for p, w, value, mask in zip(self.params, self.latent, self.frozen.values, self.frozen.masks):
+            for p, w, value, mask in zip(self.params, self.latent, self.fixed.values, self.fixed.masks):
                 w.add_(p.detach().float() - value).mul_(mask)
-        snap(self.params, self.frozen, self.latent)
+        snap(self.params, self.fixed, self.latent)
 
     @torch.no_grad()
-    def freeze(self, alloc: Allocation, retrain: bool = False) -> None:
+    def fix_allocation(self, alloc: Allocation, retrain: bool = False) -> None:
         """From now on train in the deployed shape: masks and bits fixed, pruned weights
         exactly zero, each centre the mean of its members. `retrain`: the kept weights go
         on training behind their quantized values (straight-through), so code assignments
         still move, until `fix_codes`."""
         self.latent = [w * mask for w, mask in zip(self.weights(), alloc.masks)] if retrain else None
-        self.frozen = alloc
+        self.fixed = alloc
         snap(self.params, alloc, self.latent)
 
     @property
     def retraining(self) -> bool:
-        """Whether code assignments still move (between `freeze(..., retrain=True)` and `fix_codes`)."""
+        """Whether code assignments still move (between `fix_allocation(..., retrain=True)` and `fix_codes`)."""
         return self.latent is not None
 
     def fix_codes(self) -> None:
@@ -130,10 +130,10 @@ class Method:
         return zeros, zeros
 
     def state_dict(self) -> dict:
-        return {"frozen": allocation_state(self.frozen), "latent": self.latent}
+        return {"fixed": allocation_state(self.fixed), "latent": self.latent}
 
     def load_state_dict(self, state: dict) -> None:
-        self.frozen = allocation_from_state(state["frozen"], self.params)
+        self.fixed = allocation_from_state(state["fixed"], self.params)
         device = self.params[0].device
         self.latent = None if state["latent"] is None else [w.to(device) for w in state["latent"]]
 
@@ -144,8 +144,8 @@ class Admm(Method):
 
     first_phase = "admm"
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
-        super().__init__(params, projector, steps, every)
+    def __init__(self, params: list[nn.Parameter], projector: Projector, every: int) -> None:
+        super().__init__(params, projector, every)
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
 
@@ -154,7 +154,7 @@ class Admm(Method):
         """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
         two multipliers (pruning cut score, joint price of a bit), in squared error per bit.
         The first projection (step 0) chooses everything."""
-        if self.frozen is not None or step % self.every:
+        if self.fixed is not None or step % self.every:
             return None
         x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
         alloc = self.projector.joint(x, budget)
@@ -166,7 +166,7 @@ class Admm(Method):
     @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
         """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho)."""
-        if self.frozen is not None:
+        if self.fixed is not None:
             return super().after_step(lr, rho)
         a = lr * rho
         for p, v, u in zip(self.params, self.V, self.U):
@@ -199,15 +199,15 @@ class Admm(Method):
 
 class _PruneFirst(Method):
     """Shared by the baselines: masks chosen at the start (again whenever the target moves)
-    and held while training; bitwidths and codebooks fitted to the kept weights at `freeze`."""
+    and held while training; bitwidths and codebooks fitted to the kept weights at `fix_allocation`."""
 
     first_phase = "prune"
 
-    def __init__(self, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> None:
-        super().__init__(params, projector, steps, every)
+    def __init__(self, params: list[nn.Parameter], projector: Projector, every: int) -> None:
+        super().__init__(params, projector, every)
         self.budget = float("nan")  # the one the masks were chosen for
         self.masks: list[torch.Tensor] = []
-        self.bits: torch.Tensor | None = None  # None: chosen by the bitwidth knapsack at `freeze`
+        self.bits: torch.Tensor | None = None  # None: chosen by the bitwidth knapsack at `fix_allocation`
 
     def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The masks (and the bitwidths, if already decided) for this budget."""
@@ -215,14 +215,14 @@ class _PruneFirst(Method):
 
     @torch.no_grad()
     def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        if budget != self.budget:  # the start, or a moved target (then `freeze` follows, if past it)
+        if budget != self.budget:  # the start, or a moved target (then `fix_allocation` follows, if past it)
             self.masks, self.bits = self.choose(self.weights(), budget)
             self.budget = budget
         return None
 
     @torch.no_grad()
     def after_step(self, lr: float, rho: float) -> None:
-        if self.frozen is not None:
+        if self.fixed is not None:
             return super().after_step(lr, rho)
         for p, m in zip(self.params, self.masks):
             p.mul_(m)
@@ -281,9 +281,9 @@ def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(w.shape)
 
 
-def make_method(name: str, params: list[nn.Parameter], projector: Projector, steps: int, every: int) -> Method:
-    """The method `name` over `steps` optimizer steps, projecting every `every` steps."""
+def make_method(name: str, params: list[nn.Parameter], projector: Projector, every: int) -> Method:
+    """The method `name`, projecting every `every` steps."""
     classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
     if name not in classes:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return classes[name](params, projector, steps, every)
+    return classes[name](params, projector, every)

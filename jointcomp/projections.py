@@ -5,7 +5,7 @@
   patterns instead of a full sort.
 * `fit_codebooks`: 1-D k-means with 2^b centres for several b at once, on sorted values
   with prefix sums, so one Lloyd step for every bitwidth is a single searchsorted.
-* `choose_bitwidths`: the multiple-choice knapsack over per-layer (cost, distortion)
+* `solve_mckp_greedy`: the multiple-choice knapsack over per-layer (cost, distortion)
   options, greedy on each layer's lower convex hull; `solve_mckp_exact` is the exact
   dynamic programme used to measure the greedy's gap.
 * `joint_options`: each layer's (kept count, bitwidth) options with their pruning plus
@@ -376,7 +376,7 @@ def lower_hull(cost: list[float], distortion: list[float]) -> list[int]:
     return hull
 
 
-def choose_bitwidths(
+def solve_mckp_greedy(
     cost: torch.Tensor, distortion: torch.Tensor, budget: float
 ) -> tuple[torch.Tensor, float]:
     """Pick one option per layer minimising total distortion within the budget.
@@ -384,7 +384,7 @@ def choose_bitwidths(
     `cost` and `distortion` are (layers, options); an option with infinite cost is not
     allowed. Greedy on each layer's lower convex hull: start every layer at its cheapest
     option, then take upgrades in order of distortion saved per bit; a layer whose next
-    upgrade does not fit is frozen. Returns the chosen option per layer and the
+    upgrade does not fit stays where it is. Returns the chosen option per layer and the
     multiplier (saving per bit of the first upgrade refused; 0 when none is).
     """
     cost_l, dist_l = cost.double().cpu().tolist(), distortion.double().cpu().tolist()
@@ -405,10 +405,10 @@ def choose_bitwidths(
         for step, (a, b) in enumerate(zip(h[:-1], h[1:]))
     ]
     upgrades.sort(key=lambda u: (-u[0], u[1], u[2]))
-    frozen: set[int] = set()
+    full: set[int] = set()
     lam = 0.0
     for slope, j, step in upgrades:
-        if j in frozen:
+        if j in full:
             continue
         a, b = hulls[j][step], hulls[j][step + 1]
         extra = cost_l[j][b] - cost_l[j][a]
@@ -416,7 +416,7 @@ def choose_bitwidths(
             spent += extra
             choice[j] = b
         else:
-            frozen.add(j)
+            full.add(j)
             lam = max(lam, slope)
     return torch.tensor(choice), lam
 

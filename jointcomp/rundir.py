@@ -100,9 +100,6 @@ class RunDir:
             leftover.unlink(missing_ok=True)
         self.history_lines = 0
 
-    def has_state(self) -> bool:
-        return (self.path / STATE_FILE).is_file()
-
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path / CONFIG_FILE, config)
 

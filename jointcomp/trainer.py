@@ -27,11 +27,12 @@ from torch.utils.data import DistributedSampler
 
 from . import distributed
 from .budget import DENSE_BITS
-from .compressor import PROJECTIONS_PER_EPOCH, Compressor, CompressorConfig, compressible_weights
+from .compressor import Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
 from .sharpness import sharpness, stable_lr
 from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
+from .schedule import every_for_epoch
 
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
@@ -251,7 +252,7 @@ class Engine:
         return Compressor(
             self.model, target, steps=cfg.epochs * self.steps_per_epoch, evaluate=self.evaluate, meta=self.meta,
             config=dataclasses.replace(
-                cfg, project_every=cfg.project_every or max(1, self.steps_per_epoch // PROJECTIONS_PER_EPOCH)),
+                cfg, project_every=cfg.project_every or every_for_epoch(self.steps_per_epoch)),
         )
 
     # --- control from other threads -------------------------------------------------
@@ -350,7 +351,7 @@ class Engine:
         for i, (x, y) in enumerate(batches(self.data, self.config, epoch, self.device)):
             if i < first:
                 continue
-            if not dense and i % self.compressor.every == 0:
+            if not dense and i % self.compressor.schedule.every == 0:
                 self._good = copy.deepcopy({
                     "batch": i, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),

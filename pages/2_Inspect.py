@@ -18,7 +18,7 @@ st.title("Inspect a compressed checkpoint")
 
 upload = st.file_uploader("A .jcz file", type=["jcz"], key="upload")
 if upload is None:
-    st.info("Upload a .jcz file, for example the one the quick-start page lets you download.")
+    st.info("Upload a .jcz file, for example the one the Compress page lets you download.")
     st.stop()
 
 with tempfile.TemporaryDirectory() as tmp:

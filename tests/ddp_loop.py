@@ -61,7 +61,7 @@ def compress(out: str) -> None:
             opt.step()
             if epoch == 2 and comp.step_count == 2 * len(loader) and rank == 0:
                 comp.set_target("80x")  # only rank 0 hears of it
-            projected = comp.step_count % comp.every == 0
+            projected = comp.schedule.projects(comp.step_count)
             comp.step(lr=opt.param_groups[0]["lr"])
             if projected and comp.phase == "admm":
                 seen = [None] * dist.get_world_size()

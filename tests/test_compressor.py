@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from jointcomp import CompressConfig, Compressor, Engine, Loaders, load_compressed
-from jointcomp.compressor import PROJECTIONS_PER_EPOCH
+from jointcomp.schedule import every_for_epoch
 from jointcomp.records import EpochRecord, FinalRecord, StepRecord, to_json
 from jointcomp.trainer import accuracy, batches, make_optimizer
 
@@ -118,7 +118,7 @@ def hand_written_loop(model, data, config, callback) -> Compressor:
     """What the Engine does, written out: same batches, optimizer, schedule and losses."""
     spe = math.ceil(len(data.train_y) / config.batch_size)
     torch.manual_seed(config.seed)
-    every = config.project_every or max(1, spe // PROJECTIONS_PER_EPOCH)  # as the Engine chooses
+    every = config.project_every or every_for_epoch(spe)  # as the Engine chooses
     comp = Compressor(model, steps=config.epochs * spe, config=dataclasses.replace(config, project_every=every),
                       evaluate=lambda m: accuracy(m, data), callback=callback)
     opt, sched = make_optimizer(model, config, config.epochs, spe)

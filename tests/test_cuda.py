@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jointcomp import CompressConfig, Engine, build_model
-from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]

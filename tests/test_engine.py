@@ -192,7 +192,14 @@ def drop_latent(path):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("damage", [truncate, drop_latent])
+def older_layout(path):
+    """A state saved by a jointcomp whose saved layout had another version number."""
+    state = torch.load(path, weights_only=True)
+    state["compressor"]["version"] = 1
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage", [truncate, drop_latent, older_layout])
 def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path, damage):
     config = CompressConfig(target="50x", epochs=1, device="cpu")
     run(Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path)))
@@ -201,3 +208,5 @@ def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path
     with pytest.raises(ValueError, match="damaged") as caught:
         next(iter(engine))
     assert "\n" not in str(caught.value)
+    if damage is older_layout:
+        assert "layout 1, this one reads" in str(caught.value)

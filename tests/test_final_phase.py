@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from jointcomp import CompressConfig, Engine, FinalRecord, load_compressed
-from jointcomp.allocation import Allocation
+from jointcomp.projector import Allocation
+from jointcomp.schedule import Schedule
 from jointcomp.methods import snap
 from jointcomp.records import EpochRecord, StepRecord
 
@@ -45,7 +46,7 @@ def test_final_phase_keeps_the_deployed_shape_and_is_what_the_file_holds(trained
             assert torch.equal(now[n][0], shape[n][0]), "a mask changed during the final phase"
             assert torch.equal(now[n][1], shape[n][1]), "a code assignment changed during the final phase"
         steps += 1
-    assert abs(steps - 3 * engine.steps_per_epoch) < engine.compressor.every  # half the run, at a projection
+    assert abs(steps - 3 * engine.steps_per_epoch) < engine.compressor.schedule.every  # half the run, at a projection
     epochs = [r for r in records if isinstance(r, EpochRecord) and r.phase == "finetune"]
     assert len(epochs) == 3
     assert len({r.size_bits for r in epochs}) == 1 and epochs[0].size_bits <= target
@@ -128,8 +129,8 @@ def test_runs_of_any_length_retrain_then_end_in_the_final_phase_for_about_30_per
         phases = [r.phase for r in records if isinstance(r, StepRecord)]
         retrain, finetune = phases.count("retrain"), phases.count("finetune")
         assert phases == ["admm"] * (len(phases) - retrain - finetune) + ["retrain"] * retrain + ["finetune"] * finetune
-        assert abs(retrain - 0.3 * len(phases)) <= engine.compressor.every
-        assert abs(finetune - 0.3 * len(phases)) <= engine.compressor.every
+        assert abs(retrain - 0.3 * len(phases)) <= engine.compressor.schedule.every
+        assert abs(finetune - 0.3 * len(phases)) <= engine.compressor.schedule.every
         assert [r for r in records if isinstance(r, EpochRecord)][-1].phase == "finetune"
 
 
@@ -147,3 +148,17 @@ def test_a_retraining_step_moves_centres_by_their_members_updates_not_by_latent_
     assert torch.allclose(alloc.codebooks[0], torch.tensor([-0.9, 1.1]))
     assert torch.allclose(weight.detach(), torch.tensor([-0.9, -0.9, -0.9, 1.1, -0.9, 1.1]))
     assert torch.allclose(latent[0], torch.tensor([-0.9, -0.9, -0.9, 1.0, -0.2, 1.1]))
+
+
+@pytest.mark.parametrize("steps, every", [(100, 7), (60, 1), (1000, 250), (9, 10)])
+def test_schedule_puts_each_phase_on_a_projection_step_at_its_share_of_the_run(steps, every):
+    schedule = Schedule(steps, every, retrain=0.3, finetune=0.3)
+    retrain, finetune = schedule.retrain_start, schedule.finetune_start
+    if -(-steps // every) < 2:  # a single projection interval: no room for later phases
+        assert retrain == finetune == -1
+        return
+    assert schedule.projects(retrain) and schedule.projects(finetune)
+    assert 0 < retrain <= finetune < steps
+    assert abs((steps - retrain) - 0.6 * steps) <= every
+    assert abs((steps - finetune) - 0.3 * steps) <= every
+    assert Schedule(steps, every, retrain=0.3, finetune=0.0).finetune_start == -1

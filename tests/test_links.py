@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from jointcomp import build_model
-from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting
 from jointcomp.compressor import CompressorConfig, compressible_weights
 from jointcomp.links import Link, Links

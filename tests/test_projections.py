@@ -5,9 +5,9 @@ from itertools import combinations
 import pytest
 import torch
 
-from jointcomp.allocation import LayerSpec, Projector
+from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import LayerBounds, PaperAccounting
-from jointcomp.projections import choose_bitwidths, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
+from jointcomp.projections import solve_mckp_greedy, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
 
 
 def sorted_greedy(weights, costs, budget, min_keep=None):
@@ -162,7 +162,7 @@ def test_greedy_bitwidths_close_to_exact(layers, instances, mean_limit, max_limi
     gaps = []
     for _ in range(instances):
         cost, dist, budget = random_mckp(g, layers=layers)
-        pick, lam = choose_bitwidths(cost, dist, budget)
+        pick, lam = solve_mckp_greedy(cost, dist, budget)
         exact = solve_mckp_exact(cost, dist, budget)
         rows = torch.arange(len(pick))
         assert float(cost[rows, pick].sum()) <= budget
@@ -185,10 +185,10 @@ def test_bitwidth_bounds_are_honoured():
     assert alloc.size_bits <= 8 * 500
 
 
-def test_choose_bitwidths_reports_infeasible():
+def test_solve_mckp_greedy_reports_infeasible():
     cost = torch.tensor([[10.0, 20.0]])
     with pytest.raises(ValueError, match="over the budget"):
-        choose_bitwidths(cost, torch.tensor([[1.0, 0.5]]), budget=5)
+        solve_mckp_greedy(cost, torch.tensor([[1.0, 0.5]]), budget=5)
 
 
 def test_joint_options_price_pruning_exactly():

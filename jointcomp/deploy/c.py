@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..budget import LayerBounds, MeasuredAccounting, Shipped
+from ..budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
 from ..codec import PackedLayer, load_packed, pack_codes, varint_bytes
 from ..models import ShortcutA
 from ..rundir import atomic_write
@@ -453,6 +453,7 @@ def _chw(op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- the budget mode ---------------------------------------------------------------------
+@register_budget_mode
 class FlashAccounting(MeasuredAccounting):
     """The budget mode in which the target is the C export's const data (flash): biases,
     folded BatchNorm and layers left dense are reserved; each kept weight pays its code and

@@ -9,7 +9,7 @@ import torch
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
 from .links import Links
-from .projections import FIT_SAMPLE, assign, choose_bitwidths, fit_codebooks_many, joint_options_many, knapsack_prune
+from .projections import FIT_SAMPLE, assign, solve_mckp_greedy, fit_codebooks_many, joint_options_many, knapsack_prune
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Projector:
             cost = cost + self.accounting.layer_bits(options, self.numel[:, None])
             cost = torch.where(self.allowed, cost, torch.inf)
             room = budget - self.reserved_bits
-            pick, lam = choose_bitwidths(cost, dist, room)
+            pick, lam = solve_mckp_greedy(cost, dist, room)
             bits = torch.tensor(choices)[pick]
             codebooks = [layer[int(i)] for layer, i in zip(books, pick)]
         else:
@@ -156,7 +156,7 @@ class Projector:
             allowed[j, :n] = self.allowed[j].repeat(len(keeps))
         cost = self.accounting.weight_bits(bits, self.numel[:, None]) * keep + self.accounting.layer_bits(bits, self.numel[:, None])
         cost = torch.where(allowed, cost, inf)
-        pick, lam = choose_bitwidths(cost, dist, budget - self.reserved_bits)
+        pick, lam = solve_mckp_greedy(cost, dist, budget - self.reserved_bits)
         return bits[torch.arange(len(tables)), pick], lam
 
     def joint(self, weights: list[torch.Tensor], budget: float,
@@ -164,11 +164,11 @@ class Projector:
         """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
         the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
         bits, lam = self.joint_bits(weights, budget, tables)
-        alloc = self.deploy(weights, bits, budget)
+        alloc = self.prune_and_quantize(weights, bits, budget)
         alloc.lambda_quant = lam
         return alloc
 
-    def deploy(self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float) -> Allocation:
+    def prune_and_quantize(self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float) -> Allocation:
         """The deployable model: prune at these bitwidths, then a fresh codebook per layer."""
         masks, lam_prune = self.prune(weights, bits, budget)
         alloc = self.quantize(weights, masks, budget, bits=bits)
@@ -191,7 +191,7 @@ class Projector:
             bits = self.clamp_bits(torch.full((len(self.specs),), b))
             if not self.fits(bits, budget):
                 continue
-            alloc = self.deploy(weights, bits, budget)
+            alloc = self.prune_and_quantize(weights, bits, budget)
             err = sum(float((w.detach() - q).square().sum()) for w, q in zip(weights, alloc.values))
             if err < best_err:
                 best, best_err = bits, err
