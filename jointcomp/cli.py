@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import distributed
 from .codec import CheckpointError, format_report, inspect, load_compressed
 from .budget import BUDGET_MODES, budget_modes_help
-from .data import DATASETS, load_dataset
+from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
@@ -200,7 +200,7 @@ def _engine_for_run(run_dir: str, overrides: dict | None = None) -> Engine:
     data = load_dataset(saved["data"], saved.get("data_dir"))
     torch.manual_seed(config.seed)
     model = build_model(saved["model"], data.input_shape, data.num_classes)
-    meta = {k: saved[k] for k in ("model", "data", "data_dir", "input_shape", "num_classes")}
+    meta = {k: saved.get(k) for k in (*DESCRIPTION_KEYS, "data_dir")}
     return Engine(model, data, config, run_dir=run_dir, resume=True, meta=meta)
 
 
@@ -231,9 +231,8 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         model = build_model(args.model, data.input_shape, data.num_classes)
         if args.pretrained:
             load_weights(model, args.pretrained)
-        meta = {"model": args.model, "data": args.data, "data_dir": args.data_dir,
-                "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-        engine = Engine(model, data, config, run_dir=args.out, meta=meta, overwrite=args.overwrite)
+        engine = Engine(model, data, config, run_dir=args.out, meta=model_description(args.model, data, args.data_dir),
+                        overwrite=args.overwrite)
     final = _progress(engine, 0)
     if final is None:
         return 1

@@ -36,6 +36,7 @@ import zstandard
 from torch import nn
 
 from .budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
+from .projections import dequantize
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -71,9 +72,7 @@ class PackedLayer:
     codes: torch.Tensor  # integer, one per kept entry in flat order
 
     def weight(self) -> torch.Tensor:
-        out = torch.zeros(self.mask.numel(), dtype=torch.float32)
-        out[self.mask.flatten()] = torch.index_select(self.codebook, 0, self.codes.int())
-        return out.view(self.shape)
+        return dequantize(self.mask.reshape(self.shape), self.codebook, self.codes)
 
 
 @dataclass
@@ -152,17 +151,18 @@ def _unvarint(data: bytes, count: int, below: int) -> np.ndarray:
     return values
 
 
+def plain_positions(mask: torch.Tensor) -> tuple[bytes, bytes]:
+    """The two plain layouts of a mask's kept positions, in flat order: a bitmap (low bit
+    first) and the LEB128 gaps between kept weights. The file compresses them further; the
+    C export stores one as it is."""
+    flat = mask.flatten().cpu().numpy()
+    return np.packbits(flat, bitorder="little").tobytes(), varint_bytes(np.diff(np.flatnonzero(flat), prepend=-1) - 1)
+
+
 def encode_positions(mask: torch.Tensor) -> tuple[str, bytes]:
     """The cheapest of: bitmap, zstd'd bitmap, zstd'd varint gaps between positions."""
-    flat = mask.flatten().cpu().numpy()
-    bitmap = np.packbits(flat, bitorder="little").tobytes()
-    positions = np.flatnonzero(flat)
-    gaps = np.diff(positions, prepend=-1) - 1
-    options = {
-        "bitmap": bitmap,
-        "bitmap+zstd": _zstd(bitmap),
-        "gaps+zstd": _zstd(varint_bytes(gaps)),
-    }
+    bitmap, gaps = plain_positions(mask)
+    options = {"bitmap": bitmap, "bitmap+zstd": _zstd(bitmap), "gaps+zstd": _zstd(gaps)}
     name = min(options, key=lambda k: len(options[k]))
     return name, options[name]
 

@@ -33,6 +33,7 @@ from . import distributed
 from .projector import Allocation, LayerSpec, Projector
 from .budget import BUDGET_MODES, LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
 from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
+from .data import DESCRIPTION_KEYS
 from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
 from .links import Links
 from .methods import METHODS, make_method
@@ -177,7 +178,7 @@ class Compressor:
     Options are `CompressorConfig` fields (or pass `config=`). `evaluate(model) -> float`,
     when given, scores the deployable model in the records (e.g. validation accuracy);
     `callback(record)` receives every record; `meta` describes the model in the file
-    header (keys model, data, input_shape, num_classes) so that it reloads by name.
+    header (`data.model_description`) so that it reloads by name.
     """
 
     def __init__(
@@ -442,8 +443,7 @@ class Compressor:
 
     def encode(self, alloc: Allocation) -> bytes:
         """The .jcz bytes of the model with this allocation's compressed weights."""
-        keys = ("model", "data", "input_shape", "num_classes")
-        spec = {k: self.meta[k] for k in keys if k in self.meta} if "model" in self.meta else None
+        spec = {k: self.meta[k] for k in DESCRIPTION_KEYS if k in self.meta} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
     def _measure(self, alloc: Allocation, accounting: PaperAccounting, file_bytes: int | None = None) -> float:

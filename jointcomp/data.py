@@ -93,6 +93,15 @@ class Loaders:
     input_shape: tuple[int, ...]
 
 
+DESCRIPTION_KEYS = ("model", "data", "input_shape", "num_classes")  # a .jcz header's: enough to rebuild the model
+
+
+def model_description(model_name: str, data: Dataset, data_dir: str | None = None) -> dict:
+    """How run folders and files name a model and its data, so that both rebuild by name."""
+    return {"model": model_name, "data": data.name, "data_dir": data_dir, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes}
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
     """Load a data set by name; a missing one raises FileNotFoundError saying how to get it."""
     if name.startswith("folder:"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from .projector import Allocation, Projector
 from .budget import BIT_CHOICES
-from .projections import assign
+from .projections import assign, dequantize
 
 METHODS = ("admm", "uniform", "sequential")
 
@@ -46,9 +46,7 @@ def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tenso
             codes = order.argsort()[codes]
             torch.clamp(latent[i], book[0], book[-1], out=latent[i]).mul_(mask)
         alloc.codebooks[i], alloc.codes[i] = book, codes
-        value = torch.zeros_like(p, dtype=torch.float32)
-        value[mask] = book[codes]
-        alloc.values[i] = value
+        value = alloc.values[i] = dequantize(mask, book, codes)
         p.copy_(value)
 
 

@@ -356,6 +356,15 @@ def assign(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, values.double(), right=True)
 
 
+def dequantize(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that a mask, a codebook and the codes of the kept weights (in flat
+    order) stand for: each kept weight its centre, zeros elsewhere. The one place a weight is
+    rebuilt, in training and from the file alike."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=codebook.device)
+    out[mask] = codebook.float().index_select(0, codes.long())
+    return out
+
+
 def lower_hull(cost: list[float], distortion: list[float]) -> list[int]:
     """Indices of the options on the lower convex hull, cheapest first, dominated ones removed."""
     order = sorted(range(len(cost)), key=lambda i: (cost[i], distortion[i]))

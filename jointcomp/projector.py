@@ -9,7 +9,7 @@ import torch
 
 from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
 from .links import Links
-from .projections import FIT_SAMPLE, assign, solve_mckp_greedy, fit_codebooks_many, joint_options_many, knapsack_prune
+from .projections import FIT_SAMPLE, assign, dequantize, solve_mckp_greedy, fit_codebooks_many, joint_options_many, knapsack_prune
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,7 @@ class Projector:
         else:
             codebooks = [layer[0] for layer in fit_codebooks_many(kept, bits.long()[:, None], sample=FIT_SAMPLE)[0]]
         codes = [assign(k, c) for k, c in zip(kept, codebooks)]
-        quantized = []
-        for v, m, c, book in zip(values, masks, codes, codebooks):
-            q = torch.zeros_like(v, dtype=torch.float32)
-            q[m] = book[c]
-            quantized.append(q)
+        quantized = [dequantize(m, book, c) for m, book, c in zip(masks, codebooks, codes)]
         size = self.accounting.size_bits(bits, nnz, self.numel) + self.reserved_bits
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 

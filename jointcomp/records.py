@@ -104,6 +104,13 @@ class FinalRecord:
     layers: list[LayerRecord] = field(default_factory=list)
     kind: str = "final"
 
+    def summary(self) -> dict[str, Any]:
+        """The result as summary.json and the app's tables hold it: the figures, and each
+        layer's kept count and bitwidth."""
+        figures = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("layers", "kind")}
+        layers = [{"name": l.name, "numel": l.numel, "nnz": l.nnz, "bits": l.bits} for l in self.layers]
+        return {**figures, "size_kb": self.size_bits / 8000, "layers": layers}
+
 
 Record = StartRecord | StepRecord | EpochRecord | FinalRecord
 _KINDS = {cls.kind: cls for cls in (StartRecord, StepRecord, EpochRecord, FinalRecord)}  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from torch import nn
 
 from .budget import parse_target
 from .compressor import Compressor
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, model_description
 from .rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from .trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, steps_per_epoch, train_dense
 from .models import build_model, load_weights
@@ -83,23 +83,50 @@ def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, d
     return model, data, score
 
 
-def meta_for(model_name: str, data: Dataset) -> dict:
-    return {"model": model_name, "data": data.name, "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes}
+class _Worker:
+    """Work (`_work`) in a daemon thread. What stops it with an error is kept in `error`, for
+    the user to see: the app must not die with its worker."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self._thread = threading.Thread(target=self._guarded, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _guarded(self) -> None:
+        try:
+            self._work()
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.finished_at = time.monotonic()
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the work ends (or `timeout` seconds pass); True when it has ended."""
+        self._thread.join(timeout)
+        return not self.running
 
 
-class Runner:
+class Runner(_Worker):
     """One compression run in a background thread; records accumulate in `records`."""
 
     def __init__(self, engine: Engine) -> None:
+        super().__init__()
         self.engine = engine
         self.records: list[Record] = []
         self._first_step: float | None = None  # when the first step record came (the rate behind the ETA)
         self._last_step = 0.0
-        self.error: str | None = None
-        self.started = time.monotonic()
-        self.finished_at: float | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
@@ -107,41 +134,23 @@ class Runner:
         """Start compressing a copy of `model` (the caller's model is left as it is), recording
         the trade-off curve each epoch."""
         config = dataclasses.replace(config, tradeoff=True)
-        engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=meta_for(model_name, data))
+        engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=model_description(model_name, data))
         runner = cls(engine).start()
         if run_dir:
             ACTIVE[str(Path(run_dir).resolve())] = runner  # findable after its tab is closed
         return runner
 
-    def start(self) -> "Runner":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            for record in self.engine:
-                if isinstance(record, StepRecord):
-                    self._last_step = time.monotonic()
-                    self._first_step = self._first_step or self._last_step
-                self.records.append(record)
-        except Exception as err:  # shown to the user; the app must not die with the worker
-            self.error = f"{type(err).__name__}: {err}"
-        finally:
-            self.finished_at = time.monotonic()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
+    def _work(self) -> None:
+        for record in self.engine:
+            if isinstance(record, StepRecord):
+                self._last_step = time.monotonic()
+                self._first_step = self._first_step or self._last_step
+            self.records.append(record)
 
     def stop(self, wait: float = 0.0) -> None:
         self.engine.stop()
         if wait:
-            self._thread.join(wait)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run ends (or `timeout` seconds pass); True when it has ended."""
-        self._thread.join(timeout)
-        return not self.running
+            self.wait(wait)
 
     def set_target(self, target: str | float) -> float:
         return self.engine.set_target(target)
@@ -205,10 +214,10 @@ def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name:
     """A compressor on a copy of `model`, for what-if projections (`plan`) without training;
     the caller's model is never touched."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    return Compressor(copy.deepcopy(model), steps=1, config=config, evaluate=evaluate, meta=meta_for(model_name, data))
+    return Compressor(copy.deepcopy(model), steps=1, config=config, evaluate=evaluate, meta=model_description(model_name, data))
 
 
-class Sweep:
+class Sweep(_Worker):
     """Several (target, method) runs one after another in a background thread."""
 
     @classmethod
@@ -217,42 +226,25 @@ class Sweep:
         """Start a sweep, each run on its own copy of `model` with `config` at one target and method."""
         def make_engine(target: str, method: str) -> Engine:
             run_config = dataclasses.replace(config, target=target, method=method)
-            return Engine(copy.deepcopy(model), data, run_config, meta=meta_for(model_name, data))
+            return Engine(copy.deepcopy(model), data, run_config, meta=model_description(model_name, data))
 
         return cls(make_engine, targets, methods).start()
 
     def __init__(self, make_engine: Callable[[str, str], Engine], targets: list[str], methods: list[str]) -> None:
+        super().__init__()
         self.jobs = [(t, m) for t in targets for m in methods]
         self.make_engine = make_engine
         self.results: list[dict] = []
-        self.error: str | None = None
         self.current: Engine | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Sweep":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            for target, method in self.jobs:
-                if self._stop.is_set():
-                    break
-                self.current = self.make_engine(target, method)
-                final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
-                self.results.append({
-                    "target": target, "method": method, "accuracy": final.accuracy,
-                    "dense_accuracy": final.dense_accuracy, "size_bits": final.size_bits,
-                    "size_kb": final.size_bits / 8000, "ratio": final.ratio, "file_bytes": final.file_bytes,
-                    "stopped": final.stopped,
-                })
-        except Exception as err:
-            self.error = f"{type(err).__name__}: {err}"
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
+    def _work(self) -> None:
+        for target, method in self.jobs:
+            if self._stop.is_set():
+                break
+            self.current = self.make_engine(target, method)
+            final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
+            self.results.append({"target": target, "method": method, **final.summary()})
 
     def stop(self) -> None:
         self._stop.set()
@@ -294,7 +286,7 @@ def list_runs(root: str | Path | None = None) -> pd.DataFrame:
             "run": folder.name, "status": status, "model": config.get("model"), "data": config.get("data"),
             "method": config["compress"].get("method"), "target": _ended_target(str(config["compress"].get("target")), summary),
             "accuracy": summary.get("accuracy"), "dense_accuracy": summary.get("dense_accuracy"),
-            "size_kb": summary["size_bits"] / 8000 if "size_bits" in summary else None,
+            "size_kb": summary.get("size_kb"),
             "ratio": summary.get("ratio"), "file_bytes": summary.get("file_bytes"), "epochs": summary.get("epochs"),
             "path": str(folder),
         })

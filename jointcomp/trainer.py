@@ -475,13 +475,7 @@ class Engine:
         record = dataclasses.replace(self.compressor.finish(), seconds=seconds)
         if self.run_dir:
             self.export(str(self.run_dir.path / MODEL_FILE))
-            self.run_dir.write_summary({
-                "target_bits": record.target_bits, "size_bits": record.size_bits, "ratio": record.ratio,
-                "budget_mode": self.config.budget_mode, "accuracy": record.accuracy,
-                "dense_accuracy": record.dense_accuracy, "epochs": record.epochs, "seconds": record.seconds,
-                "stopped": record.stopped, "file_bytes": record.file_bytes, "file_ratio": record.file_ratio,
-                "layers": [{"name": l.name, "numel": l.numel, "nnz": l.nnz, "bits": l.bits} for l in record.layers],
-            })
+            self.run_dir.write_summary({**record.summary(), "budget_mode": self.config.budget_mode})
         return record
 
     def _healthy(self, score: float) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from jointcomp import load_compressed
+from sizes import fits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,9 @@ def test_start_run_to_the_end_then_download():
     wait_until(at, lambda: not runner.running)
     assert not at.exception and not at.error
     assert "Accuracy (compressed)" in [m.label for m in at.metric]
-    assert runner.final.size_bits <= runner.final.target_bits
     model_file = Path(runner.engine.run_dir.path) / "model.jcz"
-    assert load_compressed(model_file) is not None
+    restored = load_compressed(model_file)
+    assert fits(model_file, f"{at.session_state['target_ratio']}x", restored)  # what the slider asked, from the file
 
 
 def test_stop_ends_a_long_run_and_a_second_start_is_impossible_while_running():
@@ -79,7 +80,7 @@ def test_worker_errors_show_in_the_page():
     data = load_dataset("digits")
     model = build_model("mlp", data.input_shape, data.num_classes)
     diverging = Runner(Engine(model, data, CompressConfig(lr=1e9, momentum=0.0, dense_epochs=1, epochs=1))).start()
-    diverging._thread.join(60)
+    diverging.wait(60)
     at.session_state["runner"] = diverging
     at.run()
     assert not at.exception  # the page lives on

@@ -207,7 +207,7 @@ def test_train_fine_tunes_from_pretrained_weights(tmp_path):
               "--out", tmp_path / "b")
     tuned = json.loads((tmp_path / "b" / "summary.json").read_text())["accuracy"]
     assert tuned >= first - 0.03  # it went on from the weights (one epoch from scratch scores far lower)
-    fresh = jointcomp("train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--out", tmp_path / "c")
+    jointcomp("train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--out", tmp_path / "c")
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["accuracy"] < tuned
     bad = jointcomp("train", "--model", "lenet5", "--data", "fashion-mnist", "--pretrained", tmp_path / "a",
                     "--out", tmp_path / "d", check=False)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from jointcomp import CompressConfig, Engine, build_model
+from jointcomp import CompressConfig, Engine
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import PaperAccounting
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from jointcomp import CompressConfig, Compressor, Engine, EpochRecord, StepRecord, build_model, load_dataset
 from jointcomp.budget import parse_target
-from jointcomp.codec import load_packed
 from jointcomp.data import Dataset
 from jointcomp.sharpness import sharpness
+from sizes import fp32_bits, paper_bits_in_file
 
 
 def subset(data: Dataset, train: int = 256, val: int = 128) -> Dataset:
@@ -29,16 +29,6 @@ def conv_bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
     )
-
-
-def fp32_bits(model: nn.Module) -> int:
-    return 32 * sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-
-
-def paper_bits_in_file(path, model: nn.Module) -> int:
-    """The paper's size of a .jcz, read back from the file: bits x kept weights."""
-    _, packed, _ = load_packed(path, copy.deepcopy(model))
-    return sum(layer.bits * int(layer.mask.sum()) for layer in packed.values())
 
 
 MODELS = {

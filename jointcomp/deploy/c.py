@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
-from ..codec import PackedLayer, load_packed, pack_codes, varint_bytes
+from ..codec import PackedLayer, load_packed, pack_codes, plain_positions
 from ..models import ShortcutA
 from ..rundir import atomic_write
 
@@ -75,9 +74,8 @@ def code_bytes(nnz: int, bits: int) -> int:
 def positions_c(mask: torch.Tensor) -> tuple[bool, bytes]:
     """(gaps?, bytes): the smaller of a bitmap and LEB128 gaps between kept weights (at
     least one byte: C has no empty arrays)."""
-    flat = mask.flatten().cpu().numpy()
-    bitmap = np.packbits(flat, bitorder="little").tobytes()
-    gaps = varint_bytes(np.diff(np.flatnonzero(flat), prepend=-1) - 1) or b"\0"
+    bitmap, gaps = plain_positions(mask)
+    gaps = gaps or b"\0"
     return (True, gaps) if len(gaps) < len(bitmap) else (False, bitmap)
 
 
