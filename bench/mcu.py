@@ -22,13 +22,27 @@ import numpy as np
 import torch
 
 from common import dense_model
-from jointcomp import Compressor
+from jointcomp import Compressor, build_model, load_dataset
+from jointcomp.models import load_weights, published_checkpoints
 from jointcomp.deploy.c import export_c
 
 HERE = Path(__file__).resolve().parent / "mcu"
 BUILD = Path(__file__).resolve().parent / ".cache" / "mcu"
 CFLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16", "-std=c99", "-Wall", "-Werror", "-O2"]
-CASES = [("mlp", "digits", 20, "50x"), ("lenet5", "fashion-mnist", 10, "100x"), ("lenet5", "fashion-mnist", 10, "600x")]
+# (model, data, dense epochs or None for the published checkpoint in $JOINTCOMP_MODELS, target)
+CASES = [("mlp", "digits", 20, "50x"), ("lenet5", "fashion-mnist", 10, "100x"), ("lenet5", "fashion-mnist", 10, "600x"),
+         ("resnet20", "cifar10", None, "200x")]
+
+
+def start(model_name: str, data_name: str, epochs: int | None):
+    """The dense model a case starts from, and its data."""
+    if epochs is not None:
+        return dense_model(model_name, data_name, epochs)
+    found = published_checkpoints(model_name)
+    if not found:
+        raise SystemExit(f"no published {model_name} checkpoint: set JOINTCOMP_MODELS (e.g. ../shared/models)")
+    data = load_dataset(data_name)
+    return load_weights(build_model(model_name, data.input_shape, data.num_classes), found[0]).eval(), data
 
 
 def size(path: Path) -> tuple[int, int, int]:
@@ -53,7 +67,7 @@ def main() -> None:
           "firmware text / data / bss B | same predictions | max abs diff | instructions per inference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name, data_name, epochs, target in CASES:
-        model, data = dense_model(model_name, data_name, epochs)
+        model, data = start(model_name, data_name, epochs)
         folder = BUILD / f"{model_name}_{target}"
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"model": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes}

@@ -16,6 +16,9 @@ MULTIPLIERS = {"lambda_prune": "pruning: weight score at the cut", "lambda_quant
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
+# Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
+# bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
+LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
 
 
 def _rows_height(n: int) -> int:
@@ -149,7 +152,8 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
     y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220))
     bars = alt.Chart(now).mark_bar().encode(
         x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"), y=y,
-        color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9)))),
+        color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9))),
+                        legend=LAYER_LEGEND),
         tooltip=tooltip,
     )
     text = alt.Chart(now).mark_text(align="left", dx=3, fontSize=10).encode(
@@ -170,7 +174,7 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("epoch_no:O", title="epoch", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelFontSize=10 if n <= 30 else 7)),
-        color=alt.Color(f"{field}:Q", title=field, scale=scale),
+        color=alt.Color(f"{field}:Q", title=field, scale=scale, legend=LAYER_LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("layer:N", title="layer"),
                  alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
     ).properties(title=title, width=WIDTH, height=_rows_height(n))

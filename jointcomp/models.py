@@ -212,7 +212,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Save a model's state dict as safetensors, atomically."""
     from safetensors.torch import save
 
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, save(state))
 
@@ -228,6 +227,8 @@ def published_checkpoints(model_name: str, folder: str | os.PathLike | None = No
         return []
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and p.name.startswith(f"{model_name}-") and p.suffix in CHECKPOINT_SUFFIXES)
+
+
 OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints lack BatchNorm's step counter
 
 

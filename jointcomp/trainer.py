@@ -183,10 +183,21 @@ def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
     return correct / max(total, 1)
 
 
+def place(model: nn.Module, device: torch.device, training: bool = True) -> nn.Module:
+    """`model` moved to `device`. For training on a CPU, a model with convolutions is also put
+    in channels_last memory format, which makes a CIFAR ResNet's step 1.2-1.5x faster there
+    (bench/step_speed.py); `training=False` puts it back in the layout a model loaded from a
+    file has, so that final scores are exactly the file's. Only the layout changes, never a value."""
+    model.to(device)
+    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last if training else torch.contiguous_format)
+    return model
+
+
 def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: int) -> Iterator[Record]:
     """Plain training (no compression) for `epochs`; yields step and epoch records."""
     device = pick_device(config.device)
-    model.to(device)
+    place(model, device)
     torch.manual_seed(config.seed)
     spe = steps_per_epoch(data, config.batch_size)
     opt, sched = make_optimizer(model, config, epochs, spe)
@@ -197,6 +208,8 @@ def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: in
             loss = train_step(model, opt, x, y)
             yield StepRecord("dense", epoch * spe + i, epoch, loss, opt.param_groups[0]["lr"])
             sched.step()
+        if epoch == epochs - 1:
+            place(model, device, training=False)
         yield dense_epoch_record(accuracy(model, data), epoch, (epoch + 1) * spe, time.perf_counter() - tic, dense_bits)
 
 
@@ -228,7 +241,7 @@ class Engine:
         self.config = config
         self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
         self.device = pick_device(distributed.local_device(config.device))
-        self.model = model.to(self.device)
+        self.model = place(model, self.device)
         self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                             if distributed.active() else self.model)  # DDP averages the gradients
         self.data = data
@@ -472,6 +485,7 @@ class Engine:
         return self.compressor.finish()
 
     def _final_record(self, seconds: float) -> FinalRecord:
+        place(self.model, self.device, training=False)
         record = dataclasses.replace(self.compressor.finish(), seconds=seconds)
         if self.run_dir:
             self.export(str(self.run_dir.path / MODEL_FILE))

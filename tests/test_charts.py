@@ -51,3 +51,14 @@ def test_the_runs_list_shows_the_target_a_run_ended_at(tmp_path):
     runs = list_runs(tmp_path).set_index("run")
     assert runs.loc["a-kept", "target"] == "50x"
     assert runs.loc["b-moved", "target"] == "200x (moved from 50x)"
+
+
+def test_per_layer_legends_sit_above_the_rows_so_a_short_chart_shows_them_whole():
+    """A legend beside a 3-layer chart (8 bitwidths, or a colour gradient) is taller than the
+    chart itself and ran past its bottom edge in the what-if's expander."""
+    history = layer_history(3, 0, 2)
+    for chart in (charts.layer_bars(history), charts.allocation(history[history["epoch"] == 0]),
+                  charts.layer_heatmap(history, "density"), charts.layer_heatmap(history, "bits")):
+        spec = chart.to_dict()
+        colours = [view["encoding"]["color"] for view in spec.get("layer", [spec]) if "color" in view.get("encoding", {})]
+        assert colours and all(c["legend"]["orient"] == "top" for c in colours)
