@@ -15,7 +15,7 @@ from jointcomp.budget import BUDGET_MODES, budget_modes_help
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
 from jointcomp.rundir import atomic_write
-from jointcomp.runner import prepare
+from jointcomp.app.runner import prepare
 
 FOLDER = "image folder…"
 MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"],

@@ -22,7 +22,7 @@ import torch
 
 from common import machine
 from jointcomp import CompressConfig, Engine, EpochRecord, build_model, load_dataset
-from jointcomp.runner import Runner
+from jointcomp.app.runner import Runner
 
 
 def bench(model_name: str, data_name: str, epochs: int, device: str) -> str:

@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--pretrained", help="weights the dense starts are fine-tuned from (`train --pretrained`)")
     p.add_argument("--epochs", type=int, help="of each `compress` run (default: the CLI's)")
     p.add_argument("--targets", nargs="+", default=["100x", "600x", "2000x"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--budget-mode", default="paper", choices=("paper", "file"))
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")

@@ -71,7 +71,7 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
     comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
     comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
     comp.add_argument("--rho", type=float, default=CompressConfig.rho, help="ADMM penalty")
-    comp.add_argument("--method", choices=METHODS, default=CompressConfig.method,
+    comp.add_argument("--method", choices=tuple(METHODS), default=CompressConfig.method,
                       help="admm (jointcomp) or a baseline, for comparisons (default admm)")
     comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
                       help="fraction of the epochs (every method), before the final phase, with masks and bitwidths fixed and "

@@ -24,7 +24,15 @@ from .projector import Allocation, Projector
 from .budget import BIT_CHOICES
 from .projections import assign, dequantize
 
-METHODS = ("admm", "uniform", "sequential")
+METHODS: dict[str, type[Method]] = {}  # name -> class, in the order registered (admm first)
+
+
+def register_method(name: str):
+    """Class decorator: offer a Method subclass under `name` (the CLI's --method, the app)."""
+    def register(cls: type[Method]) -> type[Method]:
+        METHODS[name] = cls
+        return cls
+    return register
 
 
 @torch.no_grad()
@@ -136,6 +144,7 @@ class Method:
         self.latent = None if state["latent"] is None else [w.to(device) for w in state["latent"]]
 
 
+@register_method("admm")
 class Admm(Method):
     """The paper's ADMM with one joint projection: W (the trained weights), V (their
     projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
@@ -240,6 +249,7 @@ class _PruneFirst(Method):
         self.budget, self.masks, self.bits = float(state["budget"]), state["masks"], state["bits"]
 
 
+@register_method("uniform")
 class Uniform(_PruneFirst):
     """One density and one bitwidth for all layers (the pair with the least error), by magnitude."""
 
@@ -265,6 +275,7 @@ class Uniform(_PruneFirst):
         return best
 
 
+@register_method("sequential")
 class Sequential(_PruneFirst):
     """Prune by the knapsack at one bitwidth for every layer; bitwidths by the knapsack later."""
 
@@ -281,7 +292,6 @@ def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
 
 def make_method(name: str, params: list[nn.Parameter], projector: Projector, every: int) -> Method:
     """The method `name`, projecting every `every` steps."""
-    classes = {"admm": Admm, "uniform": Uniform, "sequential": Sequential}
-    if name not in classes:
+    if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return classes[name](params, projector, every)
+    return METHODS[name](params, projector, every)

@@ -7,9 +7,10 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from jointcomp import Compressor, charts
+from jointcomp import Compressor
+from jointcomp.app import charts
 from jointcomp.budget import format_bits
-from jointcomp.runner import Runner, new_run_dir, subset_accuracy, what_if
+from jointcomp.app.runner import Runner, new_run_dir, subset_accuracy, what_if
 from jointcomp.trainer import TRADEOFF_SUBSET
 
 st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")

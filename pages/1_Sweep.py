@@ -4,9 +4,9 @@ from __future__ import annotations
 import streamlit as st
 
 import ui
-from jointcomp import charts
+from jointcomp.app import charts
 from jointcomp.methods import METHODS
-from jointcomp.runner import Sweep
+from jointcomp.app.runner import Sweep
 
 st.set_page_config(page_title="jointcomp · sweep", layout="wide")
 st.title("Sweep: accuracy against size")

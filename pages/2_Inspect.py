@@ -8,7 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from jointcomp import CheckpointError, charts, inspect, load_compressed, load_dataset
+from jointcomp import CheckpointError, inspect, load_compressed, load_dataset
+from jointcomp.app import charts
 from jointcomp.data import available
 from jointcomp.deploy.c import flash_report
 from jointcomp.trainer import accuracy

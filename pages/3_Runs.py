@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from jointcomp import charts
-from jointcomp.runner import active_runner, list_runs, run_file, runs_root
+from jointcomp.app import charts
+from jointcomp.app.runner import active_runner, list_runs, run_file, runs_root
 
 st.set_page_config(page_title="jointcomp · runs", layout="wide")
 st.title("Runs")

@@ -74,7 +74,7 @@ def test_stop_ends_a_long_run_and_a_second_start_is_impossible_while_running():
 
 def test_worker_errors_show_in_the_page():
     from jointcomp import CompressConfig, Engine, build_model, load_dataset
-    from jointcomp.runner import Runner
+    from jointcomp.app.runner import Runner
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     data = load_dataset("digits")
@@ -176,7 +176,7 @@ def test_runs_page_lists_reopens_and_downloads(tmp_path):
 
 
 def test_dense_training_reports_progress():
-    from jointcomp.runner import prepare
+    from jointcomp.app.runner import prepare
 
     heard = []
     model, data, accuracy = prepare("mlp", "digits", 2, progress=lambda done, text: heard.append((done, text)))

@@ -3,7 +3,7 @@ labelled as the records number them (from 1), every chart a single view Streamli
 import pandas as pd
 import pytest
 
-from jointcomp import charts
+from jointcomp.app import charts
 
 
 def layer_history(n_layers: int, first_epoch: int, n_epochs: int) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def test_layer_bars_single_view(n_layers):
 def test_the_runs_list_shows_the_target_a_run_ended_at(tmp_path):
     import json
 
-    from jointcomp.runner import list_runs
+    from jointcomp.app.runner import list_runs
 
     dense_bits = 32 * 1000.0
     for name, target, ended in (("a-kept", "50x", dense_bits / 50), ("b-moved", "50x", dense_bits / 200)):

@@ -160,7 +160,7 @@ def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, tmp_
 @needs_shared
 def test_the_app_can_start_from_a_published_checkpoint_instead_of_training(small_cifar, cache):
     from jointcomp.models import published_checkpoints
-    from jointcomp.runner import prepare
+    from jointcomp.app.runner import prepare
 
     assert published_checkpoints("resnet20", SHARED / "models") == [RESNET20]
     assert published_checkpoints("resnet32", SHARED / "models") == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from .codec import Report
+from ..codec import Report
 
 WIDTH = 320
 HEIGHT = 300  # the whole chart (title, legend, axes) in Streamlit, which fits the height

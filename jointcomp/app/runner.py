@@ -19,13 +19,13 @@ from typing import Callable
 import pandas as pd
 from torch import nn
 
-from .budget import parse_target
-from .compressor import Compressor
-from .data import Dataset, load_dataset, model_description
-from .rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from .trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, steps_per_epoch, train_dense
-from .models import build_model, load_weights
-from .records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
+from ..budget import parse_target
+from ..compressor import Compressor
+from ..data import Dataset, load_dataset, model_description
+from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
+from ..trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, steps_per_epoch, train_dense
+from ..models import build_model, load_weights
+from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
                       layers_frame, steps_frame)
 
 
