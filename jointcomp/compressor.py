@@ -24,25 +24,24 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import distributed
 from .projector import Allocation, LayerSpec, Projector
-from .budget import BUDGET_MODES, LayerBounds, PaperAccounting, Shipped, feasible_range, resolve_target
+from .budget import BUDGET_MODES, LayerBounds, PaperAccounting, Shipped, resolve_target
 from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
 from .data import DESCRIPTION_KEYS
 from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
 from .links import Links
 from .methods import METHODS, make_method
-from .records import CurvePoint, EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
+from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
 
 SAVED_VERSION = 2  # of saved settings and states: a resume or export checks it
-TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
 @dataclass
@@ -219,14 +218,14 @@ class Compressor:
         self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
         self.method = make_method(self.config.method, self.params, self.projector, self.schedule.every)
         self._lock = threading.Lock()
-        self._target_bits = self._resolve(self.config.target)
+        self._target_bits = self.resolve(self.config.target)
         self.step_count = 0
         self.epoch = 0  # epochs reported by end_epoch()
         self.lambdas = (float("nan"), float("nan"))  # of the projections since the last epoch record
         self.fixed_target: float | None = None  # the target the final phase's allocation fits
         self.notes: list[str] = []  # events for the next epoch record
         self.teacher: nn.Module | None = None  # the model as attached, copied by the first `distill()`
-        self.dense_metric = self._evaluate(None)  # of the model as attached
+        self.dense_metric = self.score(None)  # of the model as attached
         self.final: Allocation | None = None
         self.final_file_bytes = 0
         self.converted = False
@@ -241,12 +240,13 @@ class Compressor:
 
     def set_target(self, target: str | float) -> float:
         """Move the target (any thread); the next projection uses it. Returns it in bits."""
-        bits = self._resolve(target)
+        bits = self.resolve(target)
         with self._lock:
             self._target_bits = bits
         return bits
 
-    def _resolve(self, target: str | float) -> float:
+    def resolve(self, target: str | float) -> float:
+        """A target ("50x", "12KB", bits) in bits of this compressor's accounting."""
         numel = [s.numel for s in self.specs]
         bounds = [s.bounds for s in self.specs]
         return resolve_target(target, numel, bounds, self.accounting, self.reserved_bits, self.dense_bits)
@@ -275,7 +275,7 @@ class Compressor:
             target = self._target_bits = distributed.from_main(self._target_bits)
         decided = t == 0
         if t == 0:
-            self.accounting.observe(torch.full((len(self.specs),), self._initial_density(target)))
+            self.accounting.observe(torch.full((len(self.specs),), self.initial_density(target)))
         projected = self.method.before_step(t, target)
         if projected:
             self.lambdas = projected
@@ -320,13 +320,13 @@ class Compressor:
         target = self.target_bits
         alloc = self.method.fixed or self.method.deployable(target)
         file_bytes = len(self.encode(alloc))
-        size = self._measure(alloc, self.accounting, file_bytes)
+        size = self.measure(alloc, self.accounting, file_bytes)
         residual, dual = self.method.residuals()
         note, self.notes = "; ".join(self.notes), []
         record = EpochRecord(
-            self.phase, self.epoch, self.step_count, self._evaluate(alloc), size, self.dense_bits / size,
+            self.phase, self.epoch, self.step_count, self.score(alloc), size, self.dense_bits / size,
             target, *self.lambdas, float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
-            self._layers(alloc, residual, dual), note, file_bytes,
+            self.layer_records(alloc, residual, dual), note, file_bytes,
         )
         self.epoch += 1
         self.lambdas = (float("nan"), float("nan"))
@@ -343,12 +343,12 @@ class Compressor:
         else:
             alloc = trim_to_fit(self.method.deployable, target, self._size)
         self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
-        size = self._measure(alloc, self.accounting, self.final_file_bytes)
+        size = self.measure(alloc, self.accounting, self.final_file_bytes)
         residual, dual = self.method.residuals()
         return self._emit(FinalRecord(
-            self._evaluate(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
+            self.score(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
             self.seconds, self.step_count < self.steps, self.final_file_bytes,
-            self.fp32_bytes / self.final_file_bytes, self._layers(alloc, residual, dual),
+            self.fp32_bytes / self.final_file_bytes, self.layer_records(alloc, residual, dual),
         ))
 
     @torch.no_grad()
@@ -368,35 +368,6 @@ class Compressor:
         data = self.encode(self.final)
         atomic_write(path, data)
         return len(data)
-
-    def plan(self, target: str | float | None = None) -> FinalRecord:
-        """What the method would start from at `target` (default: the live one), without
-        training: one joint projection of the current weights (the "what-if"). Nothing
-        changes: not the target, not the accounting, not what `export` writes."""
-        bits = self._resolve(target) if target is not None else self.target_bits
-        accounting = copy.deepcopy(self.accounting)
-        accounting.observe(torch.full((len(self.specs),), self._initial_density(bits)))
-        alloc, file_bytes, size = self._project(bits, accounting)
-        nan = torch.full((len(self.specs),), float("nan"), dtype=torch.float64)
-        return FinalRecord(
-            self._evaluate(alloc), self._evaluate(None), size, bits, self.dense_bits / size, 0, 0.0, False,
-            file_bytes, self.fp32_bytes / file_bytes, self._layers(alloc, nan, nan),
-        )
-
-    def tradeoff(self, target: str | float | None = None, factors: Sequence[float] = TRADEOFF_FACTORS,
-                 evaluate: Callable[[nn.Module], float] | None = None) -> list[CurvePoint]:
-        """The trade-off around `target` (default: the live one): for each size target x
-        factor (within what the model can reach), the score of the current weights projected
-        to it, without training (`evaluate` defaults to the compressor's). Changes nothing."""
-        center = self._resolve(target) if target is not None else self.target_bits
-        low, high = feasible_range([s.numel for s in self.specs], [s.bounds for s in self.specs],
-                                   self.accounting, self.reserved_bits)
-        points = []
-        tables = self.projector.joint_tables([p.detach() for p in self.params])
-        for bits in sorted({min(max(center * f, low), high) for f in factors}):
-            alloc, file_bytes, size = self._project(bits, copy.deepcopy(self.accounting), tables)
-            points.append(CurvePoint(size, file_bytes, self._evaluate(alloc, evaluate)))
-        return points
 
     # --- checkpoints of the user's run ------------------------------------------------
     def state_dict(self) -> dict:
@@ -446,7 +417,7 @@ class Compressor:
         spec = {k: self.meta[k] for k in DESCRIPTION_KEYS if k in self.meta} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
-    def _measure(self, alloc: Allocation, accounting: PaperAccounting, file_bytes: int | None = None) -> float:
+    def measure(self, alloc: Allocation, accounting: PaperAccounting, file_bytes: int | None = None) -> float:
         """The allocation's size in `accounting` (real bytes where it counts those)."""
         shipped = Shipped(lambda: self.packed(alloc),
                           lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
@@ -462,18 +433,6 @@ class Compressor:
         self.method.fix_allocation(alloc, retrain)
         self.fixed_target = target
 
-    def _project(self, bits: float, accounting: PaperAccounting, tables: list | None = None) -> tuple[Allocation, int, float]:
-        """The joint projection of the current weights fitted to `bits` under `accounting`
-        (a copy: nothing of the compressor changes); with its file bytes and size. `tables`:
-        the weights' option tables, when several sizes are projected."""
-        projector = Projector(self.specs, accounting, self.reserved_bits, self.links)
-        weights = [p.detach() for p in self.params]
-        tables = tables or projector.joint_tables(weights)
-        alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,
-                            lambda a: self._measure(a, accounting))
-        file_bytes = len(self.encode(alloc))
-        return alloc, file_bytes, self._measure(alloc, accounting, file_bytes)
-
     @torch.no_grad()
     def _digest(self) -> torch.Tensor:
         """A fingerprint of the compressed weights (sums, absolute sums and non-zero counts per
@@ -482,13 +441,13 @@ class Compressor:
                             for p in self.params]).cpu()
 
     def _size(self, alloc: Allocation) -> float:
-        return self._measure(alloc, self.accounting)
+        return self.measure(alloc, self.accounting)
 
-    def _initial_density(self, target: float) -> float:
+    def initial_density(self, target: float) -> float:
         """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
         return min(1.0, target / (4.0 * sum(s.numel for s in self.specs)))
 
-    def _evaluate(self, alloc: Allocation | None, evaluate: Callable[[nn.Module], float] | None = None) -> float:
+    def score(self, alloc: Allocation | None, evaluate: Callable[[nn.Module], float] | None = None) -> float:
         """`evaluate` (default: the compressor's) of the model with this allocation's
         weights (None: as it is now)."""
         evaluate = evaluate or self.evaluate
@@ -514,7 +473,8 @@ class Compressor:
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
 
-    def _layers(self, alloc: Allocation, residual: torch.Tensor, dual: torch.Tensor) -> list[LayerRecord]:
+    def layer_records(self, alloc: Allocation, residual: torch.Tensor, dual: torch.Tensor) -> list[LayerRecord]:
+        """Each compressed layer's record for this allocation (and its ADMM residual and dual norm)."""
         return [
             LayerRecord(s.name, s.numel, k, k / s.numel, int(b), float(r), float(d), label)
             for s, k, b, r, d, label in zip(self.specs, alloc.nnz.tolist(), alloc.bits.tolist(), residual, dual,

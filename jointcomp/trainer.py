@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from . import distributed
+from . import distributed, whatif
 from .budget import DENSE_BITS
 from .compressor import Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
@@ -348,7 +348,7 @@ class Engine:
             else:
                 record = self._shift(self.compressor.end_epoch())
                 if cfg.tradeoff:
-                    record.curve = self.compressor.tradeoff(evaluate=lambda m: accuracy(m, self.data, TRADEOFF_SUBSET))
+                    record.curve = whatif.tradeoff(self.compressor, evaluate=lambda m: accuracy(m, self.data, TRADEOFF_SUBSET))
             yield self._emit(record)
             if self._healthy(record.accuracy):
                 self._save(epoch + 1, opt, sched, elapsed + time.perf_counter() - started, record.accuracy)
@@ -476,8 +476,8 @@ class Engine:
         return self.compressor.encode(self.final)
 
     def plan(self, target: str | float | None = None) -> FinalRecord:
-        """The what-if at `target`: see `Compressor.plan` (changes nothing)."""
-        return self.compressor.plan(target)
+        """The what-if at `target`: see `whatif.plan` (changes nothing)."""
+        return whatif.plan(self.compressor, target)
 
     def restore(self) -> FinalRecord:
         """Load a saved run's state (no training) and compute its deployable model."""

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from jointcomp import Compressor
+from jointcomp import Compressor, whatif
 from jointcomp.app import charts
 from jointcomp.budget import format_bits
 from jointcomp.app.runner import Runner, new_run_dir, subset_accuracy, what_if
@@ -64,7 +64,7 @@ if not running:
                      expanded=runner is None):
         st.caption("One joint projection of the dense weights to the target, no training: the allocation "
                    "ADMM starts from, and what it would score if shipped untrained. Training recovers the rest.")
-        plan = preview.plan(target)
+        plan = whatif.plan(preview, target)
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)
         c1.metric("Size (paper accounting)", format_bits(plan.size_bits), f"{plan.ratio:.1f}x smaller", delta_color="off")
@@ -75,7 +75,7 @@ if not running:
         left, right = st.columns(2)
         left.altair_chart(charts.allocation(pd.DataFrame(layers)))
         curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
-                              for point in preview.tradeoff(target, evaluate=subset_accuracy(data))])
+                              for point in whatif.tradeoff(preview, target, evaluate=subset_accuracy(data))])
         right.altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jointcomp import CompressConfig, Compressor, Engine, Loaders, load_compressed
+from jointcomp import CompressConfig, Compressor, Engine, Loaders, load_compressed, whatif
 from jointcomp.schedule import every_for_epoch
 from jointcomp.records import EpochRecord, FinalRecord, StepRecord, to_json
 from jointcomp.trainer import accuracy, batches, make_optimizer
@@ -225,7 +225,7 @@ def test_plan_and_bad_use_leave_nothing_behind(trained_mlp):
     comp = Compressor(trained_mlp, "50x", steps=10, budget_mode="file")
     accounting = copy.deepcopy(comp.accounting.state_dict())
     target = comp.target_bits
-    comp.plan("80x")
+    whatif.plan(comp, "80x")
     assert comp.target_bits == target and comp.final is None
     assert torch.equal(comp.accounting.state_dict()["position_bits"], accounting["position_bits"])
     for name, tensor in trained_mlp.state_dict().items():

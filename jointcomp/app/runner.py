@@ -211,7 +211,7 @@ def subset_accuracy(data: Dataset) -> Callable[[nn.Module], float]:
 
 
 def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name: str) -> Compressor:
-    """A compressor on a copy of `model`, for what-if projections (`plan`) without training;
+    """A compressor on a copy of `model`, for what-if projections (`whatif.plan`) without training;
     the caller's model is never touched."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
     return Compressor(copy.deepcopy(model), steps=1, config=config, evaluate=evaluate, meta=model_description(model_name, data))
