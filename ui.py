@@ -101,6 +101,16 @@ def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint:
     return result
 
 
+def start_or_stop(choices: Choices):
+    """The dense start of these choices (model, data, its accuracy); a bad choice (a missing
+    data set, a checkpoint that does not fit) is one error line, and the page stops there."""
+    try:
+        return dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.checkpoint)
+    except (ValueError, FileNotFoundError) as err:
+        st.error(str(err))
+        st.stop()
+
+
 def target_slider(dense_bits: float, key: str = "target_ratio") -> int:
     """Target as a compression ratio on a log scale, showing the equivalent size."""
     return st.select_slider(

@@ -19,12 +19,7 @@ st.caption("Give only the target size: one training run learns which weights to 
            "each layer gets (ADMM with knapsack projections, Yang et al., CVPR 2020).")
 
 choices = ui.sidebar()
-try:
-    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed,
-                                                 choices.checkpoint)
-except (ValueError, FileNotFoundError) as err:
-    st.error(str(err))
-    st.stop()
+model, data, dense_accuracy = ui.start_or_stop(choices)
 
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode,
        choices.checkpoint)

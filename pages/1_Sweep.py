@@ -13,12 +13,7 @@ st.title("Sweep: accuracy against size")
 st.caption("Runs each target with jointcomp (admm) and the chosen baselines, same data, epochs and schedule.")
 
 choices = ui.sidebar(with_method=False)
-try:
-    model, data, dense_accuracy = ui.dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed,
-                                                 choices.checkpoint)
-except (ValueError, FileNotFoundError) as err:
-    st.error(str(err))
-    st.stop()
+model, data, dense_accuracy = ui.start_or_stop(choices)
 
 targets = st.multiselect("Targets", [f"{r}x" for r in ui.RATIOS], default=["20x", "50x", "100x", "200x"], key="targets")
 methods = st.multiselect("Methods", list(METHODS), default=["admm", "uniform"], key="methods")
