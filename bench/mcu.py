@@ -2,7 +2,7 @@
 arm-none-eabi-gcc and run under qemu-system-arm (mps2-an386) with semihosting.
 
     apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
-    python bench/mcu.py [--images 20]
+    python bench/mcu.py [--images 20] [--models mlp lenet5 resnet20]
 
 For each model and target: the flash and RAM of the model's own object file
 (arm-none-eabi-size: text = code + const data, bss = the activation arena), the firmware
@@ -55,6 +55,7 @@ def size(path: Path) -> tuple[int, int, int]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=20, help="validation images run on the emulated board")
+    p.add_argument("--models", nargs="+", default=sorted({case[0] for case in CASES}), help="only these models' rows")
     args = p.parse_args()
     for tool in ("arm-none-eabi-gcc", "qemu-system-arm"):
         if shutil.which(tool) is None:
@@ -66,7 +67,7 @@ def main() -> None:
     print("| model | target | .jcz B | C flash reported B | model.o text (code + const) B | model.o bss (RAM) B | "
           "firmware text / data / bss B | same predictions | max abs diff | instructions per inference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for model_name, data_name, epochs, target in CASES:
+    for model_name, data_name, epochs, target in [case for case in CASES if case[0] in args.models]:
         model, data = start(model_name, data_name, epochs)
         folder = BUILD / f"{model_name}_{target}"
         folder.mkdir(parents=True, exist_ok=True)
