@@ -22,11 +22,11 @@ class Schedule:
 
     steps: int
     every: int
-    retrain: float = 0.3
-    finetune: float = 0.3
+    retrain: float  # fractions of the steps, as CompressorConfig gives them
+    finetune: float
 
     @classmethod
-    def of(cls, steps: int, project_every: int = 0, retrain: float = 0.3, finetune: float = 0.3) -> Schedule:
+    def of(cls, steps: int, project_every: int, retrain: float, finetune: float) -> Schedule:
         """`project_every` 0: DEFAULT_PROJECTIONS over the whole run."""
         return cls(steps, project_every or max(1, steps // DEFAULT_PROJECTIONS), retrain, finetune)
 

@@ -482,6 +482,7 @@ class Engine:
     def restore(self) -> FinalRecord:
         """Load a saved run's state (no training) and compute its deployable model."""
         self._load()
+        place(self.model, self.device, training=False)  # scored as the file will be
         return self.compressor.finish()
 
     def _final_record(self, seconds: float) -> FinalRecord:
