@@ -15,7 +15,7 @@ import torchvision
 from common import machine
 from jointcomp import CompressConfig, build_model
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import PaperAccounting, parse_target
+from jointcomp.budget import Budget, PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links
 
@@ -34,7 +34,7 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
     weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
     projector = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
-    budget = parse_target(target, 32 * sum(w.numel() for w in weights))
+    budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     flat = torch.cat([w.flatten() for w in weights])
     projector.joint(weights, budget)  # warm-up
     tables = projector.joint_tables(weights)

@@ -23,7 +23,7 @@ import torchvision
 from common import dense_model, machine
 from jointcomp import CompressConfig, build_model
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import PaperAccounting, parse_target
+from jointcomp.budget import Budget, PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links
 from jointcomp.models import lenet5
@@ -45,7 +45,7 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
     projector = Projector(specs, PaperAccounting())
     linked = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
-    budget = parse_target(target, 32 * sum(w.numel() for w in weights))
+    budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     bits = torch.full((len(weights),), 4)
     flat = torch.cat([w.flatten() for w in weights])
 

@@ -72,6 +72,20 @@ def budget_modes_help() -> str:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What a projection must fit: `bits` in the accounting in force, and the kept fraction per
+    compressed layer that the accountings of real files price positions at (`density`; None:
+    every weight kept). The Compressor passes the densities of its last projection, so an
+    accounting holds no state that a projection changes."""
+
+    bits: float
+    density: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", float(self.bits))
+
+
+@dataclass(frozen=True)
 class Shipped:
     """An allocation in the forms it ships in, each built only when an accounting asks:
     its packed layers (name -> codec.PackedLayer) and the bytes of its .jcz file."""
@@ -95,17 +109,19 @@ class PaperAccounting:
         reserved = DENSE_BITS * sum(w.numel() for _, w, b in layers if b.dense)
         return float(reserved), float(DENSE_BITS * sum(w.numel() for _, w, _ in layers))
 
-    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        """Cost in bits of one kept weight of each layer at bitwidth `bits`."""
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:
+        """Cost in bits of one kept weight of each layer at bitwidth `bits`, when the layers
+        keep the fractions `density` (which the paper's count ignores)."""
         return bits.double()
 
     def layer_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
         """Fixed cost in bits of each layer at bitwidth `bits` (codebook, headers)."""
         return torch.zeros_like(bits, dtype=torch.float64)
 
-    def size_bits(self, bits: torch.Tensor, nnz: torch.Tensor, numel: torch.Tensor) -> float:
-        """Total cost of layers with these bitwidths and non-zero counts."""
-        per_layer = self.weight_bits(bits, numel) * nnz.double() + self.layer_bits(bits, numel)
+    def size_bits(self, bits: torch.Tensor, nnz: torch.Tensor, numel: torch.Tensor,
+                  density: torch.Tensor | None = None) -> float:
+        """Total cost of layers with these bitwidths and non-zero counts (positions priced at `density`)."""
+        per_layer = self.weight_bits(bits, numel, density) * nnz.double() + self.layer_bits(bits, numel)
         return float(per_layer.sum())
 
     def measure(self, size_bits: float, shipped: Shipped) -> float:
@@ -113,42 +129,21 @@ class PaperAccounting:
         bits of what ships (`shipped`) in the accountings of real files."""
         return size_bits
 
-    def observe(self, density: torch.Tensor) -> None:
-        """Refresh any estimate from the layers' current densities (none here)."""
-
-    def state_dict(self) -> dict:
-        """What a resumed run needs to price weights exactly as before."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
 
 class MeasuredAccounting(PaperAccounting):
     """The accountings of a real artefact (the .jcz file, the C export's flash): each kept
-    weight pays its code and its position, the position estimated per layer from the layer's
-    density (`position_cost`, refreshed by `observe` after every projection); `measure` is the
-    artefact's real size, and the Compressor trims until that fits."""
-
-    def __init__(self) -> None:
-        self.position_bits = torch.ones(0, dtype=torch.float64)
+    weight pays its code and its position, the position estimated per layer from the density
+    the projection is given (`position_cost`); `measure` is the artefact's real size, and the
+    Compressor trims until that fits."""
 
     def position_cost(self, density: torch.Tensor) -> torch.Tensor:
         """Estimated position bits per kept weight of layers at these densities."""
         raise NotImplementedError
 
-    def observe(self, density: torch.Tensor) -> None:
-        self.position_bits = self.position_cost(density)
-
-    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-        pos = self.position_bits.to(bits.device)
+    def weight_bits(self, bits: torch.Tensor, numel: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:
+        kept = torch.ones(numel.shape[0], dtype=torch.float64) if density is None else density.double().cpu()
+        pos = self.position_cost(kept).to(bits.device)
         return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
-
-    def state_dict(self) -> dict:
-        return {"position_bits": self.position_bits}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position_bits = state["position_bits"].double()
 
 
 def parse_target(spec: str | float | int, dense_bits: int) -> float:
@@ -182,12 +177,13 @@ def feasible_range(
     numel: list[int], bounds: list[LayerBounds], accounting: PaperAccounting, reserved_bits: float = 0.0
 ) -> tuple[float, float]:
     """Smallest and largest size (bits) a target may ask for with these layers, plus a
-    fixed part that no compression removes (`reserved_bits`)."""
+    fixed part that no compression removes (`reserved_bits`): the smallest keeps each layer's
+    fewest weights at its fewest bits."""
     n = torch.tensor(numel, dtype=torch.float64)
     dense = torch.tensor([b.dense for b in bounds])
     min_bits = torch.tensor([b.min_bits for b in bounds])
     keep = torch.tensor([b.min_keep(k) for b, k in zip(bounds, numel)], dtype=torch.float64)
-    smallest = accounting.weight_bits(min_bits, n) * keep + accounting.layer_bits(min_bits, n)
+    smallest = accounting.weight_bits(min_bits, n, keep / n) * keep + accounting.layer_bits(min_bits, n)
     smallest = torch.where(dense, DENSE_BITS * n, smallest)
     return float(smallest.sum()) + reserved_bits, float(DENSE_BITS * n.sum()) + reserved_bits
 

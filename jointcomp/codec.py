@@ -234,7 +234,6 @@ class FileAccounting(MeasuredAccounting):
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
         compressed = [w.numel() for _, w, b in layers if not b.dense]
-        self.position_bits = torch.ones(len(compressed), dtype=torch.float64)
         total = fp32_bytes(model)
         return 8.0 * (total - 4 * sum(compressed) + self.OVERHEAD_BYTES), 8.0 * total
 

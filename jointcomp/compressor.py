@@ -31,7 +31,7 @@ from torch import nn
 
 from . import distributed
 from .projector import Allocation, LayerSpec, Projector
-from .budget import BUDGET_MODES, LayerBounds, PaperAccounting, Shipped, resolve_target
+from .budget import BUDGET_MODES, Budget, LayerBounds, Shipped, resolve_target
 from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
 from .data import DESCRIPTION_KEYS
 from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
@@ -41,7 +41,7 @@ from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
 
-SAVED_VERSION = 2  # of saved settings and states: a resume or export checks it
+SAVED_VERSION = 3  # of saved settings and states: a resume or export checks it
 
 
 @dataclass
@@ -219,6 +219,7 @@ class Compressor:
         self.method = make_method(self.config.method, self.params, self.projector, self.schedule.every)
         self._lock = threading.Lock()
         self._target_bits = self.resolve(self.config.target)
+        self.density = self.initial_density(self._target_bits)  # per layer, of the last projection: what positions cost
         self.step_count = 0
         self.epoch = 0  # epochs reported by end_epoch()
         self.lambdas = (float("nan"), float("nan"))  # of the projections since the last epoch record
@@ -275,11 +276,11 @@ class Compressor:
             target = self._target_bits = distributed.from_main(self._target_bits)
         decided = t == 0
         if t == 0:
-            self.accounting.observe(torch.full((len(self.specs),), self.initial_density(target)))
-        projected = self.method.before_step(t, target)
+            self.density = self.initial_density(target)
+        projected = self.method.before_step(t, Budget(target, self.density))
         if projected:
             self.lambdas = projected
-            self.accounting.observe(self.method.density())
+            self.density = self.method.density()
         schedule = self.schedule
         if (self.fixed_target is None and t == schedule.retrain_start) or self.fixed_target not in (None, target):
             self._fix_allocation(target, retrain=schedule.finetune_start < 0 or t < schedule.finetune_start)
@@ -318,9 +319,9 @@ class Compressor:
         per-layer density and bitwidth. Call it once per epoch (or whenever you like)."""
         seconds = time.perf_counter() - self._epoch_started
         target = self.target_bits
-        alloc = self.method.fixed or self.method.deployable(target)
+        alloc = self.method.fixed or self._deployable(target)
         file_bytes = len(self.encode(alloc))
-        size = self.measure(alloc, self.accounting, file_bytes)
+        size = self.measure(alloc, file_bytes)
         residual, dual = self.method.residuals()
         note, self.notes = "; ".join(self.notes), []
         record = EpochRecord(
@@ -338,12 +339,12 @@ class Compressor:
         the final phase when it still fits, else a fresh projection trimmed until it does."""
         target = self.target_bits
         fixed = self.method.fixed
-        if fixed is not None and self._size(fixed) <= target:
+        if fixed is not None and self.measure(fixed) <= target:
             alloc = fixed
         else:
-            alloc = trim_to_fit(self.method.deployable, target, self._size)
+            alloc = trim_to_fit(self._deployable, target, self.measure)
         self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
-        size = self.measure(alloc, self.accounting, self.final_file_bytes)
+        size = self.measure(alloc, self.final_file_bytes)
         residual, dual = self.method.residuals()
         return self._emit(FinalRecord(
             self.score(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
@@ -375,7 +376,7 @@ class Compressor:
         return {
             "version": SAVED_VERSION, "config": self.config.to_dict(), "steps": self.steps, "step": self.step_count, "epoch": self.epoch,
             "target_bits": self.target_bits, "fixed_target": self.fixed_target, "lambdas": list(self.lambdas),
-            "notes": list(self.notes), "method": self.method.state_dict(), "accounting": self.accounting.state_dict(),
+            "notes": list(self.notes), "method": self.method.state_dict(), "density": self.density,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "dense_metric": self.dense_metric, "seconds": self.seconds,
         }
@@ -390,7 +391,7 @@ class Compressor:
         self.lambdas = tuple(state["lambdas"])
         self.notes = list(state["notes"])
         self.method.load_state_dict(state["method"])
-        self.accounting.load_state_dict(state["accounting"])
+        self.density = state["density"].double()
         if state["teacher"] is not None:
             self.teacher = self.teacher or copy.deepcopy(self.model).eval().requires_grad_(False)
             self.teacher.load_state_dict(state["teacher"])
@@ -417,16 +418,21 @@ class Compressor:
         spec = {k: self.meta[k] for k in DESCRIPTION_KEYS if k in self.meta} if "model" in self.meta else None
         return encode(self.model, self.packed(alloc), spec)
 
-    def measure(self, alloc: Allocation, accounting: PaperAccounting, file_bytes: int | None = None) -> float:
-        """The allocation's size in `accounting` (real bytes where it counts those)."""
+    def measure(self, alloc: Allocation, file_bytes: int | None = None) -> float:
+        """The allocation's size in this compressor's accounting (real bytes where it counts those;
+        `file_bytes`: the .jcz's, when already known)."""
         shipped = Shipped(lambda: self.packed(alloc),
                           lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
-        return accounting.measure(alloc.size_bits, shipped)
+        return self.accounting.measure(alloc.size_bits, shipped)
+
+    def _deployable(self, bits: float) -> Allocation:
+        """The method's deployable model at `bits`, positions priced at the last projection's densities."""
+        return self.method.deployable(Budget(bits, self.density))
 
     def _fix_allocation(self, target: float, retrain: bool) -> None:
         """Fit the current weights to the live target and train in that shape from now on
         (`retrain`: with code assignments still free)."""
-        alloc = trim_to_fit(self.method.deployable, target, self._size)
+        alloc = trim_to_fit(self._deployable, target, self.measure)
         if self.fixed_target is not None:
             self.note(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
                               "that phase started again")
@@ -440,12 +446,9 @@ class Compressor:
         return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p != 0).double().sum()])
                             for p in self.params]).cpu()
 
-    def _size(self, alloc: Allocation) -> float:
-        return self.measure(alloc, self.accounting)
-
-    def initial_density(self, target: float) -> float:
-        """A first guess of the kept fraction before any projection: the target at ~4 bits a weight."""
-        return min(1.0, target / (4.0 * sum(s.numel for s in self.specs)))
+    def initial_density(self, target: float) -> torch.Tensor:
+        """A first guess of the kept fraction per layer before any projection: the target at ~4 bits a weight."""
+        return torch.full((len(self.specs),), min(1.0, target / (4.0 * sum(s.numel for s in self.specs))), dtype=torch.float64)
 
     def score(self, alloc: Allocation | None, evaluate: Callable[[nn.Module], float] | None = None) -> float:
         """`evaluate` (default: the compressor's) of the model with this allocation's

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .projector import Allocation, Projector
-from .budget import BIT_CHOICES
+from .budget import BIT_CHOICES, Budget
 from .projections import assign, dequantize
 
 METHODS: dict[str, type[Method]] = {}  # name -> class, in the order registered (admm first)
@@ -85,7 +85,7 @@ class Method:
         self.fixed: Allocation | None = None  # the fixed allocation, from `fix_allocation` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
 
-    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
+    def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:
         """Projections due at this step (before `fix_allocation`, if both are due); their two
         multipliers when there was one."""
         return None
@@ -123,7 +123,7 @@ class Method:
         """The trained weights: while retraining, the latent ones behind the quantized weights."""
         return self.latent if self.latent is not None else [p.detach().float() for p in self.params]
 
-    def deployable(self, budget: float) -> Allocation:
+    def deployable(self, budget: Budget) -> Allocation:
         raise NotImplementedError
 
     def density(self) -> torch.Tensor:
@@ -157,7 +157,7 @@ class Admm(Method):
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
 
     @torch.no_grad()
-    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
+    def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:
         """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
         two multipliers (pruning cut score, joint price of a bit), in squared error per bit.
         The first projection (step 0) chooses everything."""
@@ -179,7 +179,7 @@ class Admm(Method):
         for p, v, u in zip(self.params, self.V, self.U):
             p.add_(v - u, alpha=a).div_(1 + a)
 
-    def deployable(self, budget: float) -> Allocation:
+    def deployable(self, budget: Budget) -> Allocation:
         """The model that would ship now: the joint projection of the trained weights."""
         return self.projector.joint(self.weights(), budget)
 
@@ -212,19 +212,19 @@ class _PruneFirst(Method):
 
     def __init__(self, params: list[nn.Parameter], projector: Projector, every: int) -> None:
         super().__init__(params, projector, every)
-        self.budget = float("nan")  # the one the masks were chosen for
+        self.budget = float("nan")  # the bits the masks were chosen for
         self.masks: list[torch.Tensor] = []
         self.bits: torch.Tensor | None = None  # None: chosen by the bitwidth knapsack at `fix_allocation`
 
-    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def choose(self, weights: list[torch.Tensor], budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The masks (and the bitwidths, if already decided) for this budget."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def before_step(self, step: int, budget: float) -> tuple[float, float] | None:
-        if budget != self.budget:  # the start, or a moved target (then `fix_allocation` follows, if past it)
+    def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:
+        if budget.bits != self.budget:  # the start, or a moved target (then `fix_allocation` follows, if past it)
             self.masks, self.bits = self.choose(self.weights(), budget)
-            self.budget = budget
+            self.budget = budget.bits
         return None
 
     @torch.no_grad()
@@ -234,11 +234,11 @@ class _PruneFirst(Method):
         for p, m in zip(self.params, self.masks):
             p.mul_(m)
 
-    def deployable(self, budget: float) -> Allocation:
+    def deployable(self, budget: Budget) -> Allocation:
         """The kept weights quantized, with the chosen bits or bits from the knapsack. The
         masks are those chosen for the target; only a smaller budget chooses others."""
         weights = self.weights()
-        masks, bits = (self.masks, self.bits) if budget >= self.budget else self.choose(weights, budget)
+        masks, bits = (self.masks, self.bits) if budget.bits >= self.budget else self.choose(weights, budget)
         return self.projector.quantize(weights, masks, budget, bits=bits)
 
     def state_dict(self) -> dict:
@@ -253,7 +253,7 @@ class _PruneFirst(Method):
 class Uniform(_PruneFirst):
     """One density and one bitwidth for all layers (the pair with the least error), by magnitude."""
 
-    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def choose(self, weights: list[torch.Tensor], budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         numel = self.projector.numel
         best, best_err = None, float("inf")
         for b in BIT_CHOICES:
@@ -265,7 +265,7 @@ class Uniform(_PruneFirst):
             keep = [max(1, min(int(n), int(density * n))) for n in numel.tolist()]
             masks = [_top_k_mask(w, k) for w, k in zip(weights, keep)]
             alloc = self.projector.quantize(weights, masks, budget, bits=bits)
-            if alloc.size_bits > budget:
+            if alloc.size_bits > budget.bits:
                 continue
             err = sum(float((w - q).square().sum()) for w, q in zip(weights, alloc.values))
             if err < best_err:
@@ -279,7 +279,7 @@ class Uniform(_PruneFirst):
 class Sequential(_PruneFirst):
     """Prune by the knapsack at one bitwidth for every layer; bitwidths by the knapsack later."""
 
-    def choose(self, weights: list[torch.Tensor], budget: float) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def choose(self, weights: list[torch.Tensor], budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         masks, _ = self.projector.prune(weights, self.projector.initial_bits(weights, budget), budget)
         return masks, None
 

@@ -1,13 +1,13 @@
 """Layer-level projections: the tensor math of `projections.py` turned into per-layer
-masks, bitwidths and codebooks under a budget, honouring each layer's bounds and the size
-accounting in force."""
+masks, bitwidths and codebooks under a budget (`budget.Budget`: the bits to fit and the densities
+positions are priced at), honouring each layer's bounds and the size accounting in force."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from .budget import BIT_CHOICES, LayerBounds, PaperAccounting
+from .budget import BIT_CHOICES, Budget, LayerBounds, PaperAccounting
 from .links import Links
 from .projections import FIT_SAMPLE, assign, dequantize, solve_mckp_greedy, fit_codebooks_many, joint_options_many, knapsack_prune
 
@@ -66,18 +66,18 @@ class Projector:
         hi = torch.tensor([s.bounds.max_bits for s in self.specs])
         return bits.clamp(lo, hi)
 
-    def room(self, bits: torch.Tensor, budget: float) -> tuple[torch.Tensor, float]:
+    def room(self, bits: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, float]:
         """Cost of one kept weight per layer, and the budget left for kept weights."""
-        unit = self.accounting.weight_bits(bits, self.numel)
-        return unit, budget - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
+        unit = self.accounting.weight_bits(bits, self.numel, budget.density)
+        return unit, budget.bits - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
 
-    def fits(self, bits: torch.Tensor, budget: float) -> bool:
+    def fits(self, bits: torch.Tensor, budget: Budget) -> bool:
         """Whether every layer can keep its fewest weights at these bitwidths."""
         unit, room = self.room(bits, budget)
         return float((unit * torch.tensor(self.min_keep, dtype=torch.float64)).sum()) <= room
 
     def prune(
-        self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float
+        self, weights: list[torch.Tensor], bits: torch.Tensor, budget: Budget
     ) -> tuple[list[torch.Tensor], float]:
         """Knapsack masks for these bitwidths; the multiplier at the cut. Weights that read a
         unit the masks leave without inputs (`Links.useless`) give their budget to others."""
@@ -95,7 +95,7 @@ class Projector:
         self,
         values: list[torch.Tensor],
         masks: list[torch.Tensor],
-        budget: float,
+        budget: Budget,
         bits: torch.Tensor | None = None,
     ) -> Allocation:
         """Codebooks for the kept values; bitwidths chosen by the knapsack unless given."""
@@ -106,10 +106,10 @@ class Projector:
         if bits is None:
             books, dist = fit_codebooks_many(kept, torch.tensor([choices] * len(kept)), sample=FIT_SAMPLE)
             options = torch.tensor(choices)[None, :].expand(len(masks), -1)
-            cost = self.accounting.weight_bits(options, self.numel[:, None]) * nnz[:, None]
+            cost = self.accounting.weight_bits(options, self.numel[:, None], budget.density) * nnz[:, None]
             cost = cost + self.accounting.layer_bits(options, self.numel[:, None])
             cost = torch.where(self.allowed, cost, torch.inf)
-            room = budget - self.reserved_bits
+            room = budget.bits - self.reserved_bits
             pick, lam = solve_mckp_greedy(cost, dist, room)
             bits = torch.tensor(choices)[pick]
             codebooks = [layer[int(i)] for layer, i in zip(books, pick)]
@@ -117,7 +117,7 @@ class Projector:
             codebooks = [layer[0] for layer in fit_codebooks_many(kept, bits.long()[:, None], sample=FIT_SAMPLE)[0]]
         codes = [assign(k, c) for k, c in zip(kept, codebooks)]
         quantized = [dequantize(m, book, c) for m, book, c in zip(masks, codebooks, codes)]
-        size = self.accounting.size_bits(bits, nnz, self.numel) + self.reserved_bits
+        size = self.accounting.size_bits(bits, nnz, self.numel, budget.density) + self.reserved_bits
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 
     def joint_tables(self, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,7 +126,7 @@ class Projector:
         can share them."""
         return joint_options_many(weights, list(BIT_CHOICES), self.min_keep)
 
-    def joint_bits(self, weights: list[torch.Tensor], budget: float,
+    def joint_bits(self, weights: list[torch.Tensor], budget: Budget,
                    tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, float]:
         """Bitwidths of the joint projection, and its multiplier.
 
@@ -150,12 +150,13 @@ class Projector:
             keep[j, :n] = keeps.double().repeat_interleave(len(choices))
             dist[j, :n] = err.flatten()
             allowed[j, :n] = self.allowed[j].repeat(len(keeps))
-        cost = self.accounting.weight_bits(bits, self.numel[:, None]) * keep + self.accounting.layer_bits(bits, self.numel[:, None])
+        cost = self.accounting.weight_bits(bits, self.numel[:, None], budget.density) * keep
+        cost = cost + self.accounting.layer_bits(bits, self.numel[:, None])
         cost = torch.where(allowed, cost, inf)
-        pick, lam = solve_mckp_greedy(cost, dist, budget - self.reserved_bits)
+        pick, lam = solve_mckp_greedy(cost, dist, budget.bits - self.reserved_bits)
         return bits[torch.arange(len(tables)), pick], lam
 
-    def joint(self, weights: list[torch.Tensor], budget: float,
+    def joint(self, weights: list[torch.Tensor], budget: Budget,
               tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Allocation:
         """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
         the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
@@ -164,19 +165,19 @@ class Projector:
         alloc.lambda_quant = lam
         return alloc
 
-    def prune_and_quantize(self, weights: list[torch.Tensor], bits: torch.Tensor, budget: float) -> Allocation:
+    def prune_and_quantize(self, weights: list[torch.Tensor], bits: torch.Tensor, budget: Budget) -> Allocation:
         """The deployable model: prune at these bitwidths, then a fresh codebook per layer."""
         masks, lam_prune = self.prune(weights, bits, budget)
         alloc = self.quantize(weights, masks, budget, bits=bits)
         alloc.lambda_prune = lam_prune
-        if alloc.size_bits > budget * (1 + 1e-12):
+        if alloc.size_bits > budget.bits * (1 + 1e-12):
             raise RuntimeError(
                 f"internal error: deployable size {alloc.size_bits:.0f} bits exceeds the "
-                f"budget of {budget:.0f} bits; please report this"
+                f"budget of {budget.bits:.0f} bits; please report this"
             )
         return alloc
 
-    def initial_bits(self, weights: list[torch.Tensor], budget: float) -> torch.Tensor:
+    def initial_bits(self, weights: list[torch.Tensor], budget: Budget) -> torch.Tensor:
         """The uniform bitwidth whose deployable weights are closest to `weights`.
 
         The paper asks the user for an average bitwidth; we take one target only, so we

@@ -1,17 +1,16 @@
 """What-ifs: a compressor's current weights projected to some size without training (the
 app's target slider, the trade-off curve of every epoch). Nothing of the compressor changes:
-not its target, not its accounting, not what `export` writes."""
+not its target, not the densities it prices positions at, not what `export` writes."""
 from __future__ import annotations
 
-import copy
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .budget import PaperAccounting, feasible_range
+from .budget import Budget, feasible_range
 from .compressor import Compressor, trim_to_fit
-from .projector import Allocation, Projector
+from .projector import Allocation
 from .records import CurvePoint, FinalRecord
 
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
@@ -21,9 +20,7 @@ def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
     """What the method would start from at `target` (default: the live one): one joint
     projection of the current weights, scored and sized as a final record would be."""
     bits = comp.resolve(target) if target is not None else comp.target_bits
-    accounting = copy.deepcopy(comp.accounting)
-    accounting.observe(torch.full((len(comp.specs),), comp.initial_density(bits)))
-    alloc, file_bytes, size = _project(comp, bits, accounting)
+    alloc, file_bytes, size = _project(comp, bits, comp.initial_density(bits))
     nan = torch.full((len(comp.specs),), float("nan"), dtype=torch.float64)
     return FinalRecord(
         comp.score(alloc), comp.score(None), size, bits, comp.dense_bits / size, 0, 0.0, False,
@@ -42,19 +39,17 @@ def tradeoff(comp: Compressor, target: str | float | None = None, factors: Seque
     tables = comp.projector.joint_tables([p.detach() for p in comp.params])  # shared by every size
     points = []
     for bits in sorted({min(max(center * f, low), high) for f in factors}):
-        alloc, file_bytes, size = _project(comp, bits, copy.deepcopy(comp.accounting), tables)
+        alloc, file_bytes, size = _project(comp, bits, comp.density, tables)
         points.append(CurvePoint(size, file_bytes, comp.score(alloc, evaluate)))
     return points
 
 
-def _project(comp: Compressor, bits: float, accounting: PaperAccounting,
+def _project(comp: Compressor, bits: float, density: torch.Tensor,
              tables: list | None = None) -> tuple[Allocation, int, float]:
-    """The joint projection of the current weights fitted to `bits` under `accounting` (a
-    copy), with its file bytes and size."""
-    projector = Projector(comp.specs, accounting, comp.reserved_bits, comp.links)
+    """The joint projection of the current weights fitted to `bits`, positions priced at
+    `density`, with its file bytes and size."""
     weights = [p.detach() for p in comp.params]
-    tables = tables or projector.joint_tables(weights)
-    alloc = trim_to_fit(lambda budget: projector.joint(weights, budget, tables), bits,
-                        lambda a: comp.measure(a, accounting))
+    tables = tables or comp.projector.joint_tables(weights)
+    alloc = trim_to_fit(lambda budget: comp.projector.joint(weights, Budget(budget, density), tables), bits, comp.measure)
     file_bytes = len(comp.encode(alloc))
-    return alloc, file_bytes, comp.measure(alloc, accounting, file_bytes)
+    return alloc, file_bytes, comp.measure(alloc, file_bytes)

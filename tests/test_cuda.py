@@ -9,7 +9,7 @@ import torch
 
 from jointcomp import CompressConfig, Engine
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import PaperAccounting
+from jointcomp.budget import Budget, PaperAccounting
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
 
@@ -18,8 +18,8 @@ def test_the_joint_projection_on_the_gpu_matches_the_cpu():
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(5000, generator=g), torch.randn(300, 40, generator=g) * 0.1]
     specs = [LayerSpec("a", (5000,)), LayerSpec("b", (300, 40))]
-    cpu = Projector(specs, PaperAccounting()).joint(weights, budget=20_000)
-    gpu = Projector(specs, PaperAccounting()).joint([w.cuda() for w in weights], budget=20_000)
+    cpu = Projector(specs, PaperAccounting()).joint(weights, Budget(20_000))
+    gpu = Projector(specs, PaperAccounting()).joint([w.cuda() for w in weights], Budget(20_000))
     assert cpu.bits.tolist() == gpu.bits.tolist()
     assert [int(m.sum()) for m in cpu.masks] == [int(m.sum()) for m in gpu.masks]
     assert gpu.size_bits <= 20_000

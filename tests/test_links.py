@@ -5,7 +5,7 @@ from torch import nn
 
 from jointcomp import build_model
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import PaperAccounting
+from jointcomp.budget import Budget, PaperAccounting
 from jointcomp.compressor import CompressorConfig, compressible_weights
 from jointcomp.links import Link, Links
 
@@ -75,7 +75,7 @@ def test_pruning_spends_nothing_on_weights_reading_units_without_inputs(trained_
     specs = [LayerSpec(n, tuple(w.shape)) for n, w in zip(names, weights)]
     links = Links.of(trained_mlp, names)
     assert links.links == [Link(0, 1, 1), Link(1, 2, 1)]
-    bits, budget = torch.tensor([1, 1, 1]), 400.0  # about 1300x: a few hundred weights at one bit
+    bits, budget = torch.tensor([1, 1, 1]), Budget(400)  # about 1300x: a few hundred weights at one bit
 
     def reading_dead(masks):
         return sum(int((m & u).sum()) for m, u in zip(masks, links.useless(masks)))

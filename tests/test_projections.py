@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import LayerBounds, PaperAccounting
+from jointcomp.budget import Budget, LayerBounds, PaperAccounting
 from jointcomp.projections import solve_mckp_greedy, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
 
 
@@ -130,8 +130,8 @@ def test_quantize_keeps_zero_exact_and_uses_the_codebook():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 30, generator=g)
     proj = Projector([LayerSpec("w", (40, 30), LayerBounds())], PaperAccounting())
-    masks, _ = proj.prune([w], torch.tensor([3]), budget=3 * 300)
-    alloc = proj.quantize([w], masks, budget=3 * 300, bits=torch.tensor([3]))
+    masks, _ = proj.prune([w], torch.tensor([3]), Budget(3 * 300))
+    alloc = proj.quantize([w], masks, Budget(3 * 300), bits=torch.tensor([3]))
     q = alloc.values[0]
     assert torch.all(q[~masks[0]] == 0)
     assert torch.all(q[masks[0]] != 0) or alloc.codebooks[0].eq(0).any()
@@ -180,7 +180,7 @@ def test_bitwidth_bounds_are_honoured():
     specs = [LayerSpec("a", (200,), LayerBounds(min_bits=6)), LayerSpec("b", (300,), LayerBounds(max_bits=2))]
     proj = Projector(specs, PaperAccounting())
     masks = [torch.ones(200, dtype=torch.bool), torch.ones(300, dtype=torch.bool)]
-    alloc = proj.quantize(w, masks, budget=8 * 500)
+    alloc = proj.quantize(w, masks, Budget(8 * 500))
     assert alloc.bits.tolist()[0] >= 6 and alloc.bits.tolist()[1] <= 2
     assert alloc.size_bits <= 8 * 500
 
@@ -212,7 +212,7 @@ def test_joint_projection_moves_bits_up_where_two_knapsacks_cannot():
     spiky = torch.randn(4000, generator=g) * (torch.rand(4000, generator=g) < 0.05)  # needs few weights
     weights = [wide, spiky]
     proj = Projector([LayerSpec("wide", (4000,)), LayerSpec("spiky", (4000,))], PaperAccounting())
-    budget = 32 * 8000 / 40
+    budget = Budget(32 * 8000 / 40)
 
     joint = proj.joint(weights, budget)
     masks, _ = proj.prune(weights, torch.tensor([1, 1]), budget)
@@ -221,7 +221,7 @@ def test_joint_projection_moves_bits_up_where_two_knapsacks_cannot():
     def error(values):
         return sum(float((w - v).square().sum()) for w, v in zip(weights, values))
 
-    assert joint.size_bits <= budget and two_step.size_bits <= budget
+    assert joint.size_bits <= budget.bits and two_step.size_bits <= budget.bits
     assert joint.bits.tolist()[0] >= 2 and two_step.bits.tolist()[0] == 1
     assert error(joint.values) < error(two_step.values)
 
@@ -230,7 +230,7 @@ def test_joint_projection_honours_bounds():
     g = torch.Generator().manual_seed(7)
     w = [torch.randn(500, generator=g), torch.randn(800, generator=g)]
     specs = [LayerSpec("a", (500,), LayerBounds(min_bits=5, min_density=0.5)), LayerSpec("b", (800,), LayerBounds(max_bits=2))]
-    alloc = Projector(specs, PaperAccounting()).joint(w, budget=6 * 1300)
+    alloc = Projector(specs, PaperAccounting()).joint(w, Budget(6 * 1300))
     assert alloc.bits.tolist()[0] >= 5 and alloc.bits.tolist()[1] <= 2
     assert int(alloc.masks[0].sum()) >= 250
     assert alloc.size_bits <= 6 * 1300

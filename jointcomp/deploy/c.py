@@ -473,7 +473,6 @@ class FlashAccounting(MeasuredAccounting):
         if stray:
             raise ValueError(f"the flash budget mode compresses only Linear/Conv2d weights the C export uses; "
                              f"{stray[0]} is not one (leave it out with exclude)")
-        self.position_bits = torch.ones(len(compressed), dtype=torch.float64)
         self.reserved_bytes = program.dense_bytes(compressed)
         return 8.0 * self.reserved_bytes, 8.0 * program.dense_bytes(())
 
@@ -485,13 +484,6 @@ class FlashAccounting(MeasuredAccounting):
 
     def measure(self, size_bits: float, shipped: Shipped) -> float:
         return 8.0 * (self.reserved_bytes + sum(packed_bytes(layer) for layer in shipped.packed().values()))
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "reserved_bytes": self.reserved_bytes}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.reserved_bytes = int(state["reserved_bytes"])
 
 
 # --- from a .jcz file ----------------------------------------------------------------------
