@@ -19,8 +19,7 @@ from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
 from .models import build_model, dense_epochs, load_weights, save_weights
-from .sharpness import sharpness, stable_lr
-from .trainer import CompressConfig, Engine, accuracy, batches, train_dense
+from .trainer import CompressConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
 
@@ -167,10 +166,9 @@ def cmd_train(args: argparse.Namespace, explicit: set[str]) -> int:
     config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
     if args.pretrained:
         load_weights(model, args.pretrained)
-        if "lr" not in explicit and config.optimizer == "sgd":
-            x, y = next(batches(data, config, 0, torch.device("cpu")))
-            model.train()
-            lr = stable_lr(config.lr, sharpness(model, lambda: torch.nn.functional.cross_entropy(model(x), y)), config.momentum)
+        if "lr" not in explicit:
+            lr, _ = first_batch_stable_lr(model, data, config, config.lr, torch.device("cpu"),
+                                          lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y))
             if lr < config.lr:
                 print(f"learning rate {config.lr:g} -> {lr:.3g}: what the sharpness of the pretrained weights allows")
                 config = dataclasses.replace(config, lr=lr)

@@ -194,6 +194,17 @@ def place(model: nn.Module, device: torch.device, training: bool = True) -> nn.M
     return model
 
 
+def dense_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Data, config: CompressConfig, epoch: int,
+                device: torch.device, loss_fn: Callable = nn.functional.cross_entropy) -> Iterator[StepRecord]:
+    """The plain training steps of one epoch (no compression): `train_dense`'s and the Engine's."""
+    spe = steps_per_epoch(data, config.batch_size)
+    for i, (x, y) in enumerate(batches(data, config, epoch, device)):
+        loss = train_step(model, opt, x, y, loss_fn)
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        yield StepRecord("dense", epoch * spe + i, epoch, loss, lr)
+
+
 def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: int) -> Iterator[Record]:
     """Plain training (no compression) for `epochs`; yields step and epoch records."""
     device = pick_device(config.device)
@@ -204,13 +215,26 @@ def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: in
     dense_bits = float(DENSE_BITS * sum(w.numel() for _, w, _ in compressible_weights(model, config)))
     for epoch in range(epochs):
         tic = time.perf_counter()
-        for i, (x, y) in enumerate(batches(data, config, epoch, device)):
-            loss = train_step(model, opt, x, y)
-            yield StepRecord("dense", epoch * spe + i, epoch, loss, opt.param_groups[0]["lr"])
-            sched.step()
+        yield from dense_steps(model, opt, sched, data, config, epoch, device)
         if epoch == epochs - 1:
             place(model, device, training=False)
         yield dense_epoch_record(accuracy(model, data), epoch, (epoch + 1) * spe, time.perf_counter() - tic, dense_bits)
+
+
+def first_batch_stable_lr(model: nn.Module, data: Data, config: CompressConfig, lr: float, device: torch.device,
+                          loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """`lr`, lowered to what the sharpness of `loss(model, x, y)` on the first training batch
+    allows (SGD only: Adam's steps do not scale with the curvature); and that sharpness. The
+    loss is evaluated once, in eval mode, at the weights as they are before the measurement
+    perturbs them (a distilling loss keeps its teacher then; BatchNorm statistics stay)."""
+    if config.optimizer != "sgd":
+        return lr, float("nan")
+    x, y = next(iter(batches(data, config, 0, device)))
+    with torch.no_grad():
+        loss(model.eval(), x, y)
+    model.train()
+    curvature = distributed.from_main(sharpness(model, lambda: loss(model, x, y)))
+    return stable_lr(lr, curvature, config.momentum), curvature
 
 
 def dense_epoch_record(score: float, epoch: int, step: int, seconds: float, dense_bits: float) -> EpochRecord:
@@ -358,27 +382,29 @@ class Engine:
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
 
     def _steps(self, epoch: int, first: int, dense: bool, opt, sched) -> Iterator[Record]:
-        """The training steps of one epoch from its batch `first` on. While compressing, a
-        good state is kept in memory at every projection interval, to come back to."""
-        spe = self.steps_per_epoch
+        """The training steps of one epoch from its batch `first` on, until a stop is asked."""
+        steps = (dense_steps(self.train_model, opt, sched, self.data, self.config, epoch, self.device, self.loss)
+                 if dense else self._compression_steps(epoch, first, opt, sched))
+        for record in steps:
+            yield self._emit(record)
+            if self._stopping():
+                return
+
+    def _compression_steps(self, epoch: int, first: int, opt, sched) -> Iterator[StepRecord]:
+        """One epoch's compressing steps from its batch `first` on; a good state is kept in
+        memory at every projection interval, to come back to."""
         for i, (x, y) in enumerate(batches(self.data, self.config, epoch, self.device)):
             if i < first:
                 continue
-            if not dense and i % self.compressor.schedule.every == 0:
+            if i % self.compressor.schedule.every == 0:
                 self._good = copy.deepcopy({
                     "batch": i, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "compressor": {**self.compressor.state_dict(), "teacher": None}})  # the teacher never changes
-            loss = train_step(self.train_model, opt, x, y, self.loss, None if dense else self.compressor)
+            loss = train_step(self.train_model, opt, x, y, self.loss, self.compressor)
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            if dense:
-                record = StepRecord("dense", epoch * spe + i, epoch, loss, lr)
-            else:
-                record = self._shift(self.compressor.step(lr, loss))
-            yield self._emit(record)
-            if self._stopping():
-                return
+            yield self._shift(self.compressor.step(lr, loss))
 
     def _recover(self, err: FloatingPointError, dense: bool, opt, sched) -> int:
         """After a non-finite loss: back to the last good state held in memory, at half the
@@ -415,24 +441,13 @@ class Engine:
         return lr
 
     def _stable_lr(self, lr: float) -> tuple[float, float]:
-        """`lr`, lowered to what the sharpness of the compression's loss at the model's
-        weights allows (SGD only: Adam's steps do not scale with the curvature); and that
-        sharpness, measured on the first training batch."""
-        cfg = self.config
-        if cfg.optimizer != "sgd":
-            return lr, float("nan")
-        x, y = next(iter(batches(self.data, cfg, 0, self.device)))
-
-        def loss() -> torch.Tensor:
-            output = self.model(x)
+        """`lr`, lowered to what the sharpness of the compression's loss (distillation
+        included) at the model's weights allows; and that sharpness."""
+        def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            output = model(x)
             return self.compressor.distill(x, output, self.loss(output, y))
 
-        self.model.train()
-        if self.compressor.step_count == 0:
-            with torch.no_grad():
-                loss()  # the first call keeps the teacher: the weights as attached, not a perturbed copy
-        curvature = distributed.from_main(sharpness(self.model, loss))
-        return stable_lr(lr, curvature, cfg.momentum), curvature
+        return first_batch_stable_lr(self.model, self.data, self.config, lr, self.device, loss)
 
     # --- pieces ---------------------------------------------------------------------
     def _stopping(self) -> bool:
