@@ -30,12 +30,13 @@ from .budget import DENSE_BITS
 from .compressor import Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
 from .sharpness import sharpness, stable_lr
-from .records import EpochRecord, FinalRecord, Record, StartRecord, StepRecord
+from .records import CurvePoint, EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
 from .schedule import every_for_epoch
 
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
+TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
 RECOVERIES = 3  # roll-backs after a non-finite loss before a run gives up
 
 
@@ -54,7 +55,7 @@ class CompressConfig(CompressorConfig):
     warmup_epochs: float = 1.0
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
-    tradeoff: bool = False  # record the accuracy/size trade-off around the target each epoch (the app)
+    tradeoff: bool = False  # record the accuracy/size trade-off around the target (the app), within TRADEOFF_SHARE of the time
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,6 +283,7 @@ class Engine:
         self._saved_epochs, self._saved_score = 0, float("-inf")  # the state a resume starts from
         self._good: dict | None = None  # the last good state in memory, for `_recover`
         self._recoveries = 0
+        self._curve_seconds = 0.0  # spent on trade-off curves, kept within TRADEOFF_SHARE of the run
 
     def _attach(self, target: str | float) -> Compressor:
         """A compressor on the model as it is now (the start of compression)."""
@@ -371,8 +373,8 @@ class Engine:
                                             time.perf_counter() - tic, self.dense_bits)
             else:
                 record = self._shift(self.compressor.end_epoch())
-                if cfg.tradeoff:
-                    record.curve = whatif.tradeoff(self.compressor, evaluate=lambda m: accuracy(m, self.data, TRADEOFF_SUBSET))
+                if cfg.tradeoff and self._curve_seconds <= TRADEOFF_SHARE * (time.perf_counter() - started):
+                    record.curve = self._curve()
             yield self._emit(record)
             if self._healthy(record.accuracy):
                 self._save(epoch + 1, opt, sched, elapsed + time.perf_counter() - started, record.accuracy)
@@ -450,6 +452,15 @@ class Engine:
         return first_batch_stable_lr(self.model, self.data, self.config, lr, self.device, loss)
 
     # --- pieces ---------------------------------------------------------------------
+    def _curve(self) -> list[CurvePoint]:
+        """The trade-off around the target now (whatif.tradeoff), timed against TRADEOFF_SHARE:
+        a curve is drawn at an epoch's end only while the curves so far took at most that share
+        of the run, so on a network whose epochs are shorter than a curve it comes every few epochs."""
+        tic = time.perf_counter()
+        curve = whatif.tradeoff(self.compressor, evaluate=lambda m: accuracy(m, self.data, TRADEOFF_SUBSET))
+        self._curve_seconds += time.perf_counter() - tic
+        return curve
+
     def _stopping(self) -> bool:
         """Whether to stop now: asked here, or (under torchrun) asked of rank 0."""
         if distributed.active() and distributed.from_main(float(self._stop.is_set())):

@@ -77,7 +77,8 @@ if not running:
 CAPTIONS = {
     "size": SIZES,
     "tradeoff": "Each curve: the accuracy the weights of that epoch would give at other sizes if projected there "
-                "without training; the diamonds are the run itself.",
+                "without training (a curve is drawn while curves take at most a tenth of the run's time); "
+                "the diamonds are the run itself, every epoch.",
     "multipliers": "Each multiplier is the price of one bit of budget in squared weight error, at the last "
                    "projection: the pruning one is the score of the last weight kept, the joint one what one more "
                    "bit would buy. A tighter target raises both.",

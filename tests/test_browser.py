@@ -138,7 +138,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
         page.locator(f".st-key-chart_{name} .vega-embed").wait_for(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "2-running.png", full_page=True)
 
-    # the trade-off curve moves from one epoch to the next
+    # the trade-off chart moves from one epoch to the next (the run's point every epoch, curves every few)
     tradeoff = page.locator(".st-key-chart_tradeoff .vega-embed")
     epoch, before = epoch_shown(page), tradeoff.screenshot()
     deadline = wait_for_epoch(page, epoch + 2, deadline=time.monotonic() + 10 * one_epoch + 60) + 10 * one_epoch + 30

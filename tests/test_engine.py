@@ -210,3 +210,16 @@ def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path
     assert "\n" not in str(caught.value)
     if damage is older_layout:
         assert "layout 1, this one reads" in str(caught.value)
+
+
+@pytest.mark.parametrize("share, curves", [(0.0, [0]), (math.inf, [0, 1, 2])])
+def test_tradeoff_curves_stay_within_their_share_of_the_run(trained_mlp, digits, monkeypatch, share, curves):
+    """A curve at an epoch's end only while the curves so far took at most TRADEOFF_SHARE of the
+    run: with no share only the first epoch has one, with an unbounded share every epoch."""
+    monkeypatch.setattr("jointcomp.trainer.TRADEOFF_SHARE", share)
+    engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=3, device="cpu", tradeoff=True))
+    epochs = [r for r in run(engine) if isinstance(r, EpochRecord)]
+    assert [r.epoch for r in epochs if r.curve] == curves
+    target = dense_bits(trained_mlp) / 50
+    sizes = [point.size_bits for point in epochs[0].curve]
+    assert min(sizes) <= target / 2 and max(sizes) >= 2 * target  # around the target, a quarter to four times it

@@ -90,12 +90,12 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
     bold, earlier ones faint), with the run's own point per epoch."""
     df = curve.assign(size_kb=curve["size_bits"] / 8000, epoch_no=curve["epoch"] + 1)
     latest = df["epoch"].max() if len(df) else 0
-    df["curve"] = df["epoch"].map(lambda e: "now" if e == latest else "earlier epochs")
+    df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
         detail="epoch_no:O",
-        color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["now", "earlier epochs"],
+        color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["latest", "earlier epochs"],
                                                                 range=["#1f77b4", "#cfd8e3"]),
                         legend=LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="after epoch"), alt.Tooltip("size_kb:Q", format=".2f", title="KB"),
