@@ -289,7 +289,7 @@ class Compressor:
             self.method.fix_codes()
         self.method.after_step(lr, self.config.rho)
         if decided or projected:
-            distributed.check_same(self._digest(), "allocation after the projection")
+            distributed.check_same(self.fingerprint(), "allocation after the projection")
         self.step_count += 1
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
@@ -440,7 +440,7 @@ class Compressor:
         self.fixed_target = target
 
     @torch.no_grad()
-    def _digest(self) -> torch.Tensor:
+    def fingerprint(self) -> torch.Tensor:
         """A fingerprint of the compressed weights (sums, absolute sums and non-zero counts per
         layer): equal on every process exactly when their allocations and weights agree."""
         return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p != 0).double().sum()])

@@ -13,6 +13,8 @@ from jointcomp.budget import format_bits
 from jointcomp.app.runner import Runner, new_run_dir, subset_accuracy, what_if
 from jointcomp.trainer import TRADEOFF_SUBSET
 
+CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redraws every second
+
 st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")
 st.title("jointcomp: compress a network to a size budget")
 st.caption("Give only the target size: one training run learns which weights to keep and how many bits "
@@ -99,14 +101,14 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
             "layers": charts.layer_bars(layers), "density": charts.layer_heatmap(layers, "density"),
             "bits": charts.layer_heatmap(layers, "bits"),
         }
-        st.session_state.chart_specs = {name: chart.to_dict() for name, chart in charts_now.items()}
+        st.session_state.chart_specs = {name: chart.to_dict(validate=False) for name, chart in charts_now.items()}
         st.session_state.chart_key = key
     return st.session_state.chart_specs
 
 
 @st.fragment(run_every=1.0 if running else None)
-def live() -> None:
-    """Progress and live charts, redrawn every second while a run is active."""
+def progress() -> None:
+    """The progress line, its phase and notes, redrawn every second while a run is active."""
     r: Runner | None = st.session_state.get("runner")
     if r is None:
         return
@@ -122,6 +124,21 @@ def live() -> None:
     st.caption(f"target {format_bits(r.target_bits)}" + (f" · {phase}" if phase else ""))
     for note in p.notes:
         st.info(note)
+    if not p.epoch and r.running:
+        st.info("The first charts appear after the first compression epoch.")
+    if running and not r.running:
+        st.rerun(scope="app")  # the run just ended: show the results
+
+
+@st.fragment(run_every=CHART_SECONDS if running else None)
+def live() -> None:
+    """The live charts, redrawn every CHART_SECONDS while a run is active: building and sending
+    them runs on the server beside the training thread, so they are drawn less often than the
+    progress line (bench/app_latency.py measures what they cost the run)."""
+    r: Runner | None = st.session_state.get("runner")
+    if r is None:
+        return
+    p = r.progress()
     if p.epoch:
         specs = live_charts(r, p.epoch)
         for row in (("accuracy", "size", "tradeoff"), ("loss", "multipliers", "residuals"),
@@ -131,12 +148,9 @@ def live() -> None:
                 box.vega_lite_chart(spec=specs[name])
                 if name in CAPTIONS:
                     box.caption(CAPTIONS[name])
-    elif r.running:
-        st.info("The first charts appear after the first compression epoch.")
-    if running and not r.running:
-        st.rerun(scope="app")  # the run just ended: show the results
 
 
+progress()
 live()
 
 if runner is not None and not running and runner.final is not None:

@@ -291,3 +291,21 @@ def test_trim_to_fit_uses_the_budget_whichever_way_the_estimate_errs(real_over_e
     chosen = size(trim_to_fit(deploy, target, size))
     assert chosen <= target
     assert chosen >= 0.995 * target
+
+
+def test_whatifs_follow_the_weights(trained_mlp):
+    """What-ifs of unchanged weights share their option tables; weights that moved get new ones,
+    so a what-if after training is the one a fresh compressor on those weights gives."""
+    comp = Compressor(copy.deepcopy(trained_mlp), "50x", steps=10)
+    first = whatif.plan(comp, "80x")
+    with torch.no_grad():
+        comp.params[0].mul_(0.3)
+        comp.params[2].mul_(3.0)
+    moved = whatif.plan(comp, "80x")
+    fresh = whatif.plan(Compressor(copy.deepcopy(comp.model), "50x", steps=10), "80x")
+
+    def allocation(record):
+        return [(layer.nnz, layer.bits) for layer in record.layers]
+
+    assert allocation(fresh) != allocation(first)  # the change matters to the allocation
+    assert allocation(moved) == allocation(fresh) and moved.size_bits == fresh.size_bits

@@ -4,6 +4,8 @@ Each builder takes the tidy frames of records.py (or a codec Report) and returns
 """
 from __future__ import annotations
 
+import math
+
 import altair as alt
 import pandas as pd
 
@@ -19,6 +21,7 @@ LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
 LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
+LOSS_POINTS = 500  # the most points the loss chart draws: a long run's steps are thinned evenly
 
 
 def _rows_height(n: int) -> int:
@@ -58,8 +61,10 @@ def accuracy_over_epochs(epochs: pd.DataFrame, dense_accuracy: float | None = No
 
 
 def loss_over_steps(steps: pd.DataFrame) -> alt.Chart:
-    """Training loss per optimizer step (a running mean over 20 steps), by phase."""
+    """Training loss per optimizer step (a running mean over 20 steps), by phase; at most
+    LOSS_POINTS of them, so a long run's chart stays small to send and draw."""
     df = steps.assign(smoothed=steps["loss"].rolling(20, min_periods=1).mean(), stage=steps["phase"].map(PHASES))
+    df = df[["step", "smoothed", "stage"]].iloc[:: max(1, math.ceil(len(df) / LOSS_POINTS))]
     return alt.Chart(df).mark_line().encode(
         x=alt.X("step:Q", title="optimizer step", axis=alt.Axis(tickMinStep=1, format="d")),
         y=alt.Y("smoothed:Q", title="training loss", scale=alt.Scale(zero=False)),
@@ -166,8 +171,8 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
 def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
     """Density or bitwidth of every layer over the epochs: one row per layer, one column
     per epoch; rows stay legible from 3 layers to 60."""
-    df = _named(layers).assign(epoch_no=layers["epoch"] + 1)
-    n = max(1, df["name"].nunique())
+    df = _named(layers).assign(epoch_no=layers["epoch"] + 1)[["epoch_no", "layer", "density", "bits"]]
+    n = max(1, df["layer"].nunique())
     title = {"density": alt.Title("Density over epochs", subtitle="kept fraction of each layer"),
              "bits": alt.Title("Bitwidth over epochs", subtitle="bits of each layer's codebook")}[field]
     scale = alt.Scale(scheme="viridis", domain=[0, 1]) if field == "density" else alt.Scale(scheme="viridis", domain=[1, 8])

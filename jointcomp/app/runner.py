@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 from torch import nn
 
 from ..budget import parse_target
@@ -30,6 +31,16 @@ from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 
 
 ACTIVE: dict[str, "Runner"] = {}  # run folder -> its runner, for every run this server started
+SMALL_MODEL = 200_000  # parameters: below this, a run in a background thread trains on one intra-op thread
+THREADS = torch.get_num_threads()  # torch's own choice for this process, before any run changed it
+
+
+def use_threads_for(model: nn.Module) -> None:
+    """The intra-op threads of the calling (background) thread for training `model`: one for a
+    small model. In a thread that is not the main one, the digits MLP's steps took 2.5x as long
+    with two OpenMP threads as with one (with one they are as fast as on the main thread), while
+    LeNet-5's (430k weights) were 1.3x faster with two (BENCHMARKS.md, "The app while a run trains")."""
+    torch.set_num_threads(1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else THREADS)
 
 
 @dataclass
@@ -141,6 +152,7 @@ class Runner(_Worker):
         return runner
 
     def _work(self) -> None:
+        use_threads_for(self.engine.model)
         for record in self.engine:
             if isinstance(record, StepRecord):
                 self._last_step = time.monotonic()
@@ -243,6 +255,7 @@ class Sweep(_Worker):
             if self._stop.is_set():
                 break
             self.current = self.make_engine(target, method)
+            use_threads_for(self.current.model)
             final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
             self.results.append({"target": target, "method": method, **final.summary()})
 
