@@ -28,6 +28,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     compress(out)
     gc.collect()  # DDP holds the process group: release it while Python is whole (else gloo may abort at exit)
+    dist.barrier()  # no rank tears gloo down while its peer still sends (a loaded machine's exit race)
     dist.destroy_process_group()
 
 
