@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
 import sys
@@ -310,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": lambda a: cmd_train(a, explicit_options(argv)), "compress": lambda a: cmd_compress(a, explicit_options(argv)),
                 "export": cmd_export, "export-c": cmd_export_c, "export-onnx": cmd_export_onnx, "inspect": cmd_inspect,
                 "evaluate": cmd_evaluate, "decompress": cmd_decompress}
+    finished = False
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        finished = True
+        return code
     except (ValueError, OSError, FloatingPointError, CheckpointError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return 2
@@ -324,6 +326,4 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; continue with --resume DIR", file=sys.stderr)
         return 130
     finally:
-        if torch.distributed.is_initialized():
-            gc.collect()  # the DDP model holds the process group: free it first, not at interpreter exit
-            torch.distributed.destroy_process_group()
+        distributed.leave(finished)

@@ -10,6 +10,7 @@ Run alone, every function here is a no-op.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -30,6 +31,18 @@ def init_from_env(device: str = "auto") -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def leave(finished: bool = True) -> None:
+    """Leave the process group while Python is whole (gloo may abort at interpreter exit). After
+    a command every process finished, wait for all first, so none tears gloo down while a peer
+    still sends; after a failure a peer may be gone, so do not wait for it."""
+    if not dist.is_initialized():
+        return
+    gc.collect()  # a DDP model holds the process group: free it first
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def active() -> bool:

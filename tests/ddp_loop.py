@@ -2,7 +2,6 @@
 Run by tests/test_distributed.py as `torchrun --nproc_per_node 2 tests/ddp_loop.py OUT`.
 After every projection each process's projection V is gathered and compared on rank 0; a
 target moved on rank 0 alone mid-run must reach every process. Rank 0 writes OUT (JSON)."""
-import gc
 import hashlib
 import json
 import sys
@@ -27,9 +26,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     compress(out)
-    gc.collect()  # DDP holds the process group: release it while Python is whole (else gloo may abort at exit)
-    dist.barrier()  # no rank tears gloo down while its peer still sends (a loaded machine's exit race)
-    dist.destroy_process_group()
+    jointcomp.distributed.leave()  # every rank waits for the others, then leaves the process group
 
 
 def compress(out: str) -> None:
