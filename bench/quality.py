@@ -11,7 +11,8 @@ is a `python -m jointcomp` command with the defaults, only the target, method an
 
 Per seed, the dense start is `python -m jointcomp train --epochs N --seed S`; every run is
 `python -m jointcomp compress --pretrained <that> --target T --method M --seed S`. Run folders
-stay in bench/.cache/quality (a finished one is not run again, so an interrupted bench goes on).
+stay in bench/.cache/quality (a finished one is not run again, an unfinished one is resumed with
+`compress --resume`, so an interrupted bench goes on).
 Prints one markdown row per target and method: mean accuracy over the seeds with its
 min-max, and the command of one of its runs.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from common import CACHE, machine
 from jointcomp.methods import METHODS
+from jointcomp.rundir import STATE_FILE, SUMMARY_FILE
 
 RUNS = CACHE / "quality"
 
@@ -41,6 +43,14 @@ def run(args: list[str], jobs: int) -> None:
     done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
+
+
+def compress_or_resume(args: list[str], out: Path) -> list[str]:
+    """The run's `compress` command; where an interrupted bench left it unfinished, `--resume` from
+    its last saved epoch (or `--overwrite` when it was stopped before saving one)."""
+    if (out / STATE_FILE).is_file():
+        return ["compress", "--resume", str(out)]
+    return ["compress", *args, *(["--overwrite"] if out.exists() else [])]
 
 
 def command(args: list[str]) -> str:
@@ -65,8 +75,8 @@ def main() -> None:
     start = f"-from-{Path(args.pretrained).stem}" if args.pretrained else ""
     dense = {s: RUNS / f"dense-{args.model.replace(':', '.')}-{args.data}{start}-{args.dense_epochs}ep-seed{s}" for s in args.seeds}
     tune = ["--pretrained", args.pretrained] if args.pretrained else []
-    todo = [[*base, *tune, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d)]
-            for s, d in dense.items() if not (d / "summary.json").is_file()]
+    todo = [[*base, *tune, "--epochs", str(args.dense_epochs), "--seed", str(s), "--out", str(d),
+             *(["--overwrite"] if d.exists() else [])] for s, d in dense.items() if not (d / SUMMARY_FILE).is_file()]
     mode = ["--budget-mode", args.budget_mode] if args.budget_mode != "paper" else []
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     length = f"-{args.epochs}ep" if args.epochs else ""
@@ -80,10 +90,10 @@ def main() -> None:
                                                "--seed", str(seed), "--out", str(out)], out)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda a: run(["train", *a], args.jobs), todo))
-        list(pool.map(lambda item: run(["compress", *item[0]], args.jobs),
-                      [item for item in grid.values() if not (item[1] / "summary.json").is_file()]))
+        list(pool.map(lambda item: run(compress_or_resume(*item), args.jobs),
+                      [item for item in grid.values() if not (item[1] / SUMMARY_FILE).is_file()]))
 
-    dense_acc = [json.loads((d / "summary.json").read_text())["accuracy"] for d in dense.values()]
+    dense_acc = [json.loads((d / SUMMARY_FILE).read_text())["accuracy"] for d in dense.values()]
     print(f"Machine: {machine()}; {args.model} on {args.data}; seeds {args.seeds}; {args.jobs} run(s) at a time. "
           f"Dense starts: `python -m jointcomp train {shlex.join([*base, *tune])} --epochs {args.dense_epochs} --seed S "
           f"--out DENSE` (accuracy {', '.join(f'{a:.4f}' for a in dense_acc)}). Every run: the command in its row, "
@@ -93,7 +103,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for method in args.methods:
-            runs = [json.loads((grid[target, method, s][1] / "summary.json").read_text()) for s in args.seeds]
+            runs = [json.loads((grid[target, method, s][1] / SUMMARY_FILE).read_text()) for s in args.seeds]
             accs = [r["accuracy"] for r in runs]
             loss = statistics.mean(r["dense_accuracy"] - r["accuracy"] for r in runs) * 100
             bits = ",".join(str(layer["bits"]) for layer in runs[0]["layers"])
