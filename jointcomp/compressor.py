@@ -41,7 +41,7 @@ from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
 
-SAVED_VERSION = 3  # of saved settings and states: a resume or export checks it
+SAVED_VERSION = 4  # of saved settings and states: a resume or export checks it
 
 
 @dataclass

@@ -155,16 +155,20 @@ class Admm(Method):
         super().__init__(params, projector, every)
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.books: torch.Tensor | None = None  # of the last projection's option tables: the next one's warm start
 
     @torch.no_grad()
     def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:
         """Every `every` steps: V <- the joint projection of W + U; U <- U + W - V. Returns the
         two multipliers (pruning cut score, joint price of a bit), in squared error per bit.
-        The first projection (step 0) chooses everything."""
+        The first projection (step 0) chooses everything; each later one starts its k-means fits
+        from the previous one's codebooks, as W + U moves little between projections."""
         if self.fixed is not None or step % self.every:
             return None
         x = [p.detach().float() + u for p, u in zip(self.params, self.U)]
-        alloc = self.projector.joint(x, budget)
+        tables = self.projector.joint_tables(x, self.books)
+        self.books = tables.books
+        alloc = self.projector.joint(x, budget, tables)
         self.V = alloc.values
         for p, v, u in zip(self.params, self.V, self.U):
             u.add_(p.detach().float() - v)
@@ -180,8 +184,10 @@ class Admm(Method):
             p.add_(v - u, alpha=a).div_(1 + a)
 
     def deployable(self, budget: Budget) -> Allocation:
-        """The model that would ship now: the joint projection of the trained weights."""
-        return self.projector.joint(self.weights(), budget)
+        """The model that would ship now: the joint projection of the trained weights (its fits
+        started from the last projection's)."""
+        weights = self.weights()
+        return self.projector.joint(weights, budget, self.projector.joint_tables(weights, self.books))
 
     def density(self) -> torch.Tensor:
         """Kept fraction per layer of the last projection (what the file's positions will cost)."""
@@ -195,13 +201,14 @@ class Admm(Method):
         return r.cpu().double(), d.cpu().double()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "V": self.V, "U": self.U}
+        return {**super().state_dict(), "V": self.V, "U": self.U, "books": self.books}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         device = self.params[0].device
         self.V = [v.to(device) for v in state["V"]]
         self.U = [u.to(device) for u in state["U"]]
+        self.books = None if state["books"] is None else state["books"].to(device)
 
 
 class _PruneFirst(Method):

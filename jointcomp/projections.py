@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -96,6 +97,7 @@ def fit_codebooks(
 def fit_codebooks_many(
     sets: list[torch.Tensor], bits: torch.Tensor, iters: int = 50, exact_below: int = EXACT_BELOW,
     measure_on: list[torch.Tensor | None] | None = None, sample: int | None = None,
+    starts: list[list[torch.Tensor]] | None = None,
 ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
     """1-D k-means of many sets of values at once: set i with 2^b centres for every b in row i
     of `bits` (sets x choices).
@@ -108,8 +110,10 @@ def fit_codebooks_many(
     tensor operations whatever the number of sets. `measure_on[i]`, when given, is where set
     i's error is measured (the fit stays that of set i). A set of more than `sample` values is
     fitted on a fixed random `sample` of them (256 centres need no more), its error scaled up
-    from the sample's, so no large set is sorted. Returns per set the sorted centres for each
-    choice (float32) and the squared errors (sets x choices, float64).
+    from the sample's, so no large set is sorted. `starts[i][j]`, when given, are sorted centres
+    to start fit (i, j) from instead of the three starts (a warm start: the codebooks of a
+    previous fit of nearby values, which Lloyd's steps need only move a little). Returns per set
+    the sorted centres for each choice (float32) and the squared errors (sets x choices, float64).
     """
     measure_on = list(measure_on or [None] * len(sets))
     flat = [v.detach().flatten().float() for v in sets]
@@ -129,19 +133,22 @@ def fit_codebooks_many(
         found, err = _exact_codebooks([sorted_sets[i] for i in small], bits[small])
         for i, b, e in zip(small, found, err):
             books[i], errors[i] = b, e
-    fits = []  # (set, column) of the large sets' fits that need Lloyd
+    cold, warm = [], []  # (set, column) of the large sets' fits that need Lloyd, without and with a start
     for i, x in enumerate(sorted_sets):
         if x.numel() >= exact_below:
             books[i] = [torch.empty(0)] * bits.shape[1]
             for j, b in enumerate(bits[i].tolist()):
                 if x.numel() <= 2**b:  # every value its own centre
                     books[i][j] = torch.cat([x, x[-1:].expand(2**b - x.numel())])
+                elif starts is not None and starts[i][j].numel() == 2**b:
+                    warm.append((i, j))
                 else:
-                    fits.append((i, j))
-    if fits:
-        found, err = _lloyd_codebooks(sorted_sets, [(i, int(bits[i, j])) for i, j in fits], iters)
-        for (i, j), book, e in zip(fits, found, err.cpu()):
-            books[i][j], errors[i, j] = book, e
+                    cold.append((i, j))
+    for fits, given in ((cold, None), (warm, [starts[i][j] for i, j in warm] if warm else None)):
+        if fits:
+            found, err = _lloyd_codebooks(sorted_sets, [(i, int(bits[i, j])) for i, j in fits], iters, given)
+            for (i, j), book, e in zip(fits, found, err.cpu()):
+                books[i][j], errors[i, j] = book, e
     for i, where in enumerate(measure_on):
         if where is not None:
             errors[i] = torch.stack([_sse(where, book) for book in books[i]]).cpu()
@@ -176,25 +183,30 @@ class _Packed:
         return torch.minimum(torch.maximum(pos, self.base[owner]), self.ends[owner])
 
 
-def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]], iters: int
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]], iters: int,
+                     starts: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Lloyd's algorithm for every fit (set, bits) from every start at once (see
-    `fit_codebooks_many`); the best start's centres and error of each fit."""
+    `fit_codebooks_many`), or from the one given start of each fit (`starts`); the best
+    start's centres and error of each fit."""
     data = _Packed(sorted_sets)
     dev = data.x.device
-    fit_set = torch.tensor([i for i, _ in fits], device=dev).repeat_interleave(N_STARTS)  # fit-major segments
-    sizes = (2 ** torch.tensor([b for _, b in fits], device=dev)).repeat_interleave(N_STARTS)
+    n_starts = N_STARTS if starts is None else 1
+    fit_set = torch.tensor([i for i, _ in fits], device=dev).repeat_interleave(n_starts)  # fit-major segments
+    sizes = (2 ** torch.tensor([b for _, b in fits], device=dev)).repeat_interleave(n_starts)
     seg = torch.repeat_interleave(torch.arange(len(sizes), device=dev), sizes)
     owner = fit_set[seg]
     first = sizes.cumsum(0) - sizes
-    frac = (torch.arange(int(sizes.sum()), device=dev) - first[seg] + 0.5).double() / sizes[seg]
-    start = seg % N_STARTS
-    n, base = data.lengths[owner], data.base[owner]
-    x = data.x
-    centres = torch.where(
-        start == 0, x[base + (frac * n).long().clamp_(max=n - 1)],  # evenly spaced quantiles
-        torch.where(start == 1, x[base] + frac * (x[base + n - 1] - x[base]),  # evenly spaced values
-                    _companded(data, owner, frac)))  # the MSE-optimal point density
+    if starts is None:
+        frac = (torch.arange(int(sizes.sum()), device=dev) - first[seg] + 0.5).double() / sizes[seg]
+        start = seg % N_STARTS
+        n, base = data.lengths[owner], data.base[owner]
+        x = data.x
+        centres = torch.where(
+            start == 0, x[base + (frac * n).long().clamp_(max=n - 1)],  # evenly spaced quantiles
+            torch.where(start == 1, x[base] + frac * (x[base + n - 1] - x[base]),  # evenly spaced values
+                        _companded(data, owner, frac)))  # the MSE-optimal point density
+    else:
+        centres = torch.cat(starts).to(dev).double()
     has_next = torch.ones_like(seg, dtype=torch.bool)
     has_next[first + sizes - 1] = False
     s1, s2 = data.s1, data.s2
@@ -255,9 +267,9 @@ def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]
 
     lo, hi = cluster_bounds(centres, has_next, owner)
     per_segment = torch.zeros(len(sizes), dtype=torch.float64, device=dev).index_add_(0, seg, cluster_sse(centres, lo, hi))
-    error, best_start = per_segment.clamp_(min=0).view(len(fits), N_STARTS).min(1)
+    error, best_start = per_segment.clamp_(min=0).view(len(fits), n_starts).min(1)
     segments = centres.float().split(sizes.tolist())
-    return [segments[f * N_STARTS + s] for f, s in enumerate(best_start.tolist())], error
+    return [segments[f * n_starts + s] for f, s in enumerate(best_start.tolist())], error
 
 
 def _companded(data: _Packed, owner: torch.Tensor, frac: torch.Tensor, sample: int = 1 << 10) -> torch.Tensor:
@@ -458,18 +470,30 @@ def solve_mckp_exact(cost: torch.Tensor, distortion: torch.Tensor, budget: int) 
 FIT_BITS_UP_TO = 6  # above this, a table's k-means error is the high-resolution limit's: a quarter per extra bit
 
 
+@dataclass
+class OptionTables:
+    """The joint projection's options: per layer the kept counts (K,) and the error of every
+    (kept count, bitwidth) option (K, bitwidths); and the codebooks fitted to price them, the
+    warm start of the next tables of nearby weights (`joint_options_many(starts=...)`): one row
+    per fitted set, its codebooks for 1..FIT_BITS_UP_TO bits end to end (one tensor, cheap to
+    keep in a saved state)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    books: torch.Tensor
+
+
 def joint_options(
     weights: torch.Tensor, bit_choices: list[int], min_keep: int = 1, points: int = 24,
     sample: int = 1 << 12, pool: int = 1 << 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`joint_options_many` of one layer."""
-    return joint_options_many([weights], bit_choices, [min_keep], points, sample, pool)[0]
+    """`joint_options_many` of one layer: its kept counts and errors."""
+    return joint_options_many([weights], bit_choices, [min_keep], points, sample, pool).layers[0]
 
 
 def joint_options_many(
     weights: list[torch.Tensor], bit_choices: list[int], min_keep: list[int], points: int = 24,
-    sample: int = 1 << 12, pool: int = 1 << 16,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    sample: int = 1 << 12, pool: int = 1 << 16, starts: torch.Tensor | None = None,
+) -> OptionTables:
     """The error of every (kept count, bitwidth) option of each layer, for the joint projection.
 
     Kept counts form a geometric ladder from `min_keep` to all weights; the kept set of a
@@ -481,7 +505,8 @@ def joint_options_many(
     overfit a small sample). All the codebooks of all layers are one `fit_codebooks_many`, for
     bitwidths up to FIT_BITS_UP_TO; beyond, each bit divides the error by 4 (Panter and Dite's
     high-resolution limit, D ~ 4^-b), which costs nothing instead of 3/4 of the centres.
-    Returns per layer the kept counts (K,) and the errors (K, len(bit_choices)).
+    `starts`: the `books` of tables of weights of the same shapes, to start each fit from (one
+    start instead of three: a projection's weights move little from the previous one's).
     """
     fit_sets, measure, ladders = [], [], []
     for w, low in zip(weights, min_keep):
@@ -501,7 +526,10 @@ def joint_options_many(
             measure.append(by_size[stride // 2 : m : stride] if stride > 1 else None)
         ladders.append((keeps, kept_n, scale, tail.cpu()))
     fitted = [b for b in bit_choices if b <= FIT_BITS_UP_TO]
-    _, quant = fit_codebooks_many(fit_sets, torch.tensor([fitted] * len(fit_sets)), iters=15, measure_on=measure)
+    widths = [2**b for b in fitted]
+    warm = starts is not None and tuple(starts.shape) == (len(fit_sets), sum(widths))
+    books, quant = fit_codebooks_many(fit_sets, torch.tensor([fitted] * len(fit_sets)), iters=15, measure_on=measure,
+                                      starts=[list(row.split(widths)) for row in starts] if warm else None)
     beyond = torch.tensor([b for b in bit_choices if b > FIT_BITS_UP_TO])
     exact = torch.tensor([len(f) for f in fit_sets])[:, None] <= 2**beyond  # every value its own centre
     quant = torch.cat([quant, torch.where(exact, 0.0, quant[:, -1:] * 4.0 ** -(beyond - fitted[-1]))], 1)
@@ -512,4 +540,4 @@ def joint_options_many(
         errors = tail[kept_n][:, None] * scale + quant[row : row + len(kept_n)] * (keeps.double() / sizes)[:, None]
         tables.append((keeps.cpu(), errors))
         row += len(kept_n)
-    return tables
+    return OptionTables(tables, torch.stack([torch.cat(b) for b in books]))

@@ -9,7 +9,8 @@ import torch
 
 from .budget import BIT_CHOICES, Budget, LayerBounds, PaperAccounting
 from .links import Links
-from .projections import FIT_SAMPLE, assign, dequantize, solve_mckp_greedy, fit_codebooks_many, joint_options_many, knapsack_prune
+from .projections import (FIT_SAMPLE, OptionTables, assign, dequantize, solve_mckp_greedy, fit_codebooks_many,
+                          joint_options_many, knapsack_prune)
 
 
 @dataclass(frozen=True)
@@ -120,14 +121,14 @@ class Projector:
         size = self.accounting.size_bits(bits, nnz, self.numel, budget.density) + self.reserved_bits
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 
-    def joint_tables(self, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (kept counts, errors) options (`projections.joint_options`): they
+    def joint_tables(self, weights: list[torch.Tensor], starts: torch.Tensor | None = None) -> OptionTables:
+        """Each layer's (kept counts, errors) options (`projections.joint_options_many`): they
         depend on the weights only, so projections of the same weights to several budgets
-        can share them."""
-        return joint_options_many(weights, list(BIT_CHOICES), self.min_keep)
+        can share them; `starts`, the `books` of a previous projection's tables, warm-start the fits."""
+        return joint_options_many(weights, list(BIT_CHOICES), self.min_keep, starts=starts)
 
     def joint_bits(self, weights: list[torch.Tensor], budget: Budget,
-                   tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, float]:
+                   tables: OptionTables | None = None) -> tuple[torch.Tensor, float]:
         """Bitwidths of the joint projection, and its multiplier.
 
         Every layer offers (kept count, bitwidth) options, each with its pruning plus
@@ -137,7 +138,7 @@ class Projector:
         can trade kept weights for bits in either direction, whatever its bits were before.
         """
         choices = list(BIT_CHOICES)
-        tables = tables if tables is not None else self.joint_tables(weights)
+        tables = (tables if tables is not None else self.joint_tables(weights)).layers
         width = max(len(keeps) for keeps, _ in tables) * len(choices)
         inf = torch.tensor(float("inf"), dtype=torch.float64)
         bits = torch.ones(len(tables), width, dtype=torch.long)
@@ -156,8 +157,7 @@ class Projector:
         pick, lam = solve_mckp_greedy(cost, dist, budget.bits - self.reserved_bits)
         return bits[torch.arange(len(tables)), pick], lam
 
-    def joint(self, weights: list[torch.Tensor], budget: Budget,
-              tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Allocation:
+    def joint(self, weights: list[torch.Tensor], budget: Budget, tables: OptionTables | None = None) -> Allocation:
         """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
         the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
         bits, lam = self.joint_bits(weights, budget, tables)

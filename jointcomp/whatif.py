@@ -11,6 +11,7 @@ from torch import nn
 
 from .budget import Budget, feasible_range
 from .compressor import Compressor, trim_to_fit
+from .projections import OptionTables
 from .projector import Allocation
 from .records import CurvePoint, FinalRecord
 
@@ -55,7 +56,7 @@ def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allo
     return alloc, file_bytes, comp.measure(alloc, file_bytes)
 
 
-def _tables(comp: Compressor) -> list:
+def _tables(comp: Compressor) -> OptionTables:
     """The option tables of the compressor's current weights (`Projector.joint_tables`): they
     depend on the weights only, so every what-if of the same weights shares them (the points of
     a curve, the slider's moves before a run); weights that training moved make them anew."""

@@ -7,7 +7,8 @@ import torch
 
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, LayerBounds, PaperAccounting
-from jointcomp.projections import solve_mckp_greedy, fit_codebooks, joint_options, knapsack_prune, solve_mckp_exact
+from jointcomp.projections import (solve_mckp_greedy, fit_codebooks, fit_codebooks_many, joint_options, knapsack_prune,
+                                  solve_mckp_exact)
 
 
 def sorted_greedy(weights, costs, budget, min_keep=None):
@@ -124,6 +125,44 @@ def test_lloyd_close_to_optimal_on_weight_sized_sets():
         gaps += ((lloyd - exact) / exact).tolist()
     mean_gap = sum(gaps) / len(gaps)
     assert max(gaps) <= LLOYD_GAP_LIMIT, f"mean {mean_gap:.2%}, max {max(gaps):.2%}"
+
+
+def nearest_sse(x: torch.Tensor, book: torch.Tensor) -> float:
+    return float(((x.double()[:, None] - book.double()[None, :]).abs().min(1).values ** 2).sum())
+
+
+def test_a_warm_start_at_the_optimum_stays_there():
+    """The optimal codebook is a fixed point of Lloyd's steps: started there, a fit keeps it,
+    where Lloyd's cold starts find worse local optima."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, generator=g) * torch.rand(600, generator=g)
+    bits = torch.tensor([[1, 2, 3, 4, 5]])
+    optimal, exact = fit_codebooks_many([x], bits, exact_below=10_000)
+    _, cold = fit_codebooks_many([x], bits, exact_below=0)
+    books, warm = fit_codebooks_many([x], bits, exact_below=0, starts=optimal)
+    assert bool((cold > exact * (1 + 1e-6)).any())  # the cold starts miss the optimum somewhere
+    assert torch.allclose(warm, exact, rtol=1e-9, atol=1e-12)
+    for book, best in zip(books[0], optimal[0]):
+        assert torch.allclose(book, best)
+
+
+def test_a_warm_start_from_nearby_values_is_as_good_as_three_cold_starts():
+    """A projection's fits start from the previous projection's codebooks: on values that moved a
+    little they land as close to the optimum as Lloyd's three cold starts do (LLOYD_GAP_LIMIT)."""
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        before = torch.randn(600, generator=g) * torch.rand(600, generator=g)
+        x = before + 0.02 * before.std() * torch.randn(600, generator=g)
+        bits = torch.tensor([[1, 2, 3, 4, 5]])
+        old, _ = fit_codebooks_many([before], bits, exact_below=0)
+        books, warm = fit_codebooks_many([x], bits, exact_below=0, starts=old)
+        _, exact = fit_codebooks(x, [1, 2, 3, 4, 5], exact_below=10_000)
+        for j, book in enumerate(books[0]):
+            assert len(book) == 2 ** int(bits[0, j]) and torch.all(book[1:] >= book[:-1])
+            assert float(warm[0, j]) == pytest.approx(nearest_sse(x, book), rel=1e-6)  # the error is the book's
+            assert nearest_sse(x, book) <= nearest_sse(x, old[0][j]) + 1e-9  # Lloyd's steps never add error
+        assert torch.all(warm[0] >= exact - 1e-9)
+        assert float(((warm[0] - exact) / exact).max()) <= LLOYD_GAP_LIMIT
 
 
 def test_quantize_keeps_zero_exact_and_uses_the_codebook():
