@@ -551,7 +551,7 @@ class Engine:
             self.model.load_state_dict(state["model"])
             self.compressor.load_state_dict(state["compressor"])
             self._saved_epochs, self._saved_score = int(state["epochs_done"]), float(state["accuracy"])
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # another layout, or edited
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:  # another layout, or edited
             why = (str(err).splitlines() or [""])[0]
             raise ValueError(f"cannot resume: {self.run_path / STATE_FILE} was saved by another jointcomp version or "
                              f"is damaged ({type(err).__name__} {why}); start a new run") from None

@@ -199,7 +199,14 @@ def older_layout(path):
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("damage", [truncate, drop_latent, older_layout])
+def edited_books(path):
+    """A state whose method's warm-start codebooks were replaced by something that is not a tensor."""
+    state = torch.load(path, weights_only=True)
+    state["compressor"]["method"]["books"] = "not a tensor"
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage", [truncate, drop_latent, older_layout, edited_books])
 def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path, damage):
     config = CompressConfig(target="50x", epochs=1, device="cpu")
     run(Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path)))
