@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .projector import Allocation, LayerSpec, Projector
+from .projector import Allocation, LayerSpec, Projector, fingerprint
 from .budget import BUDGET_MODES, Budget, LayerBounds, Shipped, resolve_target
 from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
 from .data import DESCRIPTION_KEYS
@@ -443,8 +443,7 @@ class Compressor:
     def fingerprint(self) -> torch.Tensor:
         """A fingerprint of the compressed weights (sums, absolute sums and non-zero counts per
         layer): equal on every process exactly when their allocations and weights agree."""
-        return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p != 0).double().sum()])
-                            for p in self.params]).cpu()
+        return fingerprint([p.detach() for p in self.params])
 
     def initial_density(self, target: float) -> torch.Tensor:
         """A first guess of the kept fraction per layer before any projection: the target at ~4 bits a weight."""

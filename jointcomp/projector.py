@@ -13,6 +13,16 @@ from .projections import (FIT_SAMPLE, OptionTables, assign, dequantize, solve_mc
                           joint_options_many, knapsack_prune)
 
 
+TABLES_KEPT = 2  # option tables a projector remembers: an epoch's deployable model's and its what-ifs'
+
+
+def fingerprint(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor: its sum, absolute sum and non-zero count (in double), on the CPU; equal for
+    two lists of weights exactly when (in any practical case) their values are."""
+    return torch.stack([torch.stack([w.double().sum(), w.double().abs().sum(), (w != 0).double().sum()])
+                        for w in weights]).cpu()
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """A compressed layer: its weight's name in the model, size and bounds."""
@@ -61,6 +71,7 @@ class Projector:
         hi = torch.tensor([s.bounds.max_bits for s in specs])
         choices = torch.tensor(list(BIT_CHOICES))
         self.allowed = (choices[None, :] >= lo[:, None]) & (choices[None, :] <= hi[:, None])
+        self._tables: list[tuple[torch.Tensor, torch.Tensor | None, OptionTables]] = []  # (fingerprint, starts, tables)
 
     def clamp_bits(self, bits: torch.Tensor) -> torch.Tensor:
         lo = torch.tensor([s.bounds.min_bits for s in self.specs])
@@ -122,10 +133,19 @@ class Projector:
         return Allocation(masks, bits, codebooks, codes, quantized, size, 0.0, lam)
 
     def joint_tables(self, weights: list[torch.Tensor], starts: torch.Tensor | None = None) -> OptionTables:
-        """Each layer's (kept counts, errors) options (`projections.joint_options_many`): they
-        depend on the weights only, so projections of the same weights to several budgets
-        can share them; `starts`, the `books` of a previous projection's tables, warm-start the fits."""
-        return joint_options_many(weights, list(BIT_CHOICES), self.min_keep, starts=starts)
+        """Each layer's (kept counts, errors) options (`projections.joint_options_many`); `starts`,
+        the `books` of a previous projection's tables, warm-start the fits. They depend on the
+        weights and starts only, so the last TABLES_KEPT are remembered: the same weights and
+        starts again (each try of `trim_to_fit`, the trade-off curve of an epoch's weights, the
+        slider's what-ifs) get them back instead of fitting anew, with the same result."""
+        key = fingerprint(weights)
+        kept = self._tables  # one read: the app's what-ifs ask from another thread
+        for seen, seen_starts, tables in kept:
+            if seen_starts is starts and torch.equal(seen, key):
+                return tables
+        tables = joint_options_many(weights, list(BIT_CHOICES), self.min_keep, starts=starts)
+        self._tables = [*kept[len(kept) - TABLES_KEPT + 1:], (key, starts, tables)]
+        return tables
 
     def joint_bits(self, weights: list[torch.Tensor], budget: Budget,
                    tables: OptionTables | None = None) -> tuple[torch.Tensor, float]:

@@ -3,7 +3,6 @@ app's target slider, the trade-off curve of every epoch). Nothing of the compres
 not its target, not the densities it prices positions at, not what `export` writes."""
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -11,12 +10,10 @@ from torch import nn
 
 from .budget import Budget, feasible_range
 from .compressor import Compressor, trim_to_fit
-from .projections import OptionTables
 from .projector import Allocation
 from .records import CurvePoint, FinalRecord
 
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # compressor -> (weights' fingerprint, option tables)
 
 
 def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
@@ -50,18 +47,8 @@ def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allo
     """The joint projection of the current weights fitted to `bits`, positions priced at
     `density`, with its file bytes and size."""
     weights = [p.detach() for p in comp.params]
-    tables = _tables(comp)
+    tables = comp.projector.joint_tables(weights)  # shared by every what-if of these weights
     alloc = trim_to_fit(lambda budget: comp.projector.joint(weights, Budget(budget, density), tables), bits, comp.measure)
     file_bytes = len(comp.encode(alloc))
     return alloc, file_bytes, comp.measure(alloc, file_bytes)
 
-
-def _tables(comp: Compressor) -> OptionTables:
-    """The option tables of the compressor's current weights (`Projector.joint_tables`): they
-    depend on the weights only, so every what-if of the same weights shares them (the points of
-    a curve, the slider's moves before a run); weights that training moved make them anew."""
-    fingerprint = comp.fingerprint()
-    cached = _TABLES.get(comp)
-    if cached is None or not torch.equal(cached[0], fingerprint):
-        cached = _TABLES[comp] = (fingerprint, comp.projector.joint_tables([p.detach() for p in comp.params]))
-    return cached[1]

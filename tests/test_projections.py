@@ -242,6 +242,24 @@ def test_joint_options_price_pruning_exactly():
     assert bool((errors[:, :-1] >= errors[:, 1:] - 1e-9).all())  # more bits never hurt
 
 
+def test_option_tables_are_made_once_for_the_same_weights_and_starts():
+    """A deployable model tried at several budgets (trim_to_fit) prices its options once; weights
+    that moved, or other starts, get tables of their own, those a fresh projector makes."""
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(40, 30, generator=g), torch.randn(10, 40, generator=g)]
+    projector = Projector([LayerSpec(f"w{i}", tuple(w.shape)) for i, w in enumerate(weights)], PaperAccounting())
+    first = projector.joint_tables(weights)
+    assert projector.joint_tables([w.clone() for w in weights]) is first
+    warm = projector.joint_tables(weights, first.books)
+    assert warm is not first and projector.joint_tables(weights, first.books) is warm
+    weights[1].mul_(1.5)
+    moved = projector.joint_tables(weights)
+    fresh = Projector(projector.specs, PaperAccounting()).joint_tables(weights)
+    for (keeps, errors), (fresh_keeps, fresh_errors) in zip(moved.layers, fresh.layers):
+        assert torch.equal(keeps, fresh_keeps) and torch.equal(errors, fresh_errors)
+    assert not torch.equal(moved.layers[1][1], first.layers[1][1])
+
+
 def test_joint_projection_moves_bits_up_where_two_knapsacks_cannot():
     """A layer whose weights are many distinct values needs bits; the pruning knapsack at one
     bit spends the whole budget on weights, and the bitwidth knapsack then has no room. The
