@@ -84,6 +84,7 @@ class Method:
         self.every = every
         self.fixed: Allocation | None = None  # the fixed allocation, from `fix_allocation` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
+        self.books: torch.Tensor | None = None  # of the last joint projection's option tables: the next one's warm start
 
     def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:
         """Projections due at this step (before `fix_allocation`, if both are due); their two
@@ -155,7 +156,6 @@ class Admm(Method):
         super().__init__(params, projector, every)
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.books: torch.Tensor | None = None  # of the last projection's option tables: the next one's warm start
 
     @torch.no_grad()
     def before_step(self, step: int, budget: Budget) -> tuple[float, float] | None:

@@ -230,3 +230,29 @@ def test_tradeoff_curves_stay_within_their_share_of_the_run(trained_mlp, digits,
     target = dense_bits(trained_mlp) / 50
     sizes = [point.size_bits for point in epochs[0].curve]
     assert min(sizes) <= target / 2 and max(sizes) >= 2 * target  # around the target, a quarter to four times it
+
+
+def test_a_tradeoff_curve_prices_no_options_again(trained_mlp, digits, monkeypatch):
+    """An ADMM epoch's curve projects the weights its deployable model was just made from, from
+    the same option tables (the costliest part of a projection): a curve every epoch adds tables
+    only in the later phases (whose epochs make no new deployable model), and each ADMM curve
+    passes through its epoch's model."""
+    import jointcomp.projector
+
+    builds = []
+    build = jointcomp.projector.joint_options_many
+    monkeypatch.setattr(jointcomp.projector, "joint_options_many", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr("jointcomp.trainer.TRADEOFF_SHARE", math.inf)
+    counts, records = [], []
+    for tradeoff in (False, True):
+        builds.clear()
+        config = CompressConfig(target="200x", epochs=6, device="cpu", tradeoff=tradeoff)
+        records = [r for r in run(Engine(copy.deepcopy(trained_mlp), digits, config)) if isinstance(r, EpochRecord)]
+        counts.append(len(builds))
+    admm = [r for r in records if r.phase == "admm" and r.curve]
+    later = [r for r in records if r.phase != "admm" and r.curve]
+    assert counts[0] > 0 and len(later) > 0 and counts[1] == counts[0] + len(later)
+    assert len(admm) >= 2
+    for record in admm:
+        at_target = [p for p in record.curve if p.size_bits == pytest.approx(record.target_bits, rel=0.01)]
+        assert [p.file_bytes for p in at_target] == [record.file_bytes]
