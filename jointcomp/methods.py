@@ -187,7 +187,7 @@ class Admm(Method):
         """The model that would ship now: the joint projection of the trained weights (its fits
         started from the last projection's)."""
         weights = self.weights()
-        return self.projector.joint(weights, budget, self.projector.joint_tables(weights, self.books))
+        return self.projector.joint(weights, budget, self.projector.shared_tables(weights, self.books))
 
     def density(self) -> torch.Tensor:
         """Kept fraction per layer of the last projection (what the file's positions will cost)."""

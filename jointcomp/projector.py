@@ -134,16 +134,20 @@ class Projector:
 
     def joint_tables(self, weights: list[torch.Tensor], starts: torch.Tensor | None = None) -> OptionTables:
         """Each layer's (kept counts, errors) options (`projections.joint_options_many`); `starts`,
-        the `books` of a previous projection's tables, warm-start the fits. They depend on the
-        weights and starts only, so the last TABLES_KEPT are remembered: the same weights and
-        starts again (each try of `trim_to_fit`, the trade-off curve of an epoch's weights, the
+        the `books` of a previous projection's tables, warm-start the fits."""
+        return joint_options_many(weights, list(BIT_CHOICES), self.min_keep, starts=starts)
+
+    def shared_tables(self, weights: list[torch.Tensor], starts: torch.Tensor | None = None) -> OptionTables:
+        """`joint_tables`, remembered: they depend on the weights and starts only, so the last
+        TABLES_KEPT are kept with the weights' fingerprint, and the same weights and starts again
+        (each try of `trim_to_fit`, an epoch's trade-off curve after its deployable model, the
         slider's what-ifs) get them back instead of fitting anew, with the same result."""
         key = fingerprint(weights)
         kept = self._tables  # one read: the app's what-ifs ask from another thread
         for seen, seen_starts, tables in kept:
             if seen_starts is starts and torch.equal(seen, key):
                 return tables
-        tables = joint_options_many(weights, list(BIT_CHOICES), self.min_keep, starts=starts)
+        tables = self.joint_tables(weights, starts)
         self._tables = [*kept[len(kept) - TABLES_KEPT + 1:], (key, starts, tables)]
         return tables
 

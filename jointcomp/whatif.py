@@ -47,7 +47,7 @@ def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allo
     """The joint projection of the current weights fitted to `bits`, positions priced at
     `density`, with its file bytes and size."""
     weights = [p.detach() for p in comp.params]
-    tables = comp.projector.joint_tables(weights, comp.method.books)  # those of the epoch's deployable model, if made
+    tables = comp.projector.shared_tables(weights, comp.method.books)  # those of the epoch's deployable model, if made
     alloc = trim_to_fit(lambda budget: comp.projector.joint(weights, Budget(budget, density), tables), bits, comp.measure)
     file_bytes = len(comp.encode(alloc))
     return alloc, file_bytes, comp.measure(alloc, file_bytes)

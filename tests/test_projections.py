@@ -248,13 +248,13 @@ def test_option_tables_are_made_once_for_the_same_weights_and_starts():
     g = torch.Generator().manual_seed(6)
     weights = [torch.randn(40, 30, generator=g), torch.randn(10, 40, generator=g)]
     projector = Projector([LayerSpec(f"w{i}", tuple(w.shape)) for i, w in enumerate(weights)], PaperAccounting())
-    first = projector.joint_tables(weights)
-    assert projector.joint_tables([w.clone() for w in weights]) is first
-    warm = projector.joint_tables(weights, first.books)
-    assert warm is not first and projector.joint_tables(weights, first.books) is warm
+    first = projector.shared_tables(weights)
+    assert projector.shared_tables([w.clone() for w in weights]) is first
+    warm = projector.shared_tables(weights, first.books)
+    assert warm is not first and projector.shared_tables(weights, first.books) is warm
     weights[1].mul_(1.5)
-    moved = projector.joint_tables(weights)
-    fresh = Projector(projector.specs, PaperAccounting()).joint_tables(weights)
+    moved = projector.shared_tables(weights)
+    fresh = Projector(projector.specs, PaperAccounting()).shared_tables(weights)
     for (keeps, errors), (fresh_keeps, fresh_errors) in zip(moved.layers, fresh.layers):
         assert torch.equal(keeps, fresh_keeps) and torch.equal(errors, fresh_errors)
     assert not torch.equal(moved.layers[1][1], first.layers[1][1])
