@@ -148,7 +148,7 @@ class Projector:
             if seen_starts is starts and torch.equal(seen, key):
                 return tables
         tables = self.joint_tables(weights, starts)
-        self._tables = [*kept[len(kept) - TABLES_KEPT + 1:], (key, starts, tables)]
+        self._tables = [*kept, (key, starts, tables)][-TABLES_KEPT:]
         return tables
 
     def joint_bits(self, weights: list[torch.Tensor], budget: Budget,
