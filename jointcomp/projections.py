@@ -102,8 +102,8 @@ def fit_codebooks_many(
     """1-D k-means of many sets of values at once: set i with 2^b centres for every b in row i
     of `bits` (sets x choices).
 
-    Fewer than `exact_below` values: the optimal clustering, by dynamic programming. Otherwise
-    Lloyd's algorithm from three deterministic starts (evenly spaced quantiles, evenly spaced
+    Fewer than `exact_below` values and no `starts`: the optimal clustering, by dynamic
+    programming. Otherwise Lloyd's algorithm from three deterministic starts (evenly spaced quantiles, evenly spaced
     values, points spread with density p^(1/3)); a centre left with no values is moved to split
     the cluster with the largest error; the best start wins. Every fit of every set is one
     segment of one batched run on sorted values with prefix sums, so an iteration costs a few
@@ -111,8 +111,9 @@ def fit_codebooks_many(
     i's error is measured (the fit stays that of set i). A set of more than `sample` values is
     fitted on a fixed random `sample` of them (256 centres need no more), its error scaled up
     from the sample's, so no large set is sorted. `starts[i][j]`, when given, are sorted centres
-    to start fit (i, j) from instead of the three starts (a warm start: the codebooks of a
-    previous fit of nearby values, which Lloyd's steps need only move a little). Returns per set
+    to start fit (i, j) from instead of the three starts or the exact programme (a warm start:
+    the codebooks of a previous fit of nearby values, which Lloyd's steps need only move a
+    little, so a run pays the exact programme once, at its first projection). Returns per set
     the sorted centres for each choice (float32) and the squared errors (sets x choices, float64).
     """
     measure_on = list(measure_on or [None] * len(sets))
@@ -128,14 +129,14 @@ def fit_codebooks_many(
     bits = torch.as_tensor(bits).long().cpu()
     books: list[list[torch.Tensor]] = [[] for _ in sets]
     errors = torch.zeros(bits.shape, dtype=torch.float64)
-    small = [i for i, x in enumerate(sorted_sets) if x.numel() < exact_below]
+    small = [i for i, x in enumerate(sorted_sets) if x.numel() < exact_below and starts is None]
     if small:
         found, err = _exact_codebooks([sorted_sets[i] for i in small], bits[small])
         for i, b, e in zip(small, found, err):
             books[i], errors[i] = b, e
-    cold, warm = [], []  # (set, column) of the large sets' fits that need Lloyd, without and with a start
+    cold, warm = [], []  # (set, column) of the other sets' fits that need Lloyd, without and with a start
     for i, x in enumerate(sorted_sets):
-        if x.numel() >= exact_below:
+        if x.numel() >= exact_below or starts is not None:
             books[i] = [torch.empty(0)] * bits.shape[1]
             for j, b in enumerate(bits[i].tolist()):
                 if x.numel() <= 2**b:  # every value its own centre
@@ -149,15 +150,10 @@ def fit_codebooks_many(
             found, err = _lloyd_codebooks(sorted_sets, [(i, int(bits[i, j])) for i, j in fits], iters, given)
             for (i, j), book, e in zip(fits, found, err.cpu()):
                 books[i][j], errors[i, j] = book, e
-    for i, where in enumerate(measure_on):
-        if where is not None:
-            errors[i] = torch.stack([_sse(where, book) for book in books[i]]).cpu()
+    measured = [i for i, where in enumerate(measure_on) if where is not None]
+    if measured:
+        errors[measured] = _codebook_errors([measure_on[i] for i in measured], [books[i] for i in measured]).cpu()
     return books, errors * scale
-
-
-def _sse(values: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    values = values.double()
-    return (values - book.double()[assign(values, book)]).square().sum()
 
 
 class _Packed:
@@ -181,6 +177,43 @@ class _Packed:
         """Index of the first element >= value within the owner's set, for each value."""
         pos = torch.searchsorted(self.shifted, values + owner.double() * self.width)
         return torch.minimum(torch.maximum(pos, self.base[owner]), self.ends[owner])
+
+    def cluster_bounds(self, c: torch.Tensor, has_next: torch.Tensor, owner: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values [lo, hi) nearest each centre `c`: the centres lie in sorted segments (a
+        codebook each, of set `owner`; `has_next`: not its segment's last); a value equal to a
+        mid goes up, as in `assign`."""
+        inner = has_next[:-1]
+        pos = self.positions((c[:-1] + c[1:])[inner] / 2, owner[:-1][inner])
+        lo, hi = self.base[owner].clone(), self.ends[owner].clone()
+        hi[has_next] = pos
+        lo[torch.roll(has_next, 1)] = pos
+        return lo, hi
+
+    def cluster_sse(self, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Squared error of the values [lo, hi) about each centre, from the prefix sums."""
+        return (self.s2[hi] - self.s2[lo]) - 2 * c * (self.s1[hi] - self.s1[lo]) + c.square() * (hi - lo)
+
+    def segment_sse(self, c: torch.Tensor, seg: torch.Tensor, has_next: torch.Tensor,
+                    owner: torch.Tensor) -> torch.Tensor:
+        """Squared error of each segment's codebook on its set (`seg`: each centre's segment)."""
+        lo, hi = self.cluster_bounds(c, has_next, owner)
+        per_centre = self.cluster_sse(c, lo, hi)
+        return per_centre.new_zeros(int(seg[-1]) + 1).index_add_(0, seg, per_centre).clamp_(min=0)
+
+
+def _codebook_errors(value_sets: list[torch.Tensor], books: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Squared error of each set of values on each of its sorted codebooks (sets x books): every
+    book of every set one segment of one packed search."""
+    data = _Packed([v.detach().flatten().sort().values for v in value_sets])
+    dev = data.x.device
+    flat = [b for row in books for b in row]
+    sizes = torch.tensor([b.numel() for b in flat], device=dev)
+    seg = torch.repeat_interleave(torch.arange(len(flat), device=dev), sizes)
+    owner = torch.arange(len(books), device=dev).repeat_interleave(len(books[0]))[seg]
+    has_next = torch.ones_like(seg, dtype=torch.bool)
+    has_next[sizes.cumsum(0) - 1] = False
+    return data.segment_sse(torch.cat(flat).to(dev).double(), seg, has_next, owner).view(len(books), -1)
 
 
 def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]], iters: int,
@@ -209,24 +242,13 @@ def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]
         centres = torch.cat(starts).to(dev).double()
     has_next = torch.ones_like(seg, dtype=torch.bool)
     has_next[first + sizes - 1] = False
-    s1, s2 = data.s1, data.s2
-
-    def cluster_bounds(c: torch.Tensor, has_next: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inner = has_next[:-1]
-        pos = data.positions((c[:-1] + c[1:])[inner] / 2, owner[:-1][inner])  # a value equal to a mid goes up
-        lo, hi = data.base[owner].clone(), data.ends[owner].clone()
-        hi[has_next] = pos
-        lo[torch.roll(has_next, 1)] = pos
-        return lo, hi
-
-    def cluster_sse(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return (s2[hi] - s2[lo]) - 2 * c * (s1[hi] - s1[lo]) + c.square() * (hi - lo)
+    s1 = data.s1
 
     def reseed_empty(c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, seg: torch.Tensor,
                      first: torch.Tensor) -> torch.Tensor:
         """The r-th empty centre of a segment takes the upper half of its r-th worst cluster."""
         empty = hi == lo
-        worst = torch.sort(-cluster_sse(c, lo, hi), stable=True).indices
+        worst = torch.sort(-data.cluster_sse(c, lo, hi), stable=True).indices
         worst = worst[torch.sort(seg[worst], stable=True).indices]  # by segment, worst first
         empties = torch.nonzero(empty).flatten()
         counted = torch.cumsum(empty.long(), 0)
@@ -249,7 +271,7 @@ def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]
         sub_sizes = sizes[active]
         sub_seg = torch.repeat_interleave(torch.arange(len(sub_sizes), device=dev), sub_sizes)
         c, sub_owner = centres[at], owner[at]
-        lo, hi = cluster_bounds(c, has_next[at], sub_owner)
+        lo, hi = data.cluster_bounds(c, has_next[at], sub_owner)
         count = (hi - lo).double()
         means = torch.where(count > 0, (s1[hi] - s1[lo]) / count.clamp(min=1), c)
         if bool((count == 0).any()):  # reseed within the segments that have an empty cluster
@@ -265,9 +287,7 @@ def _lloyd_codebooks(sorted_sets: list[torch.Tensor], fits: list[tuple[int, int]
         if not bool(active.any()):
             break
 
-    lo, hi = cluster_bounds(centres, has_next, owner)
-    per_segment = torch.zeros(len(sizes), dtype=torch.float64, device=dev).index_add_(0, seg, cluster_sse(centres, lo, hi))
-    error, best_start = per_segment.clamp_(min=0).view(len(fits), n_starts).min(1)
+    error, best_start = data.segment_sse(centres, seg, has_next, owner).view(len(fits), n_starts).min(1)
     segments = centres.float().split(sizes.tolist())
     return [segments[f * n_starts + s] for f, s in enumerate(best_start.tolist())], error
 
@@ -468,6 +488,8 @@ def solve_mckp_exact(cost: torch.Tensor, distortion: torch.Tensor, budget: int) 
 
 
 FIT_BITS_UP_TO = 6  # above this, a table's k-means error is the high-resolution limit's: a quarter per extra bit
+TABLE_ITERS = 15  # Lloyd steps of a table's fits from the cold starts
+WARM_TABLE_ITERS = 5  # from the previous projection's codebooks: the fits go on from projection to projection
 
 
 @dataclass
@@ -506,7 +528,9 @@ def joint_options_many(
     bitwidths up to FIT_BITS_UP_TO; beyond, each bit divides the error by 4 (Panter and Dite's
     high-resolution limit, D ~ 4^-b), which costs nothing instead of 3/4 of the centres.
     `starts`: the `books` of tables of weights of the same shapes, to start each fit from (one
-    start instead of three: a projection's weights move little from the previous one's).
+    start instead of three or the exact programme, and WARM_TABLE_ITERS Lloyd steps instead of
+    TABLE_ITERS: a projection's weights move little from the previous one's, so each
+    projection's fits go on where the last ones stopped).
     """
     fit_sets, measure, ladders = [], [], []
     for w, low in zip(weights, min_keep):
@@ -528,7 +552,8 @@ def joint_options_many(
     fitted = [b for b in bit_choices if b <= FIT_BITS_UP_TO]
     widths = [2**b for b in fitted]
     warm = starts is not None and tuple(starts.shape) == (len(fit_sets), sum(widths))
-    books, quant = fit_codebooks_many(fit_sets, torch.tensor([fitted] * len(fit_sets)), iters=15, measure_on=measure,
+    books, quant = fit_codebooks_many(fit_sets, torch.tensor([fitted] * len(fit_sets)),
+                                      iters=WARM_TABLE_ITERS if warm else TABLE_ITERS, measure_on=measure,
                                       starts=[list(row.split(widths)) for row in starts] if warm else None)
     beyond = torch.tensor([b for b in bit_choices if b > FIT_BITS_UP_TO])
     exact = torch.tensor([len(f) for f in fit_sets])[:, None] <= 2**beyond  # every value its own centre
