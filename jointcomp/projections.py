@@ -41,20 +41,22 @@ def knapsack_prune(
     keys = [s.view(torch.int32) for s in scores]  # monotone in the score, since scores >= 0
     cost = torch.tensor(unit_cost, dtype=torch.float64, device=keys[0].device)
 
-    hi_bucket, spare = _cut_bucket([k >> 16 for k in keys], _HI, cost, budget)
+    high = [k >> 16 for k in keys]
+    hi_bucket, spare, _ = _cut_bucket(high, _HI, cost, budget)
     if hi_bucket < 0:
         return [torch.ones_like(w, dtype=torch.bool) for w in weights], 0.0
-    in_bucket = [(k >> 16) == hi_bucket for k in keys]
-    lo_bucket, spare = _cut_bucket([k[m] & 0xFFFF for k, m in zip(keys, in_bucket)], _LO, cost, spare)
+    low = [torch.masked_select(k, h == hi_bucket) & 0xFFFF for k, h in zip(keys, high)]
+    lo_bucket, spare, counts = _cut_bucket(low, _LO, cost, spare)
     cut_key = (hi_bucket << 16) | lo_bucket
 
     masks = []
-    for key, c, w in zip(keys, cost.tolist(), weights):
-        ties = key == cut_key
-        n_ties = int(ties.sum())
+    for key, c, w, n_ties in zip(keys, cost.tolist(), weights, counts[:, lo_bucket].tolist()):
         take = min(n_ties, int(spare // c)) if spare > 0 else 0
         spare = spare - take * c if take == n_ties else -1.0  # the greedy stops at the first misfit
-        keep = (key > cut_key) | (ties & (ties.cumsum(0) <= take))
+        keep = key > cut_key
+        if take > 0:
+            ties = key == cut_key
+            keep |= ties if take == n_ties else ties & (ties.cumsum(0) <= take)
         masks.append(keep.view(w.shape))
     lam = torch.tensor([cut_key], dtype=torch.int32).view(torch.float32).item()
     return masks, lam
@@ -62,22 +64,21 @@ def knapsack_prune(
 
 def _cut_bucket(
     buckets: list[torch.Tensor], n_buckets: int, cost: torch.Tensor, budget: float
-) -> tuple[int, float]:
+) -> tuple[int, float, torch.Tensor]:
     """Highest bucket that no longer fits whole when filling from the top.
 
-    Returns (-1, spare) when every bucket fits; else the bucket and the budget left for
-    it after all higher buckets are kept.
+    Returns (-1, spare, counts) when every bucket fits; else the bucket and the budget left
+    for it after all higher buckets are kept; `counts`: each layer's values per bucket.
     """
-    flat = torch.cat([b.long() + j * n_buckets for j, b in enumerate(buckets)])
-    counts = torch.bincount(flat, minlength=len(buckets) * n_buckets).view(len(buckets), n_buckets)
+    counts = torch.stack([torch.bincount(b, minlength=n_buckets) for b in buckets])
     per_bucket = (counts.double() * cost[:, None]).sum(0)
     from_top = per_bucket.flip(0).cumsum(0).flip(0)  # cost of this bucket and all above
     over = torch.nonzero(from_top > budget)
     if over.numel() == 0:
-        return -1, budget - float(from_top[0])
+        return -1, budget - float(from_top[0]), counts
     cut = int(over.max())
     above = float(from_top[cut + 1]) if cut + 1 < n_buckets else 0.0
-    return cut, budget - above
+    return cut, budget - above, counts
 
 
 EXACT_BELOW = 128  # sets this small are clustered exactly (Lloyd's local optima hurt most here)
@@ -392,9 +393,8 @@ def dequantize(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) 
     """The float32 weight that a mask, a codebook and the codes of the kept weights (in flat
     order) stand for: each kept weight its centre, zeros elsewhere. The one place a weight is
     rebuilt, in training and from the file alike."""
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=codebook.device)
-    out[mask] = codebook.float().index_select(0, codes.long())
-    return out
+    values = codebook.float().index_select(0, codes.long())
+    return torch.zeros(mask.shape, dtype=torch.float32, device=codebook.device).masked_scatter_(mask, values)
 
 
 def lower_hull(cost: list[float], distortion: list[float]) -> list[int]:

@@ -112,7 +112,7 @@ class Projector:
     ) -> Allocation:
         """Codebooks for the kept values; bitwidths chosen by the knapsack unless given."""
         nnz = torch.tensor([int(m.sum()) for m in masks], dtype=torch.float64)
-        kept = [v.detach()[m] for v, m in zip(values, masks)]
+        kept = [torch.masked_select(v.detach(), m) for v, m in zip(values, masks)]
         choices = list(BIT_CHOICES)
         lam = 0.0
         if bits is None:
