@@ -43,9 +43,9 @@ def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tenso
     its latent weight, so codes can move; latent weights are held within the codebook's range
     (as BinaryConnect clips them), so every one stays a few steps from changing its code."""
     for i, (p, mask) in enumerate(zip(params, alloc.masks)):
-        update = (p.detach().float() - alloc.values[i])[mask]
+        update = torch.masked_select(p.detach().float() - alloc.values[i], mask)
         book = alloc.codebooks[i]
-        codes = alloc.codes[i] if latent is None else assign(latent[i][mask].float(), book)
+        codes = alloc.codes[i] if latent is None else assign(torch.masked_select(latent[i], mask).float(), book)
         total = torch.zeros_like(book).index_add_(0, codes, update)
         count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(update))
         book = book + total / count.clamp(min=1)
