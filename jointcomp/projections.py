@@ -81,7 +81,7 @@ def _cut_bucket(
     return cut, budget - above, counts
 
 
-EXACT_BELOW = 128  # sets this small are clustered exactly (Lloyd's local optima hurt most here)
+EXACT_BELOW = 128  # sets this small are clustered exactly when cold (Lloyd's local optima hurt most here)
 FIT_SAMPLE = 1 << 16  # the deployed codebooks of larger kept sets are fitted on a random sample this big
 N_STARTS = 3  # Lloyd's deterministic starts: evenly spaced quantiles, evenly spaced values, companded
 
@@ -104,9 +104,9 @@ def fit_codebooks_many(
     of `bits` (sets x choices).
 
     Fewer than `exact_below` values and no `starts`: the optimal clustering, by dynamic
-    programming. Otherwise Lloyd's algorithm from three deterministic starts (evenly spaced quantiles, evenly spaced
-    values, points spread with density p^(1/3)); a centre left with no values is moved to split
-    the cluster with the largest error; the best start wins. Every fit of every set is one
+    programming. Otherwise Lloyd's algorithm from three deterministic starts (evenly spaced
+    quantiles, evenly spaced values, points spread with density p^(1/3)); a centre left with no
+    values is moved to split the cluster with the largest error; the best start wins. Every fit of every set is one
     segment of one batched run on sorted values with prefix sums, so an iteration costs a few
     tensor operations whatever the number of sets. `measure_on[i]`, when given, is where set
     i's error is measured (the fit stays that of set i). A set of more than `sample` values is
@@ -204,8 +204,8 @@ class _Packed:
 
 
 def _codebook_errors(value_sets: list[torch.Tensor], books: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Squared error of each set of values on each of its sorted codebooks (sets x books): every
-    book of every set one segment of one packed search."""
+    """Squared error of each set of values on each of its sorted codebooks (sets x books, the
+    same number of books for every set): every book of every set one segment of one packed search."""
     data = _Packed([v.detach().flatten().sort().values for v in value_sets])
     dev = data.x.device
     flat = [b for row in books for b in row]

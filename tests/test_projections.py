@@ -165,6 +165,43 @@ def test_a_warm_start_from_nearby_values_is_as_good_as_three_cold_starts():
         assert float(((warm[0] - exact) / exact).max()) <= LLOYD_GAP_LIMIT
 
 
+def test_measured_errors_are_each_codebook_on_the_other_values():
+    """`measure_on`: a fit's error is that of its codebook on other values (the tables' interleaved
+    sample), values on a mid between two centres included."""
+    g = torch.Generator().manual_seed(5)
+    sets = [torch.randn(n, generator=g) for n in (300, 40, 1000)]
+    others = [torch.randn(n, generator=g) for n in (500, 7, 90)]
+    bits = torch.tensor([[1, 2, 3, 5]] * 3)
+    books, _ = fit_codebooks_many(sets, bits, exact_below=0)
+    others[0] = torch.cat([others[0], (books[0][1][:-1] + books[0][1][1:]) / 2])  # exactly on the mids
+    again, errors = fit_codebooks_many(sets, bits, exact_below=0, measure_on=others)
+    for i, (where, row) in enumerate(zip(others, again)):
+        for j, book in enumerate(row):
+            assert float(errors[i, j]) == pytest.approx(nearest_sse(where, book), rel=1e-9, abs=1e-12)
+
+
+def test_small_sets_are_exact_when_cold_and_go_on_from_a_warm_start():
+    """Below EXACT_BELOW a cold fit is the optimum; from a start (the previous projection's
+    codebooks) Lloyd's steps go on from it: the optimum of the same values stays, and a worse
+    start only gets better, its error the book's own."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(90, generator=g) * torch.rand(90, generator=g)
+    bits = torch.tensor([[1, 2, 3, 4]])
+    optimal, exact = fit_codebooks_many([x], bits)
+    local, lloyd = fit_codebooks_many([x], bits, exact_below=0)
+    assert torch.all(exact <= lloyd + 1e-12) and bool((exact < lloyd * (1 - 1e-6)).any())
+    _, stays = fit_codebooks_many([x], bits, starts=optimal)
+    assert torch.allclose(stays, exact, rtol=1e-9, atol=1e-12)
+    _, from_local = fit_codebooks_many([x], bits, starts=local)  # no exact programme: Lloyd's optimum stays
+    assert torch.all(from_local <= lloyd + 1e-12) and bool((from_local > exact * (1 + 1e-6)).any())
+    spread = [torch.linspace(float(x.min()), float(x.max()), 2**b) for b in bits[0].tolist()]
+    books, warm = fit_codebooks_many([x], bits, starts=[spread])
+    for j, book in enumerate(books[0]):
+        assert float(warm[0, j]) == pytest.approx(nearest_sse(x, book), rel=1e-6)
+        assert nearest_sse(x, book) <= nearest_sse(x, spread[j]) + 1e-9
+        assert float(warm[0, j]) >= float(exact[0, j]) - 1e-9
+
+
 def test_quantize_keeps_zero_exact_and_uses_the_codebook():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 30, generator=g)
