@@ -394,7 +394,7 @@ def dequantize(mask: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) 
     order) stand for: each kept weight its centre, zeros elsewhere. The one place a weight is
     rebuilt, in training and from the file alike."""
     values = codebook.float().index_select(0, codes.long())
-    return torch.zeros(mask.shape, dtype=torch.float32, device=codebook.device).masked_scatter_(mask, values)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=codebook.device).masked_scatter_(mask.to(values.device), values)
 
 
 def lower_hull(cost: list[float], distortion: list[float]) -> list[int]:
