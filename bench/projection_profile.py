@@ -6,6 +6,11 @@ tables of the weights before they moved by MOVE of their spread (as ADMM's W + U
 projections), which is what every later projection of a run does.
 
     python bench/projection_profile.py [--device cuda]
+    python bench/projection_profile.py --warm-steps 50 15 8 5 3   # how many Lloyd steps warm tables need
+
+`--warm-steps`: the digits MLP's tables through a chain of CHAIN projections, the weights moving
+by MOVE between two, each warm from the last, with WARM_TABLE_ITERS set to each count in turn:
+the time of one warm table and how far the last tables' errors are above those of the first count.
 """
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ from jointcomp import CompressConfig, build_model
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
+from jointcomp import projections
 from jointcomp.links import Links
 
 
 MOVE = 0.01  # of each layer's standard deviation, per weight: the move between two projections
+CHAIN = 8  # projections in a --warm-steps chain
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -58,12 +65,40 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
             f"{mckp_s:.4f} | {deploy_s:.4f} | {joint_s:.4f} | {joint_warm_s:.4f} | {joint_s / sort_s:.2f} | {joint_warm_s / sort_s:.2f} |")
 
 
+def warm_steps(counts: list[int], device: torch.device) -> None:
+    model = build_model("mlp", (1, 8, 8), 10)
+    layers = compressible_weights(model, CompressConfig())
+    start = [w.detach().to(device) for _, w, _ in layers]
+    projector = Projector([LayerSpec(n, tuple(w.shape)) for n, w, _ in layers], PaperAccounting())
+    print("| warm Lloyd steps | one warm table s (best of the chain) | mean excess error | worst excess error |")
+    print("|---|---|---|---|")
+    first = None
+    for steps in counts:
+        projections.WARM_TABLE_ITERS = steps
+        g = torch.Generator().manual_seed(1)
+        weights, tables, seconds = start, projector.joint_tables(start), []
+        for _ in range(CHAIN):
+            weights = [w + MOVE * w.std() * torch.randn(w.shape, generator=g).to(device) for w in weights]
+            tic = time.perf_counter()
+            tables = projector.joint_tables(weights, tables.books)
+            seconds.append(time.perf_counter() - tic)
+        errors = torch.cat([e for _, e in tables.layers])
+        first = errors if first is None else first
+        excess = (errors - first) / first.clamp(min=1e-30)
+        print(f"| {steps} | {min(seconds):.4f} | {float(excess.mean()):.1e} | {float(excess.max()):.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--warm-steps", type=int, nargs="+")
+    args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}\n")
+    if args.warm_steps:
+        warm_steps(args.warm_steps, device)
+        return
     print("| weights | size / layers | target | one torch.sort s | option tables s | option tables, warm s | knapsack s "
           "| deployable s | joint projection s | joint, warm s | joint / sort | warm / sort |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
