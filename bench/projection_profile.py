@@ -21,11 +21,10 @@ import torch
 import torchvision
 
 from common import machine
-from jointcomp import CompressConfig, build_model
+from jointcomp import CompressConfig, build_model, projections
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, PaperAccounting, parse_target
 from jointcomp.compressor import compressible_weights
-from jointcomp import projections
 from jointcomp.links import Links
 
 
@@ -42,11 +41,16 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def row(name: str, model: torch.nn.Module, target: str, device: torch.device) -> str:
+def weights_and_projector(model: torch.nn.Module, device: torch.device) -> tuple[list[torch.Tensor], Projector]:
+    """The model's compressible weights on `device` and the projector a run of it would use."""
     layers = compressible_weights(model, CompressConfig())
-    weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
     projector = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    return [w.detach().to(device) for _, w, _ in layers], projector
+
+
+def row(name: str, model: torch.nn.Module, target: str, device: torch.device) -> str:
+    weights, projector = weights_and_projector(model, device)
     budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     flat = torch.cat([w.flatten() for w in weights])
     projector.joint(weights, budget)  # warm-up
@@ -66,10 +70,7 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
 
 
 def warm_steps(counts: list[int], device: torch.device) -> None:
-    model = build_model("mlp", (1, 8, 8), 10)
-    layers = compressible_weights(model, CompressConfig())
-    start = [w.detach().to(device) for _, w, _ in layers]
-    projector = Projector([LayerSpec(n, tuple(w.shape)) for n, w, _ in layers], PaperAccounting())
+    start, projector = weights_and_projector(build_model("mlp", (1, 8, 8), 10), device)
     print("| warm Lloyd steps | one warm table s (best of the chain) | mean excess error | worst excess error |")
     print("|---|---|---|---|")
     first = None

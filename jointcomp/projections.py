@@ -130,22 +130,24 @@ def fit_codebooks_many(
     bits = torch.as_tensor(bits).long().cpu()
     books: list[list[torch.Tensor]] = [[] for _ in sets]
     errors = torch.zeros(bits.shape, dtype=torch.float64)
-    small = [i for i, x in enumerate(sorted_sets) if x.numel() < exact_below and starts is None]
+    exact = [starts is None and x.numel() < exact_below for x in sorted_sets]
+    small = [i for i, e in enumerate(exact) if e]
     if small:
         found, err = _exact_codebooks([sorted_sets[i] for i in small], bits[small])
         for i, b, e in zip(small, found, err):
             books[i], errors[i] = b, e
     cold, warm = [], []  # (set, column) of the other sets' fits that need Lloyd, without and with a start
     for i, x in enumerate(sorted_sets):
-        if x.numel() >= exact_below or starts is not None:
-            books[i] = [torch.empty(0)] * bits.shape[1]
-            for j, b in enumerate(bits[i].tolist()):
-                if x.numel() <= 2**b:  # every value its own centre
-                    books[i][j] = torch.cat([x, x[-1:].expand(2**b - x.numel())])
-                elif starts is not None and starts[i][j].numel() == 2**b:
-                    warm.append((i, j))
-                else:
-                    cold.append((i, j))
+        if exact[i]:
+            continue
+        books[i] = [torch.empty(0)] * bits.shape[1]
+        for j, b in enumerate(bits[i].tolist()):
+            if x.numel() <= 2**b:  # every value its own centre
+                books[i][j] = torch.cat([x, x[-1:].expand(2**b - x.numel())])
+            elif starts is not None and starts[i][j].numel() == 2**b:
+                warm.append((i, j))
+            else:
+                cold.append((i, j))
     for fits, given in ((cold, None), (warm, [starts[i][j] for i, j in warm] if warm else None)):
         if fits:
             found, err = _lloyd_codebooks(sorted_sets, [(i, int(bits[i, j])) for i, j in fits], iters, given)
