@@ -111,14 +111,35 @@ def download(page, key: str, path: Path, tries: int = 3) -> None:
     raise AssertionError(f"the {key} download failed {tries} times, last: {failure}")
 
 
+WARNING_STACK = "the script stack of that warning:"
+# In the page, before its own scripts: each console warning is followed by a log of the stack that
+# raised it, so a failure says which part of the page (a chart's first draw, a data update) warned.
+TRACE_WARNINGS = f"""
+const warn = console.warn.bind(console);
+console.warn = (...args) => {{ warn(...args); console.log("{WARNING_STACK}", new Error().stack); }};
+"""
+
+
 def what_if_values(page) -> list[str]:
     return page.locator('[data-testid="stMetricValue"]').all_inner_texts()
 
 
 def test_run_steer_stop_download(app_url, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
-    console = []
-    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("warning", "error") else None)
+    opened, timeline, warned = time.monotonic(), [], []
+
+    def note(what: str) -> None:  # what the test did, with the console's warnings between
+        timeline.append(f"{time.monotonic() - opened:6.1f} s  {what}")
+
+    def on_console(message) -> None:
+        if message.type in ("warning", "error"):
+            warned.append(message.text)
+            note(f"console {message.type} on {page.url}: {message.text}")
+        elif message.text.startswith(WARNING_STACK):
+            note(message.text)
+
+    page.add_init_script(TRACE_WARNINGS)
+    page.on("console", on_console)
     page.goto(app_url)
     page.get_by_text("jointcomp: compress a network").wait_for(timeout=90_000)
     page.get_by_text("What-if").wait_for(timeout=90_000)
@@ -130,10 +151,13 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     epochs.focus()
     epochs.press("End")  # the longest run, so there is time to steer it
     button(page, "start").click()
+    note("Start clicked")
     page.get_by_text(re.compile(r"compression epoch \d+ of 200")).wait_for(timeout=120_000)
     started = time.monotonic()
     one_epoch = wait_for_epoch(page, 1, deadline=started + 600) - started  # measured here, on this machine as busy as it is
+    note(f"epoch 1 shown, {one_epoch:.1f} s after the run started")
     wait_for_epoch(page, 2, deadline=time.monotonic() + 10 * one_epoch + 60)
+    note("epoch 2 shown")
     for name in LIVE_CHARTS:  # vega draws them asynchronously
         page.locator(f".st-key-chart_{name} .vega-embed").wait_for(timeout=30_000)
     page.screenshot(path=ARTIFACTS / "2-running.png", full_page=True)
@@ -145,6 +169,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     while tradeoff.screenshot() == before and time.monotonic() < deadline:  # vega redraws after the new epoch
         page.wait_for_timeout(250)
     assert tradeoff.screenshot() != before, "the trade-off chart did not change between epochs"
+    note(f"the trade-off chart changed after epoch {epoch}")
 
     # a second tab while the run trains: its what-if is the one a lone session sees
     other = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -153,6 +178,7 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     other.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=30_000)
     assert what_if_values(other) == alone
     other.close()
+    note("a second tab saw the lone what-if")
 
     # move the target slider during the run: 50x -> 70x -> 100x
     mlp_weight_bytes = 4 * (64 * 256 + 256 * 128 + 128 * 10)
@@ -162,22 +188,27 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     target.press("ArrowRight")
     page.get_by_text(f"target {mlp_weight_bytes / 100 / 1000:.2f} KB").wait_for(timeout=30_000)
     page.get_by_text("100x").first.wait_for(timeout=10_000)
+    note("the target moved to 100x")
     page.screenshot(path=ARTIFACTS / "3-target-moved.png", full_page=True)
 
     button(page, "stop").click()
+    note("Stop clicked")
     page.get_by_text(re.compile(r"Result \(stopped at compression epoch \d+ of 200")).wait_for(timeout=60_000)
+    note("the result shown")
     page.screenshot(path=ARTIFACTS / "4-result.png", full_page=True)
     saved = tmp_path / "model.jcz"
     download(page, "download", saved)
     model = load_compressed(saved)
     assert sum(p.numel() for p in model.parameters()) > 0
+    note("downloaded the .jcz")
     page.get_by_role("link", name="Runs").click()  # the Runs page lists the run, stopped, with its results
     page.get_by_role("heading", name="Runs").wait_for(timeout=30_000)
     row = page.locator("table tbody tr", has_text="stopped")
     row.wait_for(timeout=30_000)
     assert "mlp" in row.inner_text() and "digits" in row.inner_text()
+    note("the Runs page lists the run")
     page.screenshot(path=ARTIFACTS / "6-runs.png", full_page=True)
-    assert not console, "the browser console warned:\n" + "\n".join(console)
+    assert not warned, "the browser console warned:\n" + "\n".join(timeline)
     page.close()
 
 
