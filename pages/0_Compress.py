@@ -101,7 +101,7 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
             "layers": charts.layer_bars(layers), "density": charts.layer_heatmap(layers, "density"),
             "bits": charts.layer_heatmap(layers, "bits"),
         }
-        st.session_state.chart_specs = {name: chart.to_dict(validate=False) for name, chart in charts_now.items()}
+        st.session_state.chart_specs = {name: charts.vega_lite(chart) for name, chart in charts_now.items()}
         st.session_state.chart_key = key
     return st.session_state.chart_specs
 

@@ -115,6 +115,7 @@ WARNING_STACK = "the script stack of that warning:"
 # In the page, before its own scripts: each console warning is followed by a log of the stack that
 # raised it, so a failure says which part of the page (a chart's first draw, a data update) warned.
 TRACE_WARNINGS = f"""
+Error.stackTraceLimit = 40;
 const warn = console.warn.bind(console);
 console.warn = (...args) => {{ warn(...args); console.log("{WARNING_STACK}", new Error().stack); }};
 """

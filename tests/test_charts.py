@@ -62,3 +62,35 @@ def test_per_layer_legends_sit_above_the_rows_so_a_short_chart_shows_them_whole(
         spec = chart.to_dict()
         colours = [view["encoding"]["color"] for view in spec.get("layer", [spec]) if "color" in view.get("encoding", {})]
         assert colours and all(c["legend"]["orient"] == "top" for c in colours)
+
+
+def dataset_refs(spec) -> list[str]:
+    """The names of the datasets a Vega-Lite dict's views draw from."""
+    if isinstance(spec, dict):
+        data = spec.get("data")
+        own = [data["name"]] if isinstance(data, dict) and "name" in data else []
+        return own + [name for key, value in spec.items() if key != "datasets" for name in dataset_refs(value)]
+    return [name for value in spec for name in dataset_refs(value)] if isinstance(spec, list) else []
+
+
+def test_a_live_chart_keeps_its_data_whichever_data_transformer_altair_has_active(trained_mlp, digits):
+    """Altair's data transformer is global to all threads and Streamlit switches it, while it
+    converts another session's `st.altair_chart`, to one that files the data elsewhere. The live
+    charts are converted in a session's own thread, and must carry their data all the same."""
+    import altair as alt
+
+    from jointcomp.records import curve_frame, epochs_frame, layers_frame, steps_frame
+    from jointcomp.trainer import CompressConfig, Engine
+
+    history = list(Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=2, tradeoff=True, device="cpu")))
+    epochs, layers = epochs_frame(history), layers_frame(history)
+    live = [charts.accuracy_over_epochs(epochs, 0.97), charts.size_over_epochs(epochs),
+            charts.tradeoff(curve_frame(history), epochs, 1000), charts.loss_over_steps(steps_frame(history)),
+            charts.multipliers(epochs), charts.residuals(epochs), charts.layer_bars(layers),
+            charts.layer_heatmap(layers, "density"), charts.layer_heatmap(layers, "bits")]
+    alt.data_transformers.register("filed_elsewhere", lambda data: {"name": "filed-elsewhere"})
+    with alt.data_transformers.enable("filed_elsewhere"):
+        specs = [charts.vega_lite(chart) for chart in live]
+    for spec in specs:
+        refs = dataset_refs(spec)
+        assert refs and all(len(spec["datasets"].get(name, [])) > 0 for name in refs), spec.get("title")

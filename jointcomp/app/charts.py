@@ -8,6 +8,7 @@ import math
 
 import altair as alt
 import pandas as pd
+from altair.utils.data import to_values
 
 from ..codec import Report
 
@@ -22,6 +23,21 @@ LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
 LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
 LOSS_POINTS = 500  # the most points the loss chart draws: a long run's steps are thinned evenly
+
+
+def vega_lite(chart: alt.Chart | alt.LayerChart) -> dict:
+    """The chart as a Vega-Lite dict, its data inline, whichever data transformer Altair has
+    active. The transformer is global to all threads, and Streamlit switches it while it converts
+    any session's `st.altair_chart`: a plain `to_dict()` in another session's thread at that
+    moment left the data out of the spec (an empty chart; Vega warned of infinite extents)."""
+    def inline(part):
+        part = part.copy(deep=False)  # the caller's chart keeps its frames
+        if isinstance(part.data, pd.DataFrame):
+            part.data = alt.InlineData(values=to_values(part.data)["values"])
+        if isinstance(part, alt.LayerChart):
+            part.layer = [inline(layer) for layer in part.layer]
+        return part
+    return inline(chart).to_dict(validate=False)
 
 
 def _rows_height(n: int) -> int:
