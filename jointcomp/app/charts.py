@@ -15,9 +15,10 @@ from ..codec import Report
 WIDTH = 320
 HEIGHT = 300  # the whole chart (title, legend, axes) in Streamlit, which fits the height
 PHASES = {"dense": "dense", "admm": "ADMM", "prune": "pruning", "retrain": "retraining", "finetune": "final phase"}
-MULTIPLIERS = {"lambda_prune": "pruning: weight score at the cut", "lambda_quant": "joint: price of one bit"}
+MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
+# One row above the chart, so its labels are short: longer rows ran past its right edge in the page's columns.
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
@@ -94,7 +95,7 @@ def size_over_epochs(epochs: pd.DataFrame) -> alt.LayerChart:
     against the target (which the slider may move)."""
     df = _compression(epochs)
     long = df.melt(id_vars=["epoch_no"], value_vars=["size_kb", "file_kb", "target_kb"], var_name="what")
-    long["what"] = long["what"].map({"size_kb": "paper size (bits x non-zeros)", "file_kb": ".jcz file",
+    long["what"] = long["what"].map({"size_kb": "paper size", "file_kb": ".jcz file",
                                      "target_kb": "target"})
     return alt.Chart(long).mark_line(point=True).encode(
         x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
@@ -155,7 +156,7 @@ def multipliers(epochs: pd.DataFrame) -> alt.Chart:
 
 def residuals(epochs: pd.DataFrame) -> alt.Chart:
     """Primal residual sum ||W - V||^2 and dual norm ||U|| per epoch (log scale)."""
-    names = {"primal_residual": "primal residual ‖W − V‖²", "dual_norm": "dual norm ‖U‖"}
+    names = {"primal_residual": "primal ‖W − V‖²", "dual_norm": "dual ‖U‖"}
     return _log_lines(epochs, names, "value (log)", alt.Title("Residuals", subtitle="of ADMM, all layers together"))
 
 
