@@ -93,15 +93,8 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
     """The live charts as Vega-Lite specs, built once per finished epoch (not every redraw)."""
     key = (id(r), epochs_done, r.final is not None)
     if st.session_state.get("chart_key") != key:
-        epochs, layers = r.epochs(), r.layers()
-        charts_now = {
-            "accuracy": charts.accuracy_over_epochs(epochs, dense_accuracy), "size": charts.size_over_epochs(epochs),
-            "tradeoff": charts.tradeoff(r.curve(), epochs, TRADEOFF_SUBSET), "loss": charts.loss_over_steps(r.steps()),
-            "multipliers": charts.multipliers(epochs), "residuals": charts.residuals(epochs),
-            "layers": charts.layer_bars(layers), "density": charts.layer_heatmap(layers, "density"),
-            "bits": charts.layer_heatmap(layers, "bits"),
-        }
-        st.session_state.chart_specs = {name: charts.vega_lite(chart) for name, chart in charts_now.items()}
+        now = charts.live(r.epochs(), r.layers(), r.steps(), r.curve(), dense_accuracy, TRADEOFF_SUBSET)
+        st.session_state.chart_specs = {name: charts.vega_lite(chart) for name, chart in now.items()}
         st.session_state.chart_key = key
     return st.session_state.chart_specs
 

@@ -83,14 +83,10 @@ def test_a_live_chart_keeps_its_data_whichever_data_transformer_altair_has_activ
     from jointcomp.trainer import CompressConfig, Engine
 
     history = list(Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=2, tradeoff=True, device="cpu")))
-    epochs, layers = epochs_frame(history), layers_frame(history)
-    live = [charts.accuracy_over_epochs(epochs, 0.97), charts.size_over_epochs(epochs),
-            charts.tradeoff(curve_frame(history), epochs, 1000), charts.loss_over_steps(steps_frame(history)),
-            charts.multipliers(epochs), charts.residuals(epochs), charts.layer_bars(layers),
-            charts.layer_heatmap(layers, "density"), charts.layer_heatmap(layers, "bits")]
+    live = charts.live(epochs_frame(history), layers_frame(history), steps_frame(history), curve_frame(history), 0.97, 1000)
     alt.data_transformers.register("filed_elsewhere", lambda data: {"name": "filed-elsewhere"})
     with alt.data_transformers.enable("filed_elsewhere"):
-        specs = [charts.vega_lite(chart) for chart in live]
+        specs = [charts.vega_lite(chart) for chart in live.values()]
     for spec in specs:
         refs = dataset_refs(spec)
         assert refs and all(len(spec["datasets"].get(name, [])) > 0 for name in refs), spec.get("title")

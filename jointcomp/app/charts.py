@@ -202,6 +202,17 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
     ).properties(title=title, width=WIDTH, height=_rows_height(n))
 
 
+def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve: pd.DataFrame,
+         dense_accuracy: float | None = None, subset: int | None = None) -> dict[str, alt.TopLevelMixin]:
+    """The charts of a run as it trains (the app's Compress page), by name, from its frames."""
+    return {
+        "accuracy": accuracy_over_epochs(epochs, dense_accuracy), "size": size_over_epochs(epochs),
+        "tradeoff": tradeoff(curve, epochs, subset), "loss": loss_over_steps(steps),
+        "multipliers": multipliers(epochs), "residuals": residuals(epochs), "layers": layer_bars(layers),
+        "density": layer_heatmap(layers, "density"), "bits": layer_heatmap(layers, "bits"),
+    }
+
+
 def allocation(layers: pd.DataFrame) -> alt.Chart:
     """A what-if allocation (one set of layer records): density and bits per layer."""
     return layer_bars(layers.assign(epoch=0)).properties(
