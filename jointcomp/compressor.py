@@ -36,7 +36,7 @@ from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the fi
 from .data import DESCRIPTION_KEYS
 from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
 from .links import Links
-from .methods import METHODS, make_method
+from .methods import METHODS, Layers, make_method
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
@@ -216,7 +216,7 @@ class Compressor:
         self.links = Links.of(model, self.names)
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
         self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
-        self.method = make_method(self.config.method, self.params, self.projector, self.schedule.every)
+        self.method = make_method(self.config.method, Layers(model, self.names, self.params, self.projector))
         self._lock = threading.Lock()
         self._target_bits = self.resolve(self.config.target)
         self.density = self.initial_density(self._target_bits)  # per layer, of the last projection: what positions cost
@@ -277,7 +277,9 @@ class Compressor:
         decided = t == 0
         if t == 0:
             self.density = self.initial_density(target)
-        projected = self.method.before_step(t, Budget(target, self.density))
+        projected = None
+        if self.fixed_target is None and self.schedule.projects(t):
+            projected = self.method.project(Budget(target, self.density))
         if projected:
             self.lambdas = projected
             self.density = self.method.density()
@@ -427,7 +429,7 @@ class Compressor:
 
     def _deployable(self, bits: float) -> Allocation:
         """The method's deployable model at `bits`, positions priced at the last projection's densities."""
-        return self.method.deployable(Budget(bits, self.density))
+        return self.method.allocate(Budget(bits, self.density))
 
     def _fix_allocation(self, target: float, retrain: bool) -> None:
         """Fit the current weights to the live target and train in that shape from now on

@@ -398,7 +398,7 @@ class Engine:
         for i, (x, y) in enumerate(batches(self.data, self.config, epoch, self.device)):
             if i < first:
                 continue
-            if i % self.compressor.schedule.every == 0:
+            if self.compressor.schedule.projects(i):
                 self._good = copy.deepcopy({
                     "batch": i, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),

@@ -17,8 +17,8 @@ TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, t
 
 
 def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
-    """What the method would start from at `target` (default: the live one): one joint
-    projection of the current weights, scored and sized as a final record would be."""
+    """What the compressor's method would start from at `target` (default: the live one): its
+    allocation of the current weights, scored and sized as a final record would be."""
     bits = comp.resolve(target) if target is not None else comp.target_bits
     alloc, file_bytes, size = _project(comp, bits, comp.initial_density(bits))
     nan = torch.full((len(comp.specs),), float("nan"), dtype=torch.float64)
@@ -31,8 +31,8 @@ def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
 def tradeoff(comp: Compressor, target: str | float | None = None, factors: Sequence[float] = TRADEOFF_FACTORS,
              evaluate: Callable[[nn.Module], float] | None = None) -> list[CurvePoint]:
     """The trade-off around `target` (default: the live one): for each size target x factor
-    (within what the model can reach), the score of the current weights projected to it
-    (`evaluate` defaults to the compressor's)."""
+    (within what the model can reach), the score of the method's allocation of the current
+    weights to it (`evaluate` defaults to the compressor's)."""
     center = comp.resolve(target) if target is not None else comp.target_bits
     low, high = feasible_range([s.numel for s in comp.specs], [s.bounds for s in comp.specs],
                                comp.accounting, comp.reserved_bits)
@@ -44,11 +44,9 @@ def tradeoff(comp: Compressor, target: str | float | None = None, factors: Seque
 
 
 def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allocation, int, float]:
-    """The joint projection of the current weights fitted to `bits`, positions priced at
+    """The method's allocation of the current weights fitted to `bits`, positions priced at
     `density`, with its file bytes and size."""
-    weights = [p.detach() for p in comp.params]
-    tables = comp.projector.shared_tables(weights, comp.method.books)  # those of the epoch's deployable model, if made
-    alloc = trim_to_fit(lambda budget: comp.projector.joint(weights, Budget(budget, density), tables), bits, comp.measure)
+    alloc = trim_to_fit(lambda budget: comp.method.allocate(Budget(budget, density)), bits, comp.measure)
     file_bytes = len(comp.encode(alloc))
     return alloc, file_bytes, comp.measure(alloc, file_bytes)
 
