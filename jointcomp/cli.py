@@ -70,7 +70,10 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
     comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
     comp.add_argument("--rho", type=float, default=CompressConfig.rho, help="ADMM penalty")
     comp.add_argument("--method", choices=tuple(METHODS), default=CompressConfig.method,
-                      help="admm (jointcomp) or a baseline, for comparisons (default admm)")
+                      help="admm (jointcomp, trained), posttrain (jointcomp without training, from --calibration "
+                           "inputs: a minute) or a baseline, for comparisons (default admm)")
+    comp.add_argument("--calibration", type=int, default=CompressConfig.calibration,
+                      help=f"training inputs posttrain calibrates on (default {CompressConfig.calibration})")
     comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
                       help="fraction of the epochs (every method), before the final phase, with masks and bitwidths fixed and "
                            f"the kept weights trained through their quantization (default {CompressConfig.retrain})")
@@ -221,7 +224,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
             lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
-            budget_mode=args.budget_mode, seed=args.seed, device=args.device,
+            budget_mode=args.budget_mode, seed=args.seed, device=args.device, calibration=args.calibration,
         )
         data = load_dataset(args.data, args.data_dir, args.download)
         torch.manual_seed(config.seed)

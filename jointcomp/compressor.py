@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class CompressorConfig:
     trainer's settings (epochs, learning rate, ...) extend it in trainer.CompressConfig."""
 
     target: str | float = "50x"
-    method: str = "admm"  # or a baseline: "uniform", "sequential" (see methods.py)
+    method: str = "admm"  # "posttrain" (no training), or a baseline: "uniform", "sequential" (jointcomp/methods/)
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
     rho: float = 2.0  # ADMM penalty
     project_every: int = 0  # steps between projections; 0 = schedule.DEFAULT_PROJECTIONS over the run
@@ -78,8 +78,9 @@ class CompressorConfig:
             raise ValueError(f"unknown budget mode {self.budget_mode!r}; use {' or '.join(map(repr, BUDGET_MODES))}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.budget_mode != "paper" and self.method != "admm":
-            raise ValueError(f"the {self.budget_mode} budget mode needs method 'admm' "
+        if self.budget_mode != "paper" and not METHODS[self.method].measured_budgets:
+            measured = ", ".join(repr(name) for name, m in METHODS.items() if m.measured_budgets)
+            raise ValueError(f"the {self.budget_mode} budget mode needs method {measured} "
                              "(the baselines cannot trim to a measured size)")
         unknown = [t for t in self.layer_types if not isinstance(getattr(nn, t, None), type)]
         if unknown:
@@ -127,6 +128,16 @@ def compressible_weights(model: nn.Module, config: CompressorConfig) -> list[tup
             "(check --exclude and the layer types)"
         )
     return found
+
+
+@torch.no_grad()
+def _assign(model: nn.Module, params: list[nn.Parameter], values: list[torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy `values` into `params` and `state` into the model's tensors of those names."""
+    for p, v in zip(params, values):
+        p.copy_(v)
+    tensors = model.state_dict(keep_vars=True)
+    for name, value in state.items():
+        tensors[name].detach().copy_(value)
 
 
 def describe(module: nn.Module) -> str:
@@ -185,7 +196,7 @@ class Compressor:
         model: nn.Module,
         target: str | float | None = None,
         *,
-        steps: int,
+        steps: int = 0,
         config: CompressorConfig | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
         callback: Callable[[Record], None] | None = None,
@@ -195,8 +206,6 @@ class Compressor:
         if target is not None:
             options["target"] = target
         self.config = dataclasses.replace(config or CompressorConfig(), **options)
-        if int(steps) < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # the names, the file and the teacher are those of the model itself
         self.model, self.steps = model, int(steps)
@@ -217,6 +226,8 @@ class Compressor:
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
         self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
         self.method = make_method(self.config.method, Layers(model, self.names, self.params, self.projector))
+        if self.method.trains and self.steps < 1:
+            raise ValueError(f"steps must be at least 1 for method {self.config.method!r}, got {steps}")
         self._lock = threading.Lock()
         self._target_bits = self.resolve(self.config.target)
         self.density = self.initial_density(self._target_bits)  # per layer, of the last projection: what positions cost
@@ -296,6 +307,12 @@ class Compressor:
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
 
+    def calibrate(self, batches: Iterable) -> None:
+        """Show the method the network's inputs: `batches` of model inputs, or of (inputs, labels)
+        pairs (a DataLoader, a list of tensors). The post-training method prices its options and
+        reconstructs the kept weights with them; then `finish()` compresses without training."""
+        self.method.calibrate(batches)
+
     def note(self, text: str) -> None:
         """Tell `text` in the next epoch record (an event of the run, e.g. a recovery)."""
         self.notes.append(text)
@@ -359,8 +376,7 @@ class Compressor:
         """Put the final deployable weights into the model itself (after `finish`)."""
         if self.final is None:
             raise ValueError("nothing to convert yet: call finish() first")
-        for p, value in zip(self.params, self.final.values):
-            p.copy_(value)
+        _assign(self.model, self.params, self.final.values, self.final.state)
         self.converted = True
         return self.model
 
@@ -418,7 +434,8 @@ class Compressor:
     def encode(self, alloc: Allocation) -> bytes:
         """The .jcz bytes of the model with this allocation's compressed weights."""
         spec = {k: self.meta[k] for k in DESCRIPTION_KEYS if k in self.meta} if "model" in self.meta else None
-        return encode(self.model, self.packed(alloc), spec)
+        with self._weights(alloc, values=False):
+            return encode(self.model, self.packed(alloc), spec)
 
     def measure(self, alloc: Allocation, file_bytes: int | None = None) -> float:
         """The allocation's size in this compressor's accounting (real bytes where it counts those;
@@ -457,25 +474,26 @@ class Compressor:
         evaluate = evaluate or self.evaluate
         if evaluate is None:
             return float("nan")
-        with self._weights(alloc.values if alloc is not None else None):
+        with self._weights(alloc):
             return float(evaluate(self.model))
 
     @contextlib.contextmanager
-    def _weights(self, values: list[torch.Tensor] | None) -> Iterator[None]:
-        """The model with `values` as its compressed weights for a while, then exactly as before."""
-        if values is None:
+    def _weights(self, alloc: Allocation | None, values: bool = True) -> Iterator[None]:
+        """The model with this allocation's compressed weights (`values`) and other state for a
+        while, then exactly as before."""
+        params = self.params if values and alloc is not None else []
+        state = alloc.state if alloc is not None else {}
+        if not params and not state:
             yield
             return
-        saved = [p.detach().clone() for p in self.params]
+        tensors = self.model.state_dict(keep_vars=True)
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {k: tensors[k].detach().clone() for k in state}
         try:
-            with torch.no_grad():
-                for p, v in zip(self.params, values):
-                    p.copy_(v)
+            _assign(self.model, params, alloc.values if params else [], state)
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+            _assign(self.model, params, saved_params, saved_state)
 
     def layer_records(self, alloc: Allocation, residual: torch.Tensor, dual: torch.Tensor) -> list[LayerRecord]:
         """Each compressed layer's record for this allocation (and its ADMM residual and dual norm)."""

@@ -48,6 +48,8 @@ class Allocation:
     size_bits: float
     lambda_prune: float
     lambda_quant: float
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # other tensors of the model this allocation
+    # sets (by state-dict name): BatchNorm statistics re-estimated for it
 
     @property
     def nnz(self) -> torch.Tensor:

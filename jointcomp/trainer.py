@@ -56,6 +56,7 @@ class CompressConfig(CompressorConfig):
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
     tradeoff: bool = False  # record the accuracy/size trade-off around the target (the app), within TRADEOFF_SHARE of the time
+    calibration: int = 512  # training inputs a method that calibrates (posttrain) sees, drawn by `seed`
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +65,8 @@ class CompressConfig(CompressorConfig):
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
+        if self.calibration < 1:
+            raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
         if self.batch_size < 1 or self.lr == 0:
             raise ValueError("batch_size and lr must be positive")
         if self.optimizer not in ("sgd", "adam"):
@@ -129,6 +132,21 @@ def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device
         idx = order[i : i + config.batch_size]
         x = data.train_x[idx].to(device)
         yield (data.augment(x, generator) if data.augment else x), data.train_y[idx].to(device)
+
+
+def calibration_inputs(data: Data, count: int, seed: int, device: torch.device, size: int = 128) -> list[torch.Tensor]:
+    """`count` training inputs, drawn at random by `seed` without augmentation (DataLoaders: their
+    first ones), in batches of `size`: what a method that calibrates sees."""
+    if isinstance(data, Loaders):
+        found, taken = [], 0
+        for x, _ in data.train:
+            found.append(x[: count - taken].to(device))
+            taken += len(found[-1])
+            if taken >= count:
+                break
+        return found
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:count]
+    return [data.train_x[i].to(device) for i in order.split(size)]
 
 
 def val_batches(data: Data, device: torch.device, size: int = 1000):
@@ -331,7 +349,7 @@ class Engine:
 
         comp = self.compressor
         yield self._emit(StartRecord(
-            cfg.epochs, self.steps_per_epoch, cfg.dense_epochs, comp.dense_bits,
+            cfg.epochs if comp.method.trains else 0, self.steps_per_epoch, cfg.dense_epochs, comp.dense_bits,
             comp.target_bits, comp.names, str(self.device), done, changes,
         ))
         opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
@@ -353,7 +371,8 @@ class Engine:
 
     def _epochs(self, done: int, opt, sched, elapsed: float, started: float) -> Iterator[Record]:
         cfg, spe = self.config, self.steps_per_epoch
-        for epoch in range(done, cfg.dense_epochs + cfg.epochs):
+        trains = self.compressor.method.trains
+        for epoch in range(done, cfg.dense_epochs + (cfg.epochs if trains else 0)):
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs and epoch > 0:  # compression starts from the dense-trained model
                 self._reattach()
@@ -381,6 +400,8 @@ class Engine:
 
         if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
             self._reattach()
+        if not trains:  # compression without training, from the model as it is now
+            self.compressor.calibrate(calibration_inputs(self.data, cfg.calibration, cfg.seed, self.device))
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
 
     def _steps(self, epoch: int, first: int, dense: bool, opt, sched) -> Iterator[Record]:
@@ -434,7 +455,7 @@ class Engine:
         what the sharpness of the model as attached allows on the first batch, with the loss
         it will train on (distillation included)."""
         cfg = self.config
-        if not cfg.auto_lr or self.compressor.step_count > 0:
+        if not cfg.auto_lr or self.compressor.step_count > 0 or not self.compressor.method.trains:
             return cfg.lr
         lr, curvature = self._stable_lr(cfg.lr)
         if lr < cfg.lr:

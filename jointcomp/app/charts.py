@@ -41,9 +41,13 @@ def vega_lite(chart: alt.Chart | alt.LayerChart) -> dict:
     return inline(chart).to_dict(validate=False)
 
 
+CHART_CHROME = 120  # pixels of a per-layer chart besides its rows: title, legend and axis (the app fits all in the height)
+
+
 def _rows_height(n: int) -> int:
-    """Pixels for n rows of a per-layer chart: 20 a row for a few layers, 7 for many."""
-    return max(60, n * max(7, min(20, 420 // max(1, n))))
+    """Pixels for a per-layer chart of n rows: 20 a row for a few layers, down to 12 for many (room
+    for every layer's name and its "N bits" label), plus the title, legend and axis."""
+    return CHART_CHROME + n * max(12, min(20, 420 // max(1, n)))
 
 
 def _compression(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -171,7 +175,7 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
     now = _named(layers[layers["epoch"] == layers["epoch"].max()]).assign(text=lambda d: d["bits"].astype(str) + " bits")
     tooltip = [alt.Tooltip("layer:N", title="layer"), alt.Tooltip("numel:Q", title="weights"),
                alt.Tooltip("nnz:Q", title="kept"), alt.Tooltip("density:Q", format=".3f"), "bits:Q"]
-    y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220))
+    y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelOverlap=False, labelFontSize=10))
     bars = alt.Chart(now).mark_bar().encode(
         x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"), y=y,
         color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9))),
@@ -195,7 +199,7 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
     scale = alt.Scale(scheme="viridis", domain=[0, 1]) if field == "density" else alt.Scale(scheme="viridis", domain=[1, 8])
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("epoch_no:O", title="epoch", axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelFontSize=10 if n <= 30 else 7)),
+        y=alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelOverlap=False, labelFontSize=10)),
         color=alt.Color(f"{field}:Q", title=field, scale=scale, legend=LAYER_LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("layer:N", title="layer"),
                  alt.Tooltip("density:Q", format=".3f"), "bits:Q"],

@@ -13,6 +13,7 @@ class Admm(Method):
     projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
 
     first_phase = "admm"
+    measured_budgets = True
 
     def __init__(self, layers: Layers) -> None:
         super().__init__(layers)

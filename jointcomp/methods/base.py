@@ -74,6 +74,7 @@ class Method:
 
     first_phase: str  # the records' name of the phase before `fix_allocation` ("admm", "prune")
     trains = True  # False: the method compresses without training (no steps, `calibrate` then `allocate`)
+    measured_budgets = False  # whether its allocations can be trimmed to a measured size (the file, flash modes)
 
     def __init__(self, layers: Layers) -> None:
         self.layers = layers

@@ -1,0 +1,130 @@
+"""Compression without training (method posttrain): every kind of model the defaults cover
+compresses to its target from calibration inputs, the file reloads exactly and runs in C as in
+PyTorch, options priced by output error beat magnitude where inputs are far from isotropic, and
+the command line does it with one clear line for bad input."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import jointcomp
+from jointcomp import CompressConfig, Engine, whatif
+from jointcomp.budget import Budget
+from jointcomp.deploy.c import export_c
+from jointcomp.trainer import calibration_inputs
+from c_runtime import compile_c, run_c
+from sizes import fits
+from test_defaults import MODELS, subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_posttrain_compresses_every_kind_of_model_to_its_target(name, tmp_path):
+    data_name, build = MODELS[name]
+    data = subset(jointcomp.load_dataset(data_name))
+    torch.manual_seed(0)
+    start = build(data)
+    for target in ("10x", "200x"):
+        model = copy.deepcopy(start)
+        engine = Engine(model, data, CompressConfig(target=target, method="posttrain", calibration=64, device="cpu"))
+        records = list(engine)
+        assert [r.kind for r in records] == ["start", "final"]  # no training step, no epoch
+        path = tmp_path / f"{target}.jcz"
+        engine.export(str(path))
+        assert fits(path, target, start), target
+        reloaded = jointcomp.load_compressed(str(path), model=build(data)).eval()
+        engine.compressor.convert_()
+        with torch.no_grad():
+            assert torch.equal(reloaded(data.val_x[:64]), model.eval()(data.val_x[:64]))
+        if name in ("lenet5", "conv-bn factory"):  # the C export of a reconstructed, BatchNorm-re-estimated model
+            export_c(str(path), tmp_path / "c", model=build(data), input_shape=data.input_shape)
+            ours = run_c(compile_c(tmp_path / "c"), data.val_x[:100])
+            with torch.no_grad():
+                assert (ours - reloaded(data.val_x[:100])).abs().max().item() <= 1e-4
+
+
+def test_calibrated_options_beat_magnitude_on_inputs_far_from_isotropic():
+    """One linear layer whose input features have scales from 0.01 to 10: magnitude (admm's
+    untrained projection) keeps the large weights of quiet inputs; posttrain prices each option
+    by what it does to the output and reconstructs the rest, at the same size."""
+    torch.manual_seed(0)
+    scales = torch.logspace(-2, 1, 64)
+    x = torch.randn(2048, 64) * scales
+    layer = nn.Linear(64, 32, bias=False)
+    dense = layer.weight.detach().clone()
+
+    def output_error(method: str) -> tuple[float, float]:
+        model = copy.deepcopy(nn.Sequential(layer))
+        comp = jointcomp.Compressor(model, "16x", steps=1, method=method)
+        comp.calibrate(x.split(256))
+        final = comp.finish()
+        comp.convert_()
+        with torch.no_grad():
+            return float((model(x) - x @ dense.T).square().mean()), final.size_bits
+
+    calibrated, calibrated_size = output_error("posttrain")
+    magnitude, magnitude_size = output_error("admm")
+    target = 32 * dense.numel() / 16
+    assert calibrated_size <= target and magnitude_size <= target
+    assert calibrated < 0.25 * magnitude, (calibrated, magnitude)
+
+
+def test_the_what_if_is_the_methods_own_allocation(trained_mlp):
+    """uniform: one bitwidth and one density for all layers; sequential and admm choose per layer."""
+    found = {}
+    for method in ("admm", "uniform", "sequential"):
+        comp = jointcomp.Compressor(copy.deepcopy(trained_mlp), "50x", steps=10, method=method)
+        layers = whatif.plan(comp).layers
+        found[method] = [(l.bits, l.nnz) for l in layers]
+        if method == "uniform":
+            assert len({l.bits for l in layers}) == 1
+            assert max(l.density for l in layers) - min(l.density for l in layers) < 0.01
+    assert found["uniform"] != found["admm"] and found["sequential"] != found["admm"]
+
+
+def test_posttrain_is_deterministic_and_a_new_target_reuses_the_option_tables(trained_mlp, digits):
+    def run(target: str, comp=None):
+        comp = comp or jointcomp.Compressor(copy.deepcopy(trained_mlp), target, method="posttrain")
+        if comp.method.tables is None:
+            comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+        comp.set_target(target)
+        return comp, comp.finish()
+
+    comp, first = run("50x")
+    tables = comp.method.tables
+    _, again = run("50x")
+    assert [(l.bits, l.nnz) for l in first.layers] == [(l.bits, l.nnz) for l in again.layers]
+    _, smaller = run("200x", comp)
+    assert comp.method.tables is tables  # the slider's move: a knapsack and a reconstruction, no new tables
+    assert smaller.size_bits <= comp.resolve("200x") < first.size_bits
+    assert comp.method.allocate(Budget(comp.resolve("200x"))).size_bits <= comp.resolve("200x")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "jointcomp", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_command_compresses_without_training_and_refuses_bad_calibration(tmp_path):
+    out = tmp_path / "run"
+    result = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "10", "--method", "posttrain",
+                 "--target", "50x", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["size_bits"] <= summary["target_bits"]
+    assert summary["accuracy"] >= summary["dense_accuracy"] - 0.05
+    evaluated = cli("evaluate", out / "model.jcz", "--data", "digits").stdout
+    assert f"accuracy {summary['accuracy']:.4f}" in evaluated
+    for value, says in (("0", "calibration must be at least 1"), ("8", "at least 16 calibration inputs")):
+        bad = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "0", "--method", "posttrain",
+                  "--calibration", value, "--out", tmp_path / f"bad{value}", "--overwrite")
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
