@@ -18,7 +18,7 @@ from jointcomp.rundir import atomic_write
 from jointcomp.app.runner import prepare
 
 FOLDER = "image folder…"
-MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp"], "mnist": ["lenet5", "mlp"],
+MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp", "resnet20"], "mnist": ["lenet5", "mlp", "resnet20"],
               "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "mlp"]}
 TRAIN_HERE, UPLOAD = "train a dense model here", "upload a checkpoint…"
 RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]
@@ -36,6 +36,7 @@ class Choices:
 
 def sidebar(with_method: bool = True) -> Choices:
     """Model, data and training settings; advanced options folded away."""
+    keep_choices()
     sb = st.sidebar
     sb.header("Network and data")
     data = sb.selectbox("Data set", [*available(), FOLDER], key="data",
@@ -52,8 +53,9 @@ def sidebar(with_method: bool = True) -> Choices:
     checkpoint = shared.get(start)
     if start == UPLOAD:
         upload = sb.file_uploader("Checkpoint", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES], key="checkpoint")
-        if upload is not None:
-            checkpoint = str(saved_upload(upload.name, upload.getvalue()))
+        if upload is not None:  # kept for this model, so the other pages start from it too
+            st.session_state[f"uploaded_{model}"] = str(saved_upload(upload.name, upload.getvalue()))
+        checkpoint = st.session_state.get(f"uploaded_{model}")
     sb.header("Training")
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
     rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
@@ -66,7 +68,8 @@ def sidebar(with_method: bool = True) -> Choices:
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         if with_method:
             method = st.selectbox("Method", list(METHODS), key="method",
-                                  help="admm is jointcomp; the others are baselines")
+                                  help="admm is jointcomp (trained), posttrain jointcomp without training; uniform "
+                                       "and sequential are baselines")
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
                                        help=budget_modes_help())
         retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, CompressConfig.retrain, 0.1, key="retrain",
@@ -77,8 +80,20 @@ def sidebar(with_method: bool = True) -> Choices:
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = CompressConfig(epochs=epochs, rho=rho, lr=CompressConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
-                            budget_mode=budget_mode if method == "admm" else "paper", retrain=retrain, finetune=finetune, distill=distill)
+                            budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill)
     return Choices(model, data, int(pre_epochs), config, checkpoint)
+
+
+KEPT = ("data", "folder", "model_", "start_", "epochs", "rho", "lr", "dense_", "batch", "seed", "method", "budget_mode",
+        "retrain", "finetune", "distill")  # the sidebar's widget keys (or their prefixes) that follow the user
+
+
+def keep_choices() -> None:
+    """Keep the sidebar's choices when the user moves to another page: Streamlit forgets the value
+    of a widget that a page run does not draw, unless it was set through the session state."""
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith(KEPT):
+            st.session_state[key] = st.session_state[key]
 
 
 def saved_upload(name: str, content: bytes) -> Path:

@@ -55,7 +55,7 @@ def row(name: str, model: torch.nn.Module, target: str, device: torch.device) ->
     flat = torch.cat([w.flatten() for w in weights])
     projector.joint(weights, budget)  # warm-up
     tables = projector.joint_tables(weights)
-    bits, _ = projector.joint_bits(weights, budget, tables)
+    bits, _, _ = projector.joint_bits(weights, budget, tables)
     sort_s = best_of(lambda: torch.sort(flat))
     tables_s = best_of(lambda: projector.joint_tables(weights))
     g = torch.Generator().manual_seed(0)

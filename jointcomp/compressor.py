@@ -367,7 +367,7 @@ class Compressor:
         residual, dual = self.method.residuals()
         return self._emit(FinalRecord(
             self.score(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
-            self.seconds, self.step_count < self.steps, self.final_file_bytes,
+            self.seconds, self.method.trains and self.step_count < self.steps, self.final_file_bytes,
             self.fp32_bytes / self.final_file_bytes, self.layer_records(alloc, residual, dual),
         ))
 

@@ -154,8 +154,8 @@ class Projector:
         return tables
 
     def joint_bits(self, weights: list[torch.Tensor], budget: Budget,
-                   tables: OptionTables | None = None) -> tuple[torch.Tensor, float]:
-        """Bitwidths of the joint projection, and its multiplier.
+                   tables: OptionTables | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Bitwidths and kept counts of the options the joint projection picks, and its multiplier.
 
         Every layer offers (kept count, bitwidth) options, each with its pruning plus
         quantization error and its cost in the budget's accounting; one multiplier prices
@@ -181,12 +181,13 @@ class Projector:
         cost = cost + self.accounting.layer_bits(bits, self.numel[:, None])
         cost = torch.where(allowed, cost, inf)
         pick, lam = solve_mckp_greedy(cost, dist, budget.bits - self.reserved_bits)
-        return bits[torch.arange(len(tables)), pick], lam
+        rows = torch.arange(len(tables))
+        return bits[rows, pick], keep[rows, pick].long(), lam
 
     def joint(self, weights: list[torch.Tensor], budget: Budget, tables: OptionTables | None = None) -> Allocation:
         """The joint projection: bitwidths from `joint_bits`, then the kept weights that fill
         the budget exactly at those bitwidths (knapsack), then a codebook per layer."""
-        bits, lam = self.joint_bits(weights, budget, tables)
+        bits, _, lam = self.joint_bits(weights, budget, tables)
         alloc = self.prune_and_quantize(weights, bits, budget)
         alloc.lambda_quant = lam
         return alloc

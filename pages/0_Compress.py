@@ -17,8 +17,9 @@ CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redra
 
 st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")
 st.title("jointcomp: compress a network to a size budget")
-st.caption("Give only the target size: one training run learns which weights to keep and how many bits "
-           "each layer gets (ADMM with knapsack projections, Yang et al., CVPR 2020).")
+st.caption("Give only the target size. Without training, a few hundred calibration inputs decide which weights "
+           "to keep and how many bits each layer gets (the slider shows it at once); one training run learns them "
+           "(ADMM with knapsack projections, Yang et al., CVPR 2020).")
 
 choices = ui.sidebar()
 model, data, dense_accuracy = ui.start_or_stop(choices)
@@ -29,6 +30,7 @@ if st.session_state.get("preview_key") != key:  # a per-session compressor, on i
     st.session_state.preview = what_if(model, data, choices.config, choices.model)
     st.session_state.preview_key = key
 preview: Compressor = st.session_state.preview
+preview_inputs = choices.config.calibration
 
 ratio = ui.target_slider(preview.dense_bits)
 target = f"{ratio}x"
@@ -39,9 +41,13 @@ if running and abs(runner.target_bits - preview.dense_bits / ratio) > 1e-6 * pre
     runner.set_target(target)  # the running compression follows the slider at its next projection
     st.toast(f"Target of the running compression moved to {target}")
 
-start_col, stop_col, status_col = st.columns([1, 1, 4])
-if start_col.button("Start", type="primary", disabled=running, key="start"):
-    config = dataclasses.replace(choices.config, target=target)
+start_col, posttrain_col, stop_col, status_col = st.columns([1, 2, 1, 4])
+start = start_col.button("Start", type="primary", disabled=running, key="start",
+                         help=f"train with method {choices.config.method}, {choices.config.epochs} epochs")
+without_training = posttrain_col.button("Compress without training", disabled=running, key="posttrain",
+                                        help="method posttrain: the what-if's result below, as a run you can download")
+if start or without_training:
+    config = dataclasses.replace(choices.config, target=target, **({"method": "posttrain"} if without_training else {}))
     st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir())
     st.rerun()
 if stop_col.button("Stop", disabled=not running, key="stop"):
@@ -57,23 +63,24 @@ SIZES = ("**Paper size** counts bits × non-zeros of the compressed weights, the
          "the Inspect page shows where every byte goes.")
 
 if not running:
-    with st.expander("What-if: what the method would start from at this target, before any training",
-                     expanded=runner is None):
-        st.caption("One joint projection of the dense weights to the target, no training: the allocation "
-                   "ADMM starts from, and what it would score if shipped untrained. Training recovers the rest.")
+    with st.expander("What-if: this target without training", expanded=runner is None):
+        st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
+                   "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
+                   "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
+                   "training run improves on it. Accuracy on the whole validation set.")
         plan = whatif.plan(preview, target)
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)
         c1.metric("Size (paper accounting)", format_bits(plan.size_bits), f"{plan.ratio:.1f}x smaller", delta_color="off")
-        c2.metric("Accuracy if deployed untrained", f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
+        c2.metric("Accuracy without training", f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
         c3.metric(".jcz file", f"{plan.file_bytes:,} B", f"{plan.file_ratio:.1f}x smaller", delta_color="off")
         st.caption(SIZES + " Ratios below 4x ask for more than 8 bits per weight: every layer keeps all "
                    "its weights at 8 bits, the most a codebook offers.")
         left, right = st.columns(2)
-        left.altair_chart(charts.allocation(pd.DataFrame(layers)))
+        left.container(key="whatif_allocation").altair_chart(charts.allocation(pd.DataFrame(layers)))
         curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
                               for point in whatif.tradeoff(preview, target, evaluate=subset_accuracy(data))])
-        right.altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
+        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
 
 
 CAPTIONS = {
@@ -118,7 +125,8 @@ def progress() -> None:
     for note in p.notes:
         st.info(note)
     if not p.epoch and r.running:
-        st.info("The first charts appear after the first compression epoch.")
+        st.info("Compressing without training: calibration, then each layer in turn." if p.total_epochs == 0 else
+                "The first charts appear after the first compression epoch.")
     if running and not r.running:
         st.rerun(scope="app")  # the run just ended: show the results
 
@@ -156,8 +164,11 @@ if runner is not None and not running and runner.final is not None:
     cols[2].metric("Paper size (bits × non-zeros)", format_bits(final.size_bits), f"{final.ratio:.1f}x", delta_color="off")
     cols[3].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
     cols[4].metric("Target", format_bits(final.target_bits))
-    st.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
-                   "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
+    table, chart = st.columns(2)
+    table.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
+                      "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
+    chart.container(key="result_allocation").altair_chart(
+        charts.allocation(pd.DataFrame([vars(l) for l in final.layers]), "The allocation that ships"))
     st.download_button("Download compressed checkpoint (.jcz)", runner.checkpoint(),
                        file_name=f"{choices.model}-{choices.data}-{final.ratio:.0f}x.jcz",
                        mime="application/octet-stream", key="download")

@@ -16,7 +16,7 @@ choices = ui.sidebar(with_method=False)
 model, data, dense_accuracy = ui.start_or_stop(choices)
 
 targets = st.multiselect("Targets", [f"{r}x" for r in ui.RATIOS], default=["20x", "50x", "100x", "200x"], key="targets")
-methods = st.multiselect("Methods", list(METHODS), default=["admm", "uniform"], key="methods")
+methods = st.multiselect("Methods", list(METHODS), default=["admm", "posttrain", "uniform"], key="methods")
 sweep: Sweep | None = st.session_state.get("sweep")
 running = sweep is not None and sweep.running
 

@@ -239,3 +239,68 @@ def test_inspect_page_rejects_bad_file_and_reads_good_one(app_url, browser, tmp_
     assert torch.equal(ours.argmax(1), reference.argmax(1)) and (ours - reference).abs().max() <= 1e-4
     page.screenshot(path=ARTIFACTS / "7-inspect-good.png", full_page=True)
     page.close()
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the sidebar's select box `label` (the one drawn now: a rerun leaves hidden ones)."""
+    page.locator('[data-testid="stSelectbox"]:visible', has_text=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def assert_drawn(chart, rows: int = 0) -> None:
+    """A chart element whose plot is drawn: tall enough for its rows (12 px each, title, legend and
+    axis aside) and with coloured marks in its lower part (bars, lines), not only a title."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    box = chart.bounding_box()
+    assert box["height"] >= 12 * rows + 100, f"{box['height']:.0f} px for {rows} rows"
+    pixels = np.asarray(Image.open(BytesIO(chart.screenshot())).convert("RGB")).astype(int)
+    lower = pixels[int(len(pixels) * 0.4):]
+    coloured = int((lower.max(-1) - lower.min(-1) > 60).sum())
+    assert coloured >= 150, f"{coloured} coloured pixels below the title: no marks drawn"
+
+
+@pytest.mark.parametrize("model,layers", [("mlp", 3), ("lenet5", 4), ("resnet20", 20)])
+def test_every_chart_is_drawn_for_3_4_and_20_layers(app_url, browser, tmp_path, model, layers):
+    """The what-if's allocation and trade-off, then the result of Compress without training, for
+    networks of 3, 4 and 20 layers (LeNet-5 and ResNet-20 from an uploaded checkpoint); and the
+    choices made on Compress are still there on Sweep."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app_url)
+    page.get_by_text("What-if").wait_for(timeout=90_000)
+    if model != "mlp":
+        choose(page, "Data set", "fashion-mnist")
+        page.get_by_text("training the dense lenet5").wait_for(timeout=120_000)  # the sidebar is drawn again
+        if model != "lenet5":
+            choose(page, "Model", model)
+            page.get_by_text(f"training the dense {model}").wait_for(timeout=120_000)
+        choose(page, "Start from", "upload a checkpoint…")
+        torch.manual_seed(0)
+        from jointcomp import build_model
+        torch.save(build_model(model, (1, 28, 28), 10).state_dict(), tmp_path / f"{model}.pt")
+        page.locator('input[type="file"]').set_input_files(str(tmp_path / f"{model}.pt"))
+    allocation, tradeoff = (page.locator(f".st-key-whatif_{name} .vega-embed") for name in ("allocation", "tradeoff"))
+    allocation.wait_for(timeout=300_000)
+    tradeoff.wait_for(timeout=300_000)
+    page.wait_for_timeout(1000)  # vega draws asynchronously
+    page.screenshot(path=ARTIFACTS / f"8-what-if-{model}.png", full_page=True)
+    assert_drawn(allocation, layers)
+    assert_drawn(tradeoff)
+    page.get_by_role("button", name="Compress without training").click()
+    result = page.locator(".st-key-result_allocation .vega-embed")
+    result.wait_for(timeout=300_000)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=ARTIFACTS / f"9-result-{model}.png", full_page=True)
+    assert_drawn(result, layers)
+    if model != "mlp":
+        page.get_by_role("link", name="Sweep").click()
+        page.get_by_text("Methods").first.wait_for(timeout=60_000)
+        for label, chosen in (("Data set", "fashion-mnist"), ("Model", model)):
+            box = page.locator('[data-testid="stSelectbox"]:visible', has_text=label)
+            expect(box.get_by_role("combobox")).to_have_value(chosen, timeout=60_000)
+    page.close()

@@ -41,13 +41,11 @@ def vega_lite(chart: alt.Chart | alt.LayerChart) -> dict:
     return inline(chart).to_dict(validate=False)
 
 
-CHART_CHROME = 120  # pixels of a per-layer chart besides its rows: title, legend and axis (the app fits all in the height)
-
-
-def _rows_height(n: int) -> int:
-    """Pixels for a per-layer chart of n rows: 20 a row for a few layers, down to 12 for many (room
-    for every layer's name and its "N bits" label), plus the title, legend and axis."""
-    return CHART_CHROME + n * max(12, min(20, 420 // max(1, n)))
+def _rows_height(n: int) -> alt.Step:
+    """The height of a per-layer chart of n rows, as a step per row (Vega-Lite adds title, legend and
+    axis around them; a fixed height would be shared with those, and the app gives a chart no more):
+    20 pixels a row for a few layers, down to 12 for many, room for every name and "N bits" label."""
+    return alt.Step(max(12, min(20, 420 // max(1, n))))
 
 
 def _compression(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -217,10 +215,10 @@ def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve:
     }
 
 
-def allocation(layers: pd.DataFrame) -> alt.Chart:
-    """A what-if allocation (one set of layer records): density and bits per layer."""
+def allocation(layers: pd.DataFrame, title: str = "The allocation at this target") -> alt.Chart:
+    """One allocation (one set of layer records, a what-if's or a result's): density and bits per layer."""
     return layer_bars(layers.assign(epoch=0)).properties(
-        title=alt.Title("The allocation at this target", subtitle="kept fraction, coloured by bitwidth"))
+        title=alt.Title(title, subtitle="kept fraction, coloured by bitwidth"))
 
 
 def sweep(results: pd.DataFrame) -> alt.Chart:

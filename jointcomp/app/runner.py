@@ -24,7 +24,8 @@ from ..budget import parse_target
 from ..compressor import Compressor
 from ..data import Dataset, load_dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from ..trainer import TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, steps_per_epoch, train_dense
+from ..trainer import (TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
+                       train_dense)
 from ..models import build_model, load_weights
 from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
                       layers_frame, steps_frame)
@@ -58,6 +59,8 @@ class Progress:
 
     def describe(self) -> str:
         """One line for people: where the run is, or where it stopped."""
+        if self.total_epochs == 0:
+            return f"compressing without training · {self.elapsed:.0f} s elapsed"
         where = f"compression epoch {self.epoch} of {self.total_epochs}"
         if self.stopped:
             return f"stopped at {where} (step {self.steps:,} of {self.total_steps:,})"
@@ -223,10 +226,15 @@ def subset_accuracy(data: Dataset) -> Callable[[nn.Module], float]:
 
 
 def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name: str) -> Compressor:
-    """A compressor on a copy of `model`, for what-if projections (`whatif.plan`) without training;
-    the caller's model is never touched."""
+    """A compressor on a copy of `model` that compresses without training (method posttrain),
+    calibrated once on `config.calibration` training inputs, for what-ifs (`whatif.plan`): each
+    target then costs one knapsack and the chosen layers' reconstruction. The caller's model is
+    never touched."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    return Compressor(copy.deepcopy(model), steps=1, config=config, evaluate=evaluate, meta=model_description(model_name, data))
+    config = dataclasses.replace(config, method="posttrain")
+    comp = Compressor(copy.deepcopy(model), config=config, evaluate=evaluate, meta=model_description(model_name, data))
+    comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
+    return comp
 
 
 class Sweep(_Worker):

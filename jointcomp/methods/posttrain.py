@@ -3,22 +3,27 @@
 A compressed layer's inputs X on the calibration set give H = X^T X (for a convolution, of its
 unfolded patches): a change dW of its weight changes its output by tr(dW H dW^T), the measure of
 OBS, OBC, GPTQ and SparseGPT. With d_i the i-th diagonal entry of the Cholesky factor of H^-1,
-removing or rounding weight w of input column i after the columns before it were corrected costs
-about (w - q)^2 / d_i^2 (GPTQ's per-column loss). So:
+removing weight w of input column i after the columns before it were corrected costs about
+(w / d_i)^2 (GPTQ's per-column loss). So:
 
 * `calibrate`: one pass over the calibration inputs collects every layer's H (per batch, never
-  the whole set's activations), then each layer's option table: for every (kept count, bits), the
-  output error of keeping the weights of largest w^2 / d^2 and rounding them to a k-means
-  codebook, relative to the layer's output energy tr(W H W^T). The tables do not depend on the
+  the whole set's activations); each layer's sensitivity (how far the network's outputs move per
+  unit of its relative output error); then each layer's option table: for every (kept count,
+  bits), keep the weights of largest (w / d)^2, fit a k-means codebook to them and reconstruct a
+  sample of rows for real; its output error in the network's unit. Nothing here depends on the
   target.
 * `allocate(budget)`: the multiple-choice knapsack over those tables (the one admm's joint
-  projection uses) gives the bits, the pruning knapsack on w^2 / d^2 fills the budget exactly at
-  those bits; then layer after layer, each on the inputs the already-compressed layers before it
-  give, the kept weights are reconstructed column by column with the inverse of H onto the layer's
-  codebook (GPTQ with a mask and a non-uniform codebook), the codebook refitted to the corrected
-  weights; BatchNorm statistics, at the end, either moved by the shift compression made in their
-  inputs or measured anew, whichever brings the outputs closer to the dense network's. The model
-  itself never changes.
+  projection uses) picks each layer's bits and kept count, the pruning knapsack on (w / d)^2 fills
+  what is left of the budget exactly; each layer's kept weights are reconstructed column by column
+  with the inverse of its H onto its codebook (GPTQ with a mask and a non-uniform codebook), the
+  codebook refitted to the corrected weights; then BatchNorm statistics either moved by the shift
+  compression made in their inputs or measured anew, whichever brings the outputs closer to the
+  dense network's. The model itself never changes.
+
+Each layer is reconstructed on its inputs in the dense network, H measured once. Calibrating each
+on the inputs the already-compressed layers before it give (GPTQ's order) took twice as long on
+ResNet-20 and scored no better (BENCHMARKS.md), so a new target costs no forward pass but the
+BatchNorm statistics'.
 """
 from __future__ import annotations
 
@@ -31,14 +36,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..budget import BIT_CHOICES, Budget
-from ..projections import OptionTables, assign, dequantize, fit_codebooks_many
+from ..projections import OptionTables, assign, fit_codebooks_many, knapsack_prune
 from ..projector import Allocation, fingerprint
 from .base import Layers, Method
 
 MIN_CALIBRATION = 16  # fewer inputs than this cannot say how a layer's inputs are spread
 DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's): a singular H stays invertible
-LADDER_POINTS = 24  # kept counts per layer in an option table (a geometric ladder)
+LADDER_POINTS = 12  # kept counts per layer in an option table: a geometric ladder from the fewest to all,
+LINEAR_POINTS = 20  # and evenly spaced fractions of all (every 5 %), where most allocations fall
+TABLE_ROWS = 16  # rows of a layer reconstructed for real to price each of its options
 BLOCK = 128  # columns reconstructed together (GPTQ's lazy batch)
+SENSITIVITY_NOISE = 0.01  # relative output error of the random change that measures a layer's sensitivity
+SENSITIVITY_BATCHES = 2  # calibration batches it is measured on
 
 
 class _Stop(Exception):
@@ -56,8 +65,9 @@ class PostTrain(Method):
     def __init__(self, layers: Layers) -> None:
         super().__init__(layers)
         self.inputs: list[torch.Tensor] = []
+        self.hessians: list[torch.Tensor] = []  # per layer, H of its inputs in the dense network
         self.tables: OptionTables | None = None
-        self.scaled: list[torch.Tensor] = []  # w / (d sqrt(energy)): the pruning knapsack's scores are their squares
+        self.scaled: list[torch.Tensor] = []  # w sqrt(unit) / d: the pruning knapsack's scores are their squares
         self._kept: tuple[torch.Tensor, Allocation] | None = None  # the last reconstruction and its key
 
     # --- target-independent: the inputs and the option tables -------------------------
@@ -72,16 +82,17 @@ class PostTrain(Method):
             raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
                              f"{count}; give more (--calibration N)")
         model, modules = self.layers.model, self._modules()
-        hessians = _hessians(model, modules, self.inputs)
+        self.hessians = hessians = _hessians(model, modules, self.inputs)
+        sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
         layers, scaled = [], []
-        for p, h, low in zip(tqdm(self.params, desc="option tables", leave=False, disable=None), hessians,
-                             self.projector.min_keep):
+        for p, h, low, weight in zip(tqdm(self.params, desc="option tables", leave=False, disable=None), hessians,
+                                     self.projector.min_keep, sensitivity):
             w = _grouped(p.detach().float(), len(h))
-            d2 = _column_scale(h).square()  # (groups, columns)
-            energy = float(torch.einsum("grd,gde,gre->", w.double(), h, w.double()))
-            energy = energy if energy > 0 else float(w.square().sum())  # a layer whose inputs were all zero
-            layers.append(_option_table(w, d2, energy, low))
-            scaled.append((w / (d2.sqrt()[:, None, :] * math.sqrt(energy))).reshape(p.shape))
+            factor = _damped_inverse_factor(h).to(w.dtype)
+            d = factor.diagonal(dim1=-2, dim2=-1)[:, None, :]  # removing w costs about (w / d)^2 of output
+            unit = weight / _output_energy(w, h)  # network output error per unit of this layer's tr(dW H dW^T)
+            layers.append(_option_table(w, h, factor, (w / d).square(), unit, low))
+            scaled.append((w * math.sqrt(unit) / d).reshape(p.shape))
         self.tables, self.scaled, self._kept = OptionTables(layers, torch.empty(0)), scaled, None
 
     # --- per target -------------------------------------------------------------------
@@ -91,8 +102,9 @@ class PostTrain(Method):
         codebooks layer by layer, and the BatchNorm statistics for them (`Allocation.state`)."""
         if self.tables is None:
             raise ValueError("post-training compression needs calibration inputs first: call calibrate(batches)")
-        bits, lam_quant = self.projector.joint_bits(self.scaled, budget, self.tables)
-        masks, lam_prune = self.projector.prune(self.scaled, bits, budget)
+        bits, kept, lam_quant = self.projector.joint_bits(self.scaled, budget, self.tables)
+        unit, room = self.projector.room(bits, budget)
+        masks, lam_prune = knapsack_prune(self.scaled, unit.tolist(), room, kept.tolist())
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
         if self._kept is None or not torch.equal(self._kept[0], key):
             self._kept = key, self._reconstruct(masks, bits)
@@ -104,29 +116,27 @@ class PostTrain(Method):
         return alloc
 
     def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor) -> Allocation:
-        """Each layer in model order, calibrated on a copy of the model whose earlier layers are
-        already compressed: its kept weights reconstructed onto a codebook; then BatchNorm."""
-        model = copy.deepcopy(self.layers.model)
-        names = self.layers.names
-        params = dict(model.named_parameters())
-        modules = self._modules(model)
+        """Each layer's kept weights reconstructed onto a codebook; then the BatchNorm statistics
+        of a copy of the model holding them."""
         books, codes, values = [], [], []
-        bar = tqdm(list(zip(names, modules, masks, bits.tolist())), desc="reconstructing", leave=False, disable=None)
-        for name, users, mask, b in bar:
+        bar = tqdm(list(zip(self.layers.names, self.params, self.hessians, masks, bits.tolist())), desc="reconstructing",
+                   leave=False, disable=None)
+        for name, p, h, mask, b in bar:
             bar.set_postfix_str(name)
-            weight = params[name]
-            h = _hessians(model, [users], self.inputs, stop=True)[0]
-            book, q = _reconstruct_layer(weight.detach().float(), h, mask, int(b))
-            weight.copy_(q)
+            book, q = _reconstruct_layer(p.detach().float(), h, mask, int(b))
             books.append(book)
             codes.append(assign(torch.masked_select(q, mask), book))
             values.append(q)
+        model = copy.deepcopy(self.layers.model)
+        params = dict(model.named_parameters())
+        for name, q in zip(self.layers.names, values):
+            params[name].copy_(q)
         state = _batchnorm_statistics(self.layers.model, model, self.inputs)
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state)
 
-    def _modules(self, model: nn.Module | None = None) -> list[list[nn.Module]]:
-        """Per compressed weight of `model` (default: the method's), the modules that use it."""
-        model = model or self.layers.model
+    def _modules(self) -> list[list[nn.Module]]:
+        """Per compressed weight, the modules of the model that use it."""
+        model = self.layers.model
         by_weight: dict[int, list[nn.Module]] = {}
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -156,8 +166,7 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.view(n, g, cols // g, positions).permute(1, 0, 3, 2).reshape(g, n * positions, cols // g)
 
 
-def _hessians(model: nn.Module, modules: list[list[nn.Module]], inputs: list[torch.Tensor],
-              stop: bool = False) -> list[torch.Tensor]:
+def _hessians(model: nn.Module, modules: list[list[nn.Module]], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """H = X^T X / samples (groups, columns, columns) of each entry of `modules` over `inputs`."""
     dtype = torch.float64 if inputs[0].device.type == "cpu" else torch.float32
 
@@ -165,7 +174,7 @@ def _hessians(model: nn.Module, modules: list[list[nn.Module]], inputs: list[tor
         rows = _layer_inputs(module, x).to(dtype)
         return torch.einsum("gnc,gnd->gcd", rows, rows), rows.shape[1]
 
-    return _accumulate(model, modules, inputs, measure, stop)
+    return _accumulate(model, modules, inputs, measure, stop=False)
 
 
 @torch.no_grad()
@@ -217,32 +226,73 @@ def _damped_inverse_factor(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _column_scale(h: torch.Tensor) -> torch.Tensor:
-    """d per group and column: removing weight w of that column costs about (w / d)^2 of output."""
-    return _damped_inverse_factor(h).diagonal(dim1=-2, dim2=-1).float()
+def _output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(W H W^T): the layer's output energy on the calibration inputs (its squared weights where
+    no input reached it)."""
+    energy = float(torch.einsum("grd,gde,gre->", w.double(), h, w.double()))
+    return energy if energy > 0 else float(w.square().sum())
 
 
-def _option_table(w: torch.Tensor, d2: torch.Tensor, energy: float, min_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept counts (K,) and the relative output error of each (kept count, bits) option (K, bits):
-    the weights of largest w^2 / d^2 kept, rounded to a k-means codebook fitted to them."""
-    weight = (1.0 / d2)[:, None, :].expand_as(w).flatten()
-    values = w.flatten()
-    score = values.square() * weight
-    order = score.argsort(descending=True)
-    values, weight, score = values[order], weight[order], score[order].double()
-    n = values.numel()
-    tail = torch.cat([score.flip(0).cumsum(0).flip(0), score.new_zeros(1)])
-    ladder = torch.logspace(math.log10(max(1, min_keep)), math.log10(n), LADDER_POINTS, dtype=torch.float64)
+@torch.no_grad()
+def _sensitivities(model: nn.Module, params: list[nn.Parameter], hessians: list[torch.Tensor],
+                   inputs: list[torch.Tensor]) -> list[float]:
+    """Per layer: how much the network's outputs move, per unit of relative output error of that
+    layer (tr(dW H dW^T) / tr(W H W^T)). Measured by giving each layer in turn a random weight
+    change of relative output error SENSITIVITY_NOISE, on the dense network: layers whose errors
+    the rest of the network amplifies or absorbs are told apart, so the knapsack prices every
+    option in one unit, the network's output error."""
+    was_training = model.training
+    model.eval()
+    reference = [model(x) for x in inputs]
+    generator = torch.Generator().manual_seed(0)
+    found = []
+    try:
+        for p, h in zip(params, hessians):
+            w = _grouped(p.detach().float(), len(h))
+            noise = torch.randn(w.shape, generator=generator).to(w.device) * w.std()
+            relative = _output_energy(noise, h) / _output_energy(w, h)
+            saved = p.detach().clone()
+            p.add_((noise * math.sqrt(SENSITIVITY_NOISE / relative)).reshape(p.shape))
+            moved = sum(float((model(x) - y).double().square().sum()) for x, y in zip(inputs, reference))
+            p.copy_(saved)
+            found.append(max(moved, 1e-30) / SENSITIVITY_NOISE)
+    finally:
+        model.train(was_training)
+    return found
+
+
+def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score: torch.Tensor, unit: float,
+                  min_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept counts (K,) and the output error of each (kept count, bits) option (K, bits), in the
+    network's unit (`unit` per unit of the layer's tr(dW H dW^T)): the weights of largest `score`
+    kept, a k-means codebook fitted to them, and the option's reconstruction run for real on a
+    sample of TABLE_ROWS rows (rows are reconstructed independently, with the same H), every option
+    of the layer in one batched pass; its error scaled up to all rows."""
+    groups, rows, _ = w.shape
+    flat, order = w.flatten(), score.flatten().argsort(descending=True)
+    n = flat.numel()
+    ladder = torch.cat([torch.logspace(math.log10(max(1, min_keep)), math.log10(n), LADDER_POINTS, dtype=torch.float64),
+                        n * torch.linspace(0, 1, LINEAR_POINTS + 1, dtype=torch.float64)[1:]])
     keeps = torch.unique(ladder.round().long().clamp(max(1, min_keep), n))
     choices = list(BIT_CHOICES)
-    books, _ = fit_codebooks_many([values[:k] for k in keeps.tolist()], torch.tensor([choices] * len(keeps)), iters=15)
-    errors = torch.empty(len(keeps), len(choices), dtype=torch.float64)
-    for i, k in enumerate(keeps.tolist()):
-        kept, kept_weight = values[:k], weight[:k].double()
-        for j, book in enumerate(books[i]):
-            rounded = book[assign(kept, book)]
-            errors[i, j] = float(tail[k]) + float(((kept - rounded).double().square() * kept_weight).sum())
-    return keeps.cpu(), (errors / energy).cpu()
+    kept_sorted = flat[order]
+    books, _ = fit_codebooks_many([kept_sorted[:k] for k in keeps.tolist()], torch.tensor([choices] * len(keeps)),
+                                  iters=15, sample=1 << 14)
+    rank = torch.empty(n, dtype=torch.long, device=w.device)
+    rank[order] = torch.arange(n, device=w.device)
+    sample = torch.randperm(rows, generator=torch.Generator().manual_seed(rows))[:TABLE_ROWS].to(w.device)
+    rank = rank.view(w.shape)[:, sample]  # (groups, sampled rows, columns)
+    options = [(k, book) for k, layer_books in zip(keeps.tolist(), books) for book in layer_books]
+    masks = torch.cat([rank < k for k, _ in options], 1)
+    widest = 2 ** max(choices)
+    padded = torch.stack([torch.cat([b, b[-1:].expand(widest - b.numel())]) for _, b in options]).to(w.device)
+    per_row = padded.repeat_interleave(len(sample), 0)  # each sampled row of each option, its codebook
+    w_rows = w[:, sample].repeat(1, len(options), 1)
+    q, _ = _round_columns(w_rows, masks, factor, per_row)
+    delta = (w_rows - q).double()
+    error = torch.einsum("grd,gde,gre->r", delta, h, delta).view(len(options), len(sample))
+    errors = error.sum(1).view(len(keeps), len(choices)) * (rows / len(sample))
+    return keeps.cpu(), (errors * unit).cpu()
 
 
 def _reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int
@@ -259,7 +309,7 @@ def _reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor
     book = fit_codebooks_many([torch.masked_select(weight, mask)], torch.tensor([[bits]]))[0][0][0].to(w.device)
     best = None
     for _ in range(2):
-        q, rounded_from = _round_columns(w, m, factor, book)
+        q, rounded_from = _round_columns(w, m, factor, book[None].expand(w.shape[1], -1))
         error = float(torch.einsum("grd,gde,gre->", (w - q).double(), h, (w - q).double()))
         if best is None or error < best[0]:
             best = error, book, q
@@ -269,16 +319,19 @@ def _reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor
     return book, q.reshape(weight.shape)
 
 
-def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, book: torch.Tensor
+def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ with a mask and a non-uniform codebook: each column in turn rounded (kept weights to
-    their nearest centre, pruned ones to zero) and its error spread over the columns not yet
-    rounded through the Cholesky factor of H^-1, in blocks. Returns the rounded weights and the
-    corrected values that were rounded."""
+    """GPTQ with a mask and non-uniform codebooks: each column in turn rounded (kept weights to the
+    nearest centre of their row's sorted codebook, `books` (rows, centres), pruned ones to zero)
+    and its error spread over the columns not yet rounded through the Cholesky factor of H^-1
+    (`factor`, per group), in blocks. Returns the rounded weights and the corrected values that
+    were rounded."""
     w = w.clone()
     q = torch.zeros_like(w)
     before = torch.zeros_like(w)
-    columns = w.shape[-1]
+    groups, rows, columns = w.shape
+    books = books.float()[None].expand(groups, -1, -1).reshape(groups * rows, -1)
+    mids = ((books[:, :-1] + books[:, 1:]) / 2).contiguous()
     for s in range(0, columns, BLOCK):
         e = min(s + BLOCK, columns)
         block = w[:, :, s:e].clone()
@@ -286,7 +339,8 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
         f = factor[:, s:e, s:e]
         for i in range(e - s):
             col = block[:, :, i]
-            rounded = torch.where(mask[:, :, s + i], book[assign(col, book)], 0.0)
+            nearest = torch.searchsorted(mids, col.reshape(-1, 1).contiguous(), right=True)
+            rounded = torch.where(mask[:, :, s + i], books.gather(1, nearest).view(groups, rows), 0.0)
             err = (col - rounded) / f[:, i, i, None]
             block[:, :, i:] -= err[:, :, None] * f[:, i, None, i:]
             q[:, :, s + i], before[:, :, s + i], errors[:, :, i] = rounded, col, err

@@ -1,0 +1,118 @@
+"""Compression without training, as a user runs it: one `python -m jointcomp compress --method
+posttrain` per target and seed (the seed draws the calibration inputs), every other setting the
+CLI's default; beside it, what the untrained projection (the app's what-if before posttrain) gives
+at the same target, and the time of one dense training epoch of the same network in the same run.
+
+    python bench/posttrain.py --model resnet20 --data cifar10 --pretrained ../shared/models/resnet20-12fca82f.th
+    python bench/posttrain.py --model resnet56 --data cifar10 --pretrained ../shared/models/resnet56-4bfd9763.th \
+        --targets 16x 50x
+    python bench/posttrain.py --model lenet5 --data fashion-mnist --dense-epochs 15 --targets 100x 200x 537x 1000x
+
+Without --pretrained the dense start is `python -m jointcomp train --epochs N` (cached in bench/.cache).
+Rows go to bench/results/posttrain.jsonl (one JSON object per run, replaced when run again) and a
+markdown table is printed: mean accuracy over the seeds with its min-max, and one run's command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import CACHE, machine
+from jointcomp import Compressor, build_model, load_dataset
+from jointcomp.models import load_weights
+from jointcomp.rundir import SUMMARY_FILE
+from jointcomp.trainer import accuracy
+
+RUNS = CACHE / "posttrain"
+RESULTS = Path(__file__).resolve().parent / "results" / "posttrain.jsonl"
+
+
+def jointcomp(args: list[str]) -> float:
+    """Run `python -m jointcomp ARGS`; its wall-clock seconds."""
+    tic = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - tic
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def untrained_projection(model_name: str, data_name: str, weights: str, target: str) -> float:
+    """Accuracy of admm's first projection of the dense weights (magnitude pruning + k-means, no
+    calibration): what the app's what-if showed before posttrain."""
+    data = load_dataset(data_name)
+    model = load_weights(build_model(model_name, data.input_shape, data.num_classes), weights).eval()
+    return Compressor(model, target, steps=1, evaluate=lambda m: accuracy(m, data)).finish().accuracy
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--pretrained", help="the published weights to compress (else a `train` run of --dense-epochs)")
+    p.add_argument("--dense-epochs", type=int, default=15)
+    p.add_argument("--targets", nargs="+", default=["8x", "16x", "32x", "50x"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = p.parse_args()
+
+    base = ["--model", args.model, "--data", args.data]
+    weights = args.pretrained
+    if weights is None:
+        dense = RUNS / f"dense-{args.model}-{args.data}-{args.dense_epochs}ep"
+        if not (dense / SUMMARY_FILE).is_file():
+            jointcomp(["train", *base, "--epochs", str(args.dense_epochs), "--out", str(dense), "--overwrite"])
+        weights = str(dense)
+    epoch_seconds = jointcomp(["train", *base, "--pretrained", weights, "--epochs", "1", "--out",
+                               str(RUNS / "one-epoch"), "--overwrite"])
+    rows = []
+    for target in args.targets:
+        magnitude = untrained_projection(args.model, args.data, weights, target)
+        for seed in args.seeds:
+            out = RUNS / f"{args.model}-{args.data}-{target}-seed{seed}"
+            cmd = ["compress", *base, "--pretrained", weights, "--method", "posttrain", "--target", target,
+                   "--seed", str(seed), "--out", str(out), "--overwrite"]
+            seconds = jointcomp(cmd)
+            summary = json.loads((out / SUMMARY_FILE).read_text())
+            rows.append({
+                "network": args.model, "data": args.data, "method": "posttrain", "target": target, "budget_mode": "paper",
+                "seed": seed, "accuracy": summary["accuracy"], "dense_accuracy": summary["dense_accuracy"],
+                "paper_bits": summary["size_bits"], "file_bytes": summary["file_bytes"], "epochs": 0,
+                "minutes": seconds / 60, "untrained_projection": magnitude, "dense_epoch_minutes": epoch_seconds / 60,
+                "command": "python -m jointcomp " + shlex.join(cmd[:-3]).replace(str(Path.cwd()) + "/", ""),
+                "commit": commit(), "machine": machine(),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+
+    RESULTS.parent.mkdir(exist_ok=True)
+    kept = []
+    if RESULTS.is_file():
+        ours = {(r["network"], r["data"], r["target"], r["seed"]) for r in rows}
+        kept = [line for line in RESULTS.read_text().splitlines()
+                if (lambda r: (r["network"], r["data"], r["target"], r["seed"]) not in ours)(json.loads(line))]
+    RESULTS.write_text("".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))
+
+    print(f"\nMachine: {machine()}; {args.model} on {args.data}, {weights}; seeds {args.seeds} (calibration draws); "
+          f"one dense training epoch: {epoch_seconds / 60:.1f} min (`train --epochs 1`, same run).\n")
+    print("| target | posttrain accuracy mean (min-max) | dense | untrained projection | file bytes | minutes per run | "
+          "share of a dense epoch | command (seed 0) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for target in args.targets:
+        runs = [r for r in rows if r["target"] == target]
+        accs = [r["accuracy"] for r in runs]
+        minutes = statistics.mean(r["minutes"] for r in runs)
+        print(f"| {target} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {runs[0]['dense_accuracy']:.4f} | "
+              f"{runs[0]['untrained_projection']:.4f} | {statistics.mean(r['file_bytes'] for r in runs):,.0f} | {minutes:.2f} | "
+              f"{minutes / (epoch_seconds / 60):.2f} | `{runs[0]['command']}` |")
+
+
+if __name__ == "__main__":
+    main()
