@@ -257,8 +257,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"{path} is not a plain state dict (it holds pickled objects); save it with "
             "torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read pretrained weights {path}: {str(err).strip().splitlines()[0]}") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, UnicodeDecodeError) as err:  # a damaged or foreign file fails deep in torch's unpickler
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot read pretrained weights {path}: it is damaged or not a checkpoint ({why}); give a "
+                         f"{'/'.join(CHECKPOINT_SUFFIXES)} file written by torch.save or safetensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -275,5 +278,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys] + shapes[:2]
     if problems:
         raise ValueError(f"{path} does not fit this model: {'; '.join(problems)}; was it trained with another --model?")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(v.float().square().isfinite().all())]
+    if broken:
+        raise ValueError(f"{path} holds weights that are NaN, infinite or too large to square in float32 in "
+                         f"{', '.join(broken[:3])}: the file is damaged, or was saved from a run that diverged; give a good "
+                         "checkpoint")
     model.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state})
     return model

@@ -212,3 +212,24 @@ def test_train_fine_tunes_from_pretrained_weights(tmp_path):
     bad = jointcomp("train", "--model", "lenet5", "--data", "fashion-mnist", "--pretrained", tmp_path / "a",
                     "--out", tmp_path / "d", check=False)
     assert bad.returncode == 2 and "does not fit this model" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_pretrained_checkpoint_is_one_line_naming_what_is_wrong(tmp_path):
+    """An empty file, text named .pt, and weights whose bytes became NaN, infinite or huge: refused at
+    load (the weights are broken in the file, not by training), exit 2, no traceback."""
+    from jointcomp import build_model
+
+    model = build_model("mlp", (1, 8, 8), 10)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("these are not weights\n")
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("huge", 3e38)):
+        state = model.state_dict()
+        state["3.weight"][5, 7] = value
+        torch.save(state, tmp_path / f"{name}.pt")
+    for name, says in (("empty", "damaged or not a checkpoint"), ("text", "damaged or not a checkpoint"),
+                       ("nan", "3.weight"), ("inf", "3.weight"), ("huge", "3.weight")):
+        result = jointcomp("compress", "--model", "mlp", "--data", "digits", "--pretrained", tmp_path / f"{name}.pt",
+                           "--out", tmp_path / f"run-{name}", check=False)
+        assert result.returncode == 2, (name, result.stderr[-1000:])
+        assert says in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
