@@ -1,6 +1,7 @@
 """Shared by the benchmarks: dense starting models, trained once per seed and cached."""
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -33,3 +34,10 @@ def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0):
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def command_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of a `python -m jointcomp` command run by a bench: bench/ importable (for
+    `--model nets:conv_bn`, a network that is not built in), and `threads` threads if given."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}

@@ -7,6 +7,8 @@ at the same target, and the time of one dense training epoch of the same network
     python bench/posttrain.py --model resnet56 --data cifar10 --pretrained ../shared/models/resnet56-4bfd9763.th \
         --targets 16x 50x
     python bench/posttrain.py --model lenet5 --data fashion-mnist --dense-epochs 15 --targets 100x 200x 537x 1000x
+    python bench/posttrain.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x
+    python bench/posttrain.py --model nets:conv_bn --data fashion-mnist --dense-epochs 5 --targets 50x 200x
 
 Without --pretrained the dense start is `python -m jointcomp train --epochs N` (cached in bench/.cache).
 Rows go to bench/results/posttrain.jsonl (one JSON object per run, replaced when run again) and a
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CACHE, machine
+from common import CACHE, command_env, machine
 from jointcomp import Compressor, build_model, load_dataset
 from jointcomp.models import load_weights
 from jointcomp.rundir import SUMMARY_FILE
@@ -36,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "posttrain.jsonl"
 def jointcomp(args: list[str]) -> float:
     """Run `python -m jointcomp ARGS`; its wall-clock seconds."""
     tic = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=command_env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
     return time.perf_counter() - tic
@@ -67,7 +69,7 @@ def main() -> None:
     base = ["--model", args.model, "--data", args.data]
     weights = args.pretrained
     if weights is None:
-        dense = RUNS / f"dense-{args.model}-{args.data}-{args.dense_epochs}ep"
+        dense = RUNS / f"dense-{args.model.replace(':', '.')}-{args.data}-{args.dense_epochs}ep"
         if not (dense / SUMMARY_FILE).is_file():
             jointcomp(["train", *base, "--epochs", str(args.dense_epochs), "--out", str(dense), "--overwrite"])
         weights = str(dense)
@@ -77,7 +79,7 @@ def main() -> None:
     for target in args.targets:
         magnitude = untrained_projection(args.model, args.data, weights, target)
         for seed in args.seeds:
-            out = RUNS / f"{args.model}-{args.data}-{target}-seed{seed}"
+            out = RUNS / f"{args.model.replace(':', '.')}-{args.data}-{target}-seed{seed}"
             cmd = ["compress", *base, "--pretrained", weights, "--method", "posttrain", "--target", target,
                    "--seed", str(seed), "--out", str(out), "--overwrite"]
             seconds = jointcomp(cmd)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import CACHE, machine
+from common import CACHE, command_env, machine
 from jointcomp.methods import METHODS
 from jointcomp.rundir import STATE_FILE, SUMMARY_FILE
 
@@ -38,9 +37,8 @@ RUNS = CACHE / "quality"
 def run(args: list[str], jobs: int) -> None:
     """One `python -m jointcomp` command (one thread each when several run side by side), with
     bench/ importable for `--model nets:conv_bn`, a network that is not built in."""
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
-    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=command_env(1 if jobs > 1 else None),
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
 
