@@ -11,7 +11,7 @@ import streamlit as st
 from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
-from jointcomp.budget import BUDGET_MODES, budget_modes_help
+from jointcomp.budget_modes import BUDGET_MODES, budget_modes_help
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
 from jointcomp.rundir import atomic_write

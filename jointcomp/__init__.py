@@ -1,5 +1,6 @@
 """jointcomp: prune and quantize a network jointly to a target size (ADMM + knapsacks)."""
 from .budget import LayerBounds, parse_target
+from .budget_modes import BUDGET_MODES
 from .codec import CheckpointError, inspect, load_compressed, save_compressed
 from .compressor import Compressor, CompressorConfig
 from .data import Dataset, Loaders, load_dataset
@@ -8,7 +9,7 @@ from .records import EpochRecord, FinalRecord, LayerRecord, StartRecord, StepRec
 from .trainer import CompressConfig, Engine
 
 __all__ = [
-    "CheckpointError", "CompressConfig", "Compressor", "CompressorConfig", "Dataset", "Engine", "EpochRecord",
+    "BUDGET_MODES", "CheckpointError", "CompressConfig", "Compressor", "CompressorConfig", "Dataset", "Engine", "EpochRecord",
     "FinalRecord", "LayerBounds", "LayerRecord", "Loaders", "StartRecord", "StepRecord", "build_model", "inspect",
     "load_compressed", "load_dataset", "parse_target", "save_compressed",
 ]

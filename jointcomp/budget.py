@@ -4,8 +4,8 @@ A target is given once, as a ratio ("500x", against fp32 of the compressible wei
 size ("96000b" bits, "12KB", "12KiB", "1.5MB") or a fraction ("0.2%"). A bare number
 means a ratio. Targets are resolved to bits against an accounting, which says what one
 kept weight and one layer cost: `PaperAccounting` counts bits x non-zeros only, as the paper
-does. Each accounting is a budget mode, registered by name (`register_budget_mode`) next to
-the format it prices: "file" by the codec, "flash" by the C export.
+does. Each accounting is a budget mode, defined next to the format it prices ("file" in the codec,
+"flash" in the C export) and listed by name in budget_modes.py.
 """
 from __future__ import annotations
 
@@ -57,20 +57,6 @@ class LayerBounds:
         return max(1, math.ceil(self.min_density * numel))
 
 
-BUDGET_MODES: dict[str, type[PaperAccounting]] = {}  # name -> accounting class, filled by `register_budget_mode`
-
-
-def register_budget_mode(cls: type[PaperAccounting]) -> type[PaperAccounting]:
-    """Class decorator: offer the accounting `cls` as the budget mode `cls.name`."""
-    BUDGET_MODES[cls.name] = cls
-    return cls
-
-
-def budget_modes_help() -> str:
-    """One line naming every budget mode and what it counts (for --help and the app)."""
-    return "; ".join(f"{name}: {mode.description}" for name, mode in BUDGET_MODES.items())
-
-
 @dataclass(frozen=True)
 class Budget:
     """What a projection must fit: `bits` in the accounting in force, and the kept fraction per
@@ -94,13 +80,11 @@ class Shipped:
     file_bytes: Callable[[], int]
 
 
-@register_budget_mode
 class PaperAccounting:
     """The paper's size: sum over compressed layers of bitwidth x non-zeros (layers left
     dense count at 32 bits per weight). The checkpoint codec's `FileAccounting` prices
     the exported file's bytes through this same interface."""
 
-    name = "paper"
     description = "bits x non-zeros of the weights (the paper's count)"
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:

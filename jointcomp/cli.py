@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .codec import CheckpointError, format_report, inspect, load_compressed
-from .budget import BUDGET_MODES, budget_modes_help
+from .budget_modes import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx

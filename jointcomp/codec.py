@@ -35,7 +35,7 @@ import torch
 import zstandard
 from torch import nn
 
-from .budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
+from .budget import LayerBounds, MeasuredAccounting, Shipped
 from .projections import dequantize
 from .rundir import atomic_write
 
@@ -221,13 +221,11 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-@register_budget_mode
 class FileAccounting(MeasuredAccounting):
     """The budget mode in which the target is this file's size: every tensor the file
     stores densely is reserved, each kept weight pays its code and its position, each layer
     its codebook and header entry."""
 
-    name = "file"
     description = "bytes of the exported .jcz file"
     LAYER_HEADER_BITS = 8 * 24  # a compressed layer's entry in the JSON header, about
     OVERHEAD_BYTES = 64  # preamble, checksum, dense-section entry and the model description

@@ -31,10 +31,10 @@ from torch import nn
 
 from . import distributed
 from .projector import Allocation, LayerSpec, Projector, fingerprint
-from .budget import BUDGET_MODES, Budget, LayerBounds, Shipped, resolve_target
-from .codec import PackedLayer, encode, fp32_bytes  # the codec registers the file budget mode
+from .budget import Budget, LayerBounds, Shipped, resolve_target
+from .budget_modes import BUDGET_MODES
+from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
-from .deploy import c as _c_export  # noqa: F401  registers the flash budget mode
 from .links import Links
 from .methods import METHODS, Layers, make_method
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord

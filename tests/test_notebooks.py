@@ -90,9 +90,10 @@ def test_notebook_runs_clean(path, tmp_path):
     nb = nbformat.read(tmp_path / path.name, as_version=4)
     kinds = output_types(nb)
     assert "altair" in kinds or any(k.startswith("application/vnd.vegalite") for k in kinds), kinds  # charts drawn
-    if path.name.startswith(("01", "02")):
+    if path.name.startswith(("01", "02", "04")):
         assert "application/vnd.jupyter.widget-view+json" in kinds  # and the widgets made
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_two_knapsacks.ipynb", "02_live_compression.ipynb", "03_export_and_inspect.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_two_knapsacks.ipynb", "02_live_compression.ipynb", "03_export_and_inspect.ipynb",
+                                          "04_calibrated_knapsack.ipynb"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..budget import LayerBounds, MeasuredAccounting, Shipped, register_budget_mode
+from ..budget import LayerBounds, MeasuredAccounting, Shipped
 from ..codec import PackedLayer, load_packed, pack_codes, plain_positions
 from ..models import ShortcutA
 from ..rundir import atomic_write
@@ -451,13 +451,11 @@ def _chw(op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- the budget mode ---------------------------------------------------------------------
-@register_budget_mode
 class FlashAccounting(MeasuredAccounting):
     """The budget mode in which the target is the C export's const data (flash): biases,
     folded BatchNorm and layers left dense are reserved; each kept weight pays its code and
     its position, each layer its codebook and a few bytes."""
 
-    name = "flash"
     description = "const data (flash) of the C export, export-c"
     LAYER_OVERHEAD_BITS = 8 * (CODE_PAD_BYTES + 1)  # the pad byte, and the positions' last partial byte
     MARGIN = 1.02

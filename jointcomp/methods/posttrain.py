@@ -115,6 +115,7 @@ class PostTrain(Method):
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
 
+    @torch.no_grad()
     def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor) -> Allocation:
         """Each layer's kept weights reconstructed onto a codebook; then the BatchNorm statistics
         of a copy of the model holding them."""
@@ -123,7 +124,7 @@ class PostTrain(Method):
                    leave=False, disable=None)
         for name, p, h, mask, b in bar:
             bar.set_postfix_str(name)
-            book, q = _reconstruct_layer(p.detach().float(), h, mask, int(b))
+            book, q = reconstruct_layer(p.detach().float(), h, mask, int(b))
             books.append(book)
             codes.append(assign(torch.masked_select(q, mask), book))
             values.append(q)
@@ -295,7 +296,7 @@ def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score:
     return keeps.cpu(), (errors * unit).cpu()
 
 
-def _reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int
+def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's codebook (2^bits sorted values) and its reconstructed weight: pruned weights
     exactly zero, kept ones codebook values, chosen column by column so that the output on the
