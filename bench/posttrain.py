@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from common import CACHE, command_env, machine
-from jointcomp import Compressor, build_model, load_dataset
-from jointcomp.models import load_weights
+from jointcomp import Compressor
+from jointcomp.models import load_start
 from jointcomp.rundir import SUMMARY_FILE
 from jointcomp.trainer import accuracy
 
@@ -51,9 +51,8 @@ def commit() -> str:
 def untrained_projection(model_name: str, data_name: str, weights: str, target: str) -> float:
     """Accuracy of admm's first projection of the dense weights (magnitude pruning + k-means, no
     calibration): what the app's what-if showed before posttrain."""
-    data = load_dataset(data_name)
-    model = load_weights(build_model(model_name, data.input_shape, data.num_classes), weights).eval()
-    return Compressor(model, target, steps=1, evaluate=lambda m: accuracy(m, data)).finish().accuracy
+    model, data = load_start(model_name, data_name, pretrained=weights)
+    return Compressor(model.eval(), target, steps=1, evaluate=lambda m: accuracy(m, data)).finish().accuracy
 
 
 def main() -> None:

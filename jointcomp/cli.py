@@ -17,7 +17,7 @@ from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
-from .models import build_model, dense_epochs, load_weights, save_weights
+from .models import dense_epochs, load_start, save_weights
 from .trainer import CompressConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
@@ -162,12 +162,10 @@ def cmd_train(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     out = RunDir(args.out, overwrite=args.overwrite).path  # checked before any training
-    data = load_dataset(args.data, args.data_dir, args.download)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, data.input_shape, data.num_classes)
+    model, data = load_start(args.model, args.data, data_dir=args.data_dir, download=args.download, seed=args.seed,
+                             pretrained=args.pretrained)
     config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
     if args.pretrained:
-        load_weights(model, args.pretrained)
         if "lr" not in explicit:
             lr, _ = first_batch_stable_lr(model, data, config, config.lr, torch.device("cpu"),
                                           lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y))
@@ -197,9 +195,7 @@ def _engine_for_run(run_dir: str, overrides: dict | None = None) -> Engine:
         config = dataclasses.replace(CompressConfig.from_dict(saved["compress"]), **(overrides or {}))
     except (KeyError, TypeError) as err:
         raise ValueError(f"{run_dir}/config.json is not a jointcomp run's config ({err}); start a new run") from None
-    data = load_dataset(saved["data"], saved.get("data_dir"))
-    torch.manual_seed(config.seed)
-    model = build_model(saved["model"], data.input_shape, data.num_classes)
+    model, data = load_start(saved["model"], saved["data"], data_dir=saved.get("data_dir"), seed=config.seed)
     meta = {k: saved.get(k) for k in (*DESCRIPTION_KEYS, "data_dir")}
     return Engine(model, data, config, run_dir=run_dir, resume=True, meta=meta)
 
@@ -226,11 +222,8 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device, calibration=args.calibration,
         )
-        data = load_dataset(args.data, args.data_dir, args.download)
-        torch.manual_seed(config.seed)
-        model = build_model(args.model, data.input_shape, data.num_classes)
-        if args.pretrained:
-            load_weights(model, args.pretrained)
+        model, data = load_start(args.model, args.data, data_dir=args.data_dir, download=args.download, seed=config.seed,
+                                 pretrained=args.pretrained)
         engine = Engine(model, data, config, run_dir=args.out, meta=model_description(args.model, data, args.data_dir),
                         overwrite=args.overwrite)
     final = _progress(engine, 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import Dataset, load_dataset
 from .rundir import DENSE_FILE, atomic_write
 
 RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
@@ -285,3 +286,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          "checkpoint")
     model.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state})
     return model
+
+
+def load_start(model_name: str, data_name: str, *, data_dir: str | None = None, download: bool = False, seed: int = 0,
+               pretrained: str | os.PathLike | None = None) -> tuple[nn.Module, Dataset]:
+    """The start of every run (the CLI's, the app's, the bench's): the data set, the model built by
+    name from `seed`, and its dense weights when `pretrained` is given. The one place a bad start
+    (a data set that is missing, a checkpoint that is damaged or does not fit) is refused in one line."""
+    data = load_dataset(data_name, data_dir, download)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    if pretrained:
+        load_weights(model, pretrained)
+    return model, data

@@ -22,11 +22,11 @@ from torch import nn
 
 from ..budget import parse_target
 from ..compressor import Compressor
-from ..data import Dataset, load_dataset, model_description
+from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from ..trainer import (TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
                        train_dense)
-from ..models import build_model, load_weights
+from ..models import load_start
 from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
                       layers_frame, steps_frame)
 
@@ -74,13 +74,8 @@ def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, d
     """A dense-trained model, its data, and its validation accuracy (the start of every run):
     trained here for `dense_epochs`, or loaded from `checkpoint` (any file `load_weights` takes).
     `progress(fraction, text)` hears of the training every few steps."""
-    import torch
-
-    data = load_dataset(data_name, data_dir)
-    torch.manual_seed(seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
+    model, data = load_start(model_name, data_name, data_dir=data_dir, seed=seed, pretrained=checkpoint)
     if checkpoint:
-        load_weights(model, checkpoint)
         return model, data, accuracy(model, data)
     config = CompressConfig(seed=seed)
     total = max(1, dense_epochs * steps_per_epoch(data, config.batch_size))
