@@ -18,7 +18,7 @@ from jointcomp.rundir import atomic_write
 from jointcomp.app.runner import prepare
 
 FOLDER = "image folder…"
-MODELS_FOR = {"digits": ["mlp"], "fashion-mnist": ["lenet5", "mlp", "resnet20"], "mnist": ["lenet5", "mlp", "resnet20"],
+MODELS_FOR = {"digits": ["mlp", "resnet20"], "fashion-mnist": ["lenet5", "mlp", "resnet20"], "mnist": ["lenet5", "mlp", "resnet20"],
               "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "mlp"]}
 TRAIN_HERE, UPLOAD = "train a dense model here", "upload a checkpoint…"
 RATIOS = [m * 10**e for e in range(4) for m in (1, 1.5, 2, 3, 5, 7) if 2 <= m * 10**e <= 3000]

@@ -36,7 +36,7 @@ def test_defaults_and_what_if():
     assert at.selectbox(key="data").value == "digits"
     assert at.selectbox(key="model_digits").value == "mlp"
     assert at.select_slider(key="target_ratio").value == 50
-    assert [b.label for b in at.button] == ["Start", "Stop"]
+    assert [b.label for b in at.button] == ["Start", "Compress without training", "Stop"]
     labels = [m.label for m in at.metric]
     assert "Size (paper accounting)" in labels and ".jcz file" in labels
     size_50 = at.metric[0].value
@@ -55,6 +55,22 @@ def test_start_run_to_the_end_then_download():
     model_file = Path(runner.engine.run_dir.path) / "model.jcz"
     restored = load_compressed(model_file)
     assert fits(model_file, f"{at.session_state['target_ratio']}x", restored)  # what the slider asked, from the file
+
+
+def test_compress_without_training_ends_in_a_result_and_a_file_that_fits():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    what_if = [m.value for m in at.metric]
+    at.button(key="posttrain").click().run()
+    runner = at.session_state["runner"]
+    wait_until(at, lambda: not runner.running)
+    assert not at.exception and not at.error
+    assert runner.engine.config.method == "posttrain" and runner.final is not None and not runner.final.stopped
+    labels = [m.label for m in at.metric]
+    assert "Accuracy (compressed)" in labels
+    shown = at.metric[labels.index("Accuracy (compressed)")].value
+    assert shown == what_if[1]  # the what-if said what the button gives
+    model_file = Path(runner.engine.run_dir.path) / "model.jcz"
+    assert fits(model_file, f"{at.session_state['target_ratio']}x", load_compressed(model_file))
 
 
 def test_stop_ends_a_long_run_and_a_second_start_is_impossible_while_running():
@@ -126,13 +142,14 @@ def test_two_sessions_at_once_share_no_mutable_state():
 
     first = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     second = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
-    first.slider(key="epochs").set_value(4).run()
+    first.slider(key="epochs").set_value(200).run()
     first.button(key="start").click().run()
     runner = first.session_state["runner"]
     for ratio in (300, 500):  # what-ifs in the second session while the first one trains
         second.select_slider(key="target_ratio").set_value(ratio).run()
     assert runner.running, "the run ended before the second session's what-ifs: nothing overlapped"
     assert [m.value for m in second.metric] == expected
+    runner.stop()
     runner.wait(120)
     assert not runner.error and runner.final.size_bits <= runner.final.target_bits
     assert checksum(cached) == before

@@ -41,11 +41,15 @@ def vega_lite(chart: alt.Chart | alt.LayerChart) -> dict:
     return inline(chart).to_dict(validate=False)
 
 
-def _rows_height(n: int) -> alt.Step:
-    """The height of a per-layer chart of n rows, as a step per row (Vega-Lite adds title, legend and
-    axis around them; a fixed height would be shared with those, and the app gives a chart no more):
-    20 pixels a row for a few layers, down to 12 for many, room for every name and "N bits" label."""
-    return alt.Step(max(12, min(20, 420 // max(1, n))))
+ROWS_AUTOSIZE = alt.AutoSizeParams(type="fit-x", contains="padding")  # fit the width; the rows set the height
+
+
+def _rows_height(n: int) -> int:
+    """The plot height of a per-layer chart of n rows: 20 pixels a row for a few layers, down to 12
+    for many, room for every name and "N bits" label. Such a chart fits only its width
+    (ROWS_AUTOSIZE): title, legend and axis come on top of the rows, instead of out of them (the
+    app's default fits the whole chart into this height, which left 3 rows no pixels at all)."""
+    return n * max(12, min(20, 420 // max(1, n)))
 
 
 def _compression(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +188,7 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
         x="density:Q", y=y, text="text:N", tooltip=tooltip)
     return alt.layer(bars, text).properties(
         title=alt.Title("Layers now", subtitle="kept fraction, coloured by bitwidth"), width=WIDTH,
-        height=_rows_height(now["name"].nunique()))
+        height=_rows_height(now["name"].nunique()), autosize=ROWS_AUTOSIZE)
 
 
 def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
@@ -201,7 +205,7 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
         color=alt.Color(f"{field}:Q", title=field, scale=scale, legend=LAYER_LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("layer:N", title="layer"),
                  alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
-    ).properties(title=title, width=WIDTH, height=_rows_height(n))
+    ).properties(title=title, width=WIDTH, height=_rows_height(n), autosize=ROWS_AUTOSIZE)
 
 
 def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve: pd.DataFrame,
