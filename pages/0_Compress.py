@@ -77,7 +77,7 @@ if not running:
         st.caption(SIZES + " Ratios below 4x ask for more than 8 bits per weight: every layer keeps all "
                    "its weights at 8 bits, the most a codebook offers.")
         left, right = st.columns(2)
-        left.container(key="whatif_allocation").altair_chart(charts.allocation(pd.DataFrame(layers)))
+        left.container(key="whatif_allocation").altair_chart(charts.fit_width(charts.allocation(pd.DataFrame(layers))))
         curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
                               for point in whatif.tradeoff(preview, target, evaluate=subset_accuracy(data))])
         right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
@@ -168,7 +168,7 @@ if runner is not None and not running and runner.final is not None:
     table.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
                       "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
     chart.container(key="result_allocation").altair_chart(
-        charts.allocation(pd.DataFrame([vars(l) for l in final.layers]), "The allocation that ships"))
+        charts.fit_width(charts.allocation(pd.DataFrame([vars(l) for l in final.layers]), "The allocation that ships")))
     st.download_button("Download compressed checkpoint (.jcz)", runner.checkpoint(),
                        file_name=f"{choices.model}-{choices.data}-{final.ratio:.0f}x.jcz",
                        mime="application/octet-stream", key="download")

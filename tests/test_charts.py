@@ -17,7 +17,7 @@ def layer_history(n_layers: int, first_epoch: int, n_epochs: int) -> pd.DataFram
 @pytest.mark.parametrize("field", ["density", "bits"])
 def test_heatmap_has_one_legible_row_per_layer(n_layers, field):
     history = layer_history(n_layers, first_epoch=10, n_epochs=5)  # epochs after 10 of dense training
-    spec = charts.layer_heatmap(history, field).to_dict()
+    spec = charts.fit_width(charts.layer_heatmap(history, field)).to_dict()
     assert spec["height"] >= 12 * n_layers and spec["autosize"]["type"] == "fit-x"  # title, legend, axis come on top
     assert spec["encoding"]["y"]["field"] == "layer" and spec["encoding"]["y"]["type"] == "nominal"
     data = pd.DataFrame(next(iter(spec["datasets"].values())))
@@ -29,7 +29,7 @@ def test_heatmap_has_one_legible_row_per_layer(n_layers, field):
 
 @pytest.mark.parametrize("n_layers", [3, 60])
 def test_layer_bars_single_view(n_layers):
-    spec = charts.layer_bars(layer_history(n_layers, 0, 2)).to_dict()
+    spec = charts.fit_width(charts.layer_bars(layer_history(n_layers, 0, 2))).to_dict()
     assert "hconcat" not in spec and "vconcat" not in spec  # Streamlit can only fit single views
     assert spec["height"] >= 12 * n_layers and spec["autosize"]["type"] == "fit-x"
 

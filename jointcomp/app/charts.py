@@ -47,9 +47,15 @@ ROWS_AUTOSIZE = alt.AutoSizeParams(type="fit-x", contains="padding")  # fit the 
 def _rows_height(n: int) -> int:
     """The plot height of a per-layer chart of n rows: 20 pixels a row for a few layers, down to 12
     for many, room for every name and "N bits" label. Such a chart fits only its width
-    (ROWS_AUTOSIZE): title, legend and axis come on top of the rows, instead of out of them (the
+    (`fit_width`, as the app draws it): title, legend and axis come on top of the rows, instead of out of them (the
     app's default fits the whole chart into this height, which left 3 rows no pixels at all)."""
     return n * max(12, min(20, 420 // max(1, n)))
+
+
+def fit_width(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """A per-layer chart as the app draws it: only its width fitted to the column, its rows keeping
+    their height (a top-level property: compose charts before, as the notebooks do)."""
+    return chart.properties(autosize=ROWS_AUTOSIZE)
 
 
 def _compression(epochs: pd.DataFrame) -> pd.DataFrame:
@@ -188,7 +194,7 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
         x="density:Q", y=y, text="text:N", tooltip=tooltip)
     return alt.layer(bars, text).properties(
         title=alt.Title("Layers now", subtitle="kept fraction, coloured by bitwidth"), width=WIDTH,
-        height=_rows_height(now["name"].nunique()), autosize=ROWS_AUTOSIZE)
+        height=_rows_height(now["name"].nunique()))
 
 
 def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
@@ -205,7 +211,7 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
         color=alt.Color(f"{field}:Q", title=field, scale=scale, legend=LAYER_LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("layer:N", title="layer"),
                  alt.Tooltip("density:Q", format=".3f"), "bits:Q"],
-    ).properties(title=title, width=WIDTH, height=_rows_height(n), autosize=ROWS_AUTOSIZE)
+    ).properties(title=title, width=WIDTH, height=_rows_height(n))
 
 
 def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve: pd.DataFrame,
@@ -214,8 +220,8 @@ def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve:
     return {
         "accuracy": accuracy_over_epochs(epochs, dense_accuracy), "size": size_over_epochs(epochs),
         "tradeoff": tradeoff(curve, epochs, subset), "loss": loss_over_steps(steps),
-        "multipliers": multipliers(epochs), "residuals": residuals(epochs), "layers": layer_bars(layers),
-        "density": layer_heatmap(layers, "density"), "bits": layer_heatmap(layers, "bits"),
+        "multipliers": multipliers(epochs), "residuals": residuals(epochs), "layers": fit_width(layer_bars(layers)),
+        "density": fit_width(layer_heatmap(layers, "density")), "bits": fit_width(layer_heatmap(layers, "bits")),
     }
 
 
