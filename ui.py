@@ -15,6 +15,7 @@ from jointcomp.budget_modes import BUDGET_MODES, budget_modes_help
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
 from jointcomp.rundir import atomic_write
+from jointcomp.trainer import STARTS
 from jointcomp.app.runner import prepare
 
 FOLDER = "image folder…"
@@ -64,6 +65,9 @@ def sidebar(with_method: bool = True) -> Choices:
     method, budget_mode = "admm", "paper"
     with sb.expander("Advanced"):
         pre_epochs = st.number_input("Dense pre-training epochs", 1, 200, dense_epochs(model), key=f"dense_{model}")
+        begin = st.radio("Training starts from", STARTS, STARTS.index(CompressConfig.start), key="begin", horizontal=True,
+                         help="dense: the weights as they are; calibrated: the network compressed without training "
+                              "to the target (the what-if's answer)")
         batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         if with_method:
@@ -80,11 +84,12 @@ def sidebar(with_method: bool = True) -> Choices:
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = CompressConfig(epochs=epochs, rho=rho, lr=CompressConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
-                            budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill)
+                            budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill,
+                            start=begin)
     return Choices(model, data, int(pre_epochs), config, checkpoint)
 
 
-KEPT = ("data", "folder", "model_", "start_", "epochs", "rho", "lr", "dense_", "batch", "seed", "method", "budget_mode",
+KEPT = ("data", "folder", "model_", "start_", "epochs", "rho", "lr", "dense_", "begin", "batch", "seed", "method", "budget_mode",
         "retrain", "finetune", "distill")  # the sidebar's widget keys (or their prefixes) that follow the user
 
 

@@ -18,7 +18,7 @@ from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
 from .models import dense_epochs, load_start, save_weights
-from .trainer import CompressConfig, Engine, accuracy, first_batch_stable_lr, train_dense
+from .trainer import STARTS, CompressConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
 
@@ -73,7 +73,10 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
                       help="admm (jointcomp, trained), posttrain (jointcomp without training, from --calibration "
                            "inputs: a minute) or a baseline, for comparisons (default admm)")
     comp.add_argument("--calibration", type=int, default=CompressConfig.calibration,
-                      help=f"training inputs posttrain calibrates on (default {CompressConfig.calibration})")
+                      help=f"training inputs posttrain and a calibrated start see (default {CompressConfig.calibration})")
+    comp.add_argument("--start", choices=STARTS, default=CompressConfig.start,
+                      help="where a training method starts: the dense weights, or the post-training result at the "
+                           "target (calibrated, from --calibration inputs; see README) (default dense)")
     comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
                       help="fraction of the epochs (every method), before the final phase, with masks and bitwidths fixed and "
                            f"the kept weights trained through their quantization (default {CompressConfig.retrain})")
@@ -220,7 +223,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
             lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
-            budget_mode=args.budget_mode, seed=args.seed, device=args.device, calibration=args.calibration,
+            budget_mode=args.budget_mode, seed=args.seed, device=args.device, calibration=args.calibration, start=args.start,
         )
         model, data = load_start(args.model, args.data, data_dir=args.data_dir, download=args.download, seed=config.seed,
                                  pretrained=args.pretrained)

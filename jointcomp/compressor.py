@@ -37,6 +37,7 @@ from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
 from .links import Links
 from .methods import METHODS, Layers, make_method
+from .methods.posttrain import remeasured_batchnorm
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
@@ -237,6 +238,7 @@ class Compressor:
         self.fixed_target: float | None = None  # the target the final phase's allocation fits
         self.notes: list[str] = []  # events for the next epoch record
         self.teacher: nn.Module | None = None  # the model as attached, copied by the first `distill()`
+        self.batchnorm_inputs: list[torch.Tensor] = []  # a deployable model's BatchNorm statistics are measured on these
         self.dense_metric = self.score(None)  # of the model as attached
         self.final: Allocation | None = None
         self.final_file_bytes = 0
@@ -307,11 +309,26 @@ class Compressor:
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
 
-    def calibrate(self, batches: Iterable) -> None:
+    def calibrate(self, batches: Iterable) -> EpochRecord | None:
         """Show the method the network's inputs: `batches` of model inputs, or of (inputs, labels)
         pairs (a DataLoader, a list of tensors). The post-training method prices its options and
-        reconstructs the kept weights with them; then `finish()` compresses without training."""
-        self.method.calibrate(batches)
+        reconstructs the kept weights with them; then `finish()` compresses without training.
+        A training method, before its first step, starts from the post-training result at the
+        target instead (its reconstructed weights and BatchNorm statistics, so training has less
+        to recover); the record of that start is returned (epoch -1: before the first epoch)."""
+        if not self.method.trains:
+            self.method.calibrate(batches)
+            return None
+        if self.step_count:
+            raise ValueError("calibrate() a training method before its first step: it sets the weights training starts from")
+        start = make_method("posttrain", Layers(self.model, self.names, self.params, self.projector))
+        start.calibrate(batches)
+        self.batchnorm_inputs = start.inputs
+        alloc = trim_to_fit(lambda bits: start.allocate(Budget(bits, self.density)), self.target_bits, self.measure)
+        if self.config.distill and self.teacher is None:  # the teacher stays the model as attached
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        _assign(self.model, self.params, alloc.values, alloc.state)
+        return self._emit(self._epoch_record(alloc, start.first_phase, self.epoch - 1))
 
     def note(self, text: str) -> None:
         """Tell `text` in the next epoch record (an event of the run, e.g. a recovery)."""
@@ -336,22 +353,26 @@ class Compressor:
     def end_epoch(self) -> EpochRecord:
         """The record of the deployable model now: score, size, multipliers, residuals and
         per-layer density and bitwidth. Call it once per epoch (or whenever you like)."""
+        record = self._epoch_record(self.method.fixed or self._deployable(self.target_bits), self.phase, self.epoch)
+        self.epoch += 1
+        self.lambdas = (float("nan"), float("nan"))
+        return self._emit(record)
+
+    def _epoch_record(self, alloc: Allocation, phase: str, epoch: int) -> EpochRecord:
+        """The record of this allocation as the deployable model at the end of `epoch`."""
         seconds = time.perf_counter() - self._epoch_started
-        target = self.target_bits
-        alloc = self.method.fixed or self._deployable(target)
         file_bytes = len(self.encode(alloc))
         size = self.measure(alloc, file_bytes)
         residual, dual = self.method.residuals()
+        if self.step_count == 0:  # the calibrated start: the weights are their own allocation
+            residual, dual = torch.zeros_like(residual), torch.zeros_like(dual)
         note, self.notes = "; ".join(self.notes), []
-        record = EpochRecord(
-            self.phase, self.epoch, self.step_count, self.score(alloc), size, self.dense_bits / size,
-            target, *self.lambdas, float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
+        self._epoch_started = time.perf_counter()
+        return EpochRecord(
+            phase, epoch, self.step_count, self.score(alloc), size, self.dense_bits / size,
+            self.target_bits, *self.lambdas, float(residual.sum()), float(dual.square().sum().sqrt()), seconds,
             self.layer_records(alloc, residual, dual), note, file_bytes,
         )
-        self.epoch += 1
-        self.lambdas = (float("nan"), float("nan"))
-        self._epoch_started = time.perf_counter()
-        return self._emit(record)
 
     def finish(self) -> FinalRecord:
         """The deployable model, checked to fit the live target: the fine-tuned allocation of
@@ -445,8 +466,14 @@ class Compressor:
         return self.accounting.measure(alloc.size_bits, shipped)
 
     def _deployable(self, bits: float) -> Allocation:
-        """The method's deployable model at `bits`, positions priced at the last projection's densities."""
-        return self.method.allocate(Budget(bits, self.density))
+        """The method's deployable model at `bits`, positions priced at the last projection's densities;
+        with `batchnorm_inputs` (from `calibrate`), its BatchNorm statistics measured for its own weights."""
+        alloc = self.method.allocate(Budget(bits, self.density))
+        if self.batchnorm_inputs and not alloc.state:
+            model = copy.deepcopy(self.model)
+            _assign(model, [dict(model.named_parameters())[n] for n in self.names], alloc.values, {})
+            alloc.state = remeasured_batchnorm(model, self.batchnorm_inputs)
+        return alloc
 
     def _fix_allocation(self, target: float, retrain: bool) -> None:
         """Fit the current weights to the live target and train in that shape from now on
@@ -456,6 +483,8 @@ class Compressor:
             self.note(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
                               "that phase started again")
         self.method.fix_allocation(alloc, retrain)
+        _assign(self.model, [], [], alloc.state)  # from the statistics of these weights on, the model's own follow them
+        alloc.state = {}
         self.fixed_target = target
 
     @torch.no_grad()

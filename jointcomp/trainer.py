@@ -37,6 +37,7 @@ from .schedule import every_for_epoch
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
+STARTS = ("dense", "calibrated")  # where a training method starts (CompressConfig.start)
 RECOVERIES = 3  # roll-backs after a non-finite loss before a run gives up
 
 
@@ -56,7 +57,8 @@ class CompressConfig(CompressorConfig):
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
     tradeoff: bool = False  # record the accuracy/size trade-off around the target (the app), within TRADEOFF_SHARE of the time
-    calibration: int = 512  # training inputs a method that calibrates (posttrain) sees, drawn by `seed`
+    calibration: int = 512  # training inputs posttrain (and a calibrated start) sees, drawn by `seed`
+    start: str = "dense"  # a training method starts from the weights as they are, or from the post-training result
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +67,8 @@ class CompressConfig(CompressorConfig):
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be {' or '.join(map(repr, STARTS))}, got {self.start!r}")
         if self.calibration < 1:
             raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
         if self.batch_size < 1 or self.lr == 0:
@@ -352,6 +356,10 @@ class Engine:
             cfg.epochs if comp.method.trains else 0, self.steps_per_epoch, cfg.dense_epochs, comp.dense_bits,
             comp.target_bits, comp.names, str(self.device), done, changes,
         ))
+        if not state and cfg.dense_epochs == 0:
+            yield from self._calibrated_start()
+        elif state and (done > cfg.dense_epochs or cfg.dense_epochs == 0) and comp.method.trains and cfg.start == "calibrated":
+            comp.batchnorm_inputs = self._calibration_inputs()  # what its calibrated start measured BatchNorm on
         opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
         if state and "optimizer" in state:
             opt.load_state_dict(state["optimizer"])
@@ -376,6 +384,7 @@ class Engine:
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs and epoch > 0:  # compression starts from the dense-trained model
                 self._reattach()
+                yield from self._calibrated_start()
                 opt, sched = self._optimizer(dense=False)
             tic = time.perf_counter()
             first: int | None = 0
@@ -401,8 +410,17 @@ class Engine:
         if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
             self._reattach()
         if not trains:  # compression without training, from the model as it is now
-            self.compressor.calibrate(calibration_inputs(self.data, cfg.calibration, cfg.seed, self.device))
+            self.compressor.calibrate(self._calibration_inputs())
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
+
+    def _calibrated_start(self) -> Iterator[Record]:
+        """A training method's start (`start` "calibrated"): the post-training result at the target,
+        from calibration inputs drawn from the training data; its record is the run's first point."""
+        if self.compressor.method.trains and self.config.start == "calibrated":
+            yield self._emit(self._shift(self.compressor.calibrate(self._calibration_inputs())))
+
+    def _calibration_inputs(self) -> list[torch.Tensor]:
+        return calibration_inputs(self.data, self.config.calibration, self.config.seed, self.device)
 
     def _steps(self, epoch: int, first: int, dense: bool, opt, sched) -> Iterator[Record]:
         """The training steps of one epoch from its batch `first` on, until a stop is asked."""

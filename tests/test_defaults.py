@@ -77,7 +77,7 @@ def test_auto_lr_lowers_the_rate_to_what_the_sharpness_allows(trained_mlp, digit
         sharp[-3].bias.div_(30)
     engine = Engine(sharp, digits, CompressConfig(target="50x", epochs=1, device="cpu"))
     records = list(engine)
-    note = next(r.note for r in records if isinstance(r, EpochRecord))
+    note = next(r.note for r in records if isinstance(r, EpochRecord) and r.note)
     assert note.startswith("learning rate 0.05 -> ")
     chosen = float(note.split()[4].rstrip(":"))
     assert chosen < 0.05

@@ -60,7 +60,7 @@ def test_set_target_mid_run_moves_the_size(trained_mlp, digits):
     new_target = dense_bits(trained_mlp) / 100
     sizes = []
     for record in engine:
-        if isinstance(record, EpochRecord):
+        if isinstance(record, EpochRecord) and record.epoch >= 0:  # after the calibrated start
             sizes.append(record.size_bits)
             if record.epoch == 1:
                 engine.set_target("100x")
@@ -129,6 +129,33 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(trained_mlp, dig
     history = resumed.run_dir.read_history()
     epochs = [r.epoch for r in history if isinstance(r, EpochRecord)]
     assert epochs == sorted(set(epochs)) == list(range(5))  # no epoch lost or repeated
+
+
+def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits):
+    dense = copy.deepcopy(trained_mlp.state_dict())
+    posttrain = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", method="posttrain", device="cpu"))
+    run(posttrain)
+    engine = Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=2, device="cpu", start="calibrated"))
+    records = iter(engine)
+    next(records)  # what will run
+    start = next(records)
+    assert isinstance(start, EpochRecord) and (start.phase, start.epoch) == ("posttrain", -1)
+    for name, p, values in zip(engine.compressor.names, engine.compressor.params, posttrain.final.values):
+        assert torch.equal(p.detach(), values), name  # the weights training starts from: the post-training result
+    assert [int((p != 0).sum()) for p in engine.compressor.params] == [layer.nnz for layer in start.layers]
+    assert sum(layer.bits * layer.nnz for layer in start.layers) <= dense_bits(trained_mlp) / 50
+    assert start.accuracy == pytest.approx(evaluate(trained_mlp, digits))
+    rest = list(records)
+    assert [r.epoch for r in rest if isinstance(r, EpochRecord)] == [0, 1]
+    teacher = engine.compressor.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in dense.items())  # distillation still from the dense model
+
+    model = build_model("mlp", digits.input_shape, digits.num_classes)
+    model.load_state_dict(dense)
+    from_dense = run(Engine(model, digits, CompressConfig(target="50x", epochs=1, device="cpu")))  # the default
+    assert [r.epoch for r in from_dense if isinstance(r, EpochRecord)] == [0]  # no calibrated start
+    with pytest.raises(ValueError, match="before its first step"):
+        engine.compressor.calibrate([digits.train_x[:64]])
 
 
 def test_layer_bounds_keep_a_layer_dense_and_limit_bits(trained_mlp, digits):
@@ -225,7 +252,7 @@ def test_tradeoff_curves_stay_within_their_share_of_the_run(trained_mlp, digits,
     run: with no share only the first epoch has one, with an unbounded share every epoch."""
     monkeypatch.setattr("jointcomp.trainer.TRADEOFF_SHARE", share)
     engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=3, device="cpu", tradeoff=True))
-    epochs = [r for r in run(engine) if isinstance(r, EpochRecord)]
+    epochs = [r for r in run(engine) if isinstance(r, EpochRecord) and r.epoch >= 0]  # after the calibrated start
     assert [r.epoch for r in epochs if r.curve] == curves
     target = dense_bits(trained_mlp) / 50
     sizes = [point.size_bits for point in epochs[0].curve]

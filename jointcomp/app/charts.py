@@ -14,7 +14,7 @@ from ..codec import Report
 
 WIDTH = 320
 HEIGHT = 300  # the whole chart (title, legend, axes) in Streamlit, which fits the height
-PHASES = {"dense": "dense", "admm": "ADMM", "prune": "pruning", "retrain": "retraining", "finetune": "final phase"}
+PHASES = {"dense": "dense", "posttrain": "calibrated start", "admm": "ADMM", "prune": "pruning", "retrain": "retraining", "finetune": "final phase"}
 MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)

@@ -191,7 +191,8 @@ class Runner(_Worker):
         elif done >= 5 and self._first_step is not None and self._last_step > self._first_step:
             eta = (total - done) * (self._last_step - self._first_step) / (done - 1)
         epochs = [r for r in self.records if isinstance(r, EpochRecord)]
-        epoch = sum(1 for r in epochs if r.phase != "dense") + max(0, start.resumed_at - start.dense_epochs)
+        # compression epochs done (the calibrated start, at dense_epochs - 1, is not one)
+        epoch = sum(1 for r in epochs if r.epoch >= start.dense_epochs) + max(0, start.resumed_at - start.dense_epochs)
         phase = epochs[-1].phase if epochs else ""
         notes = tuple(r.note for r in epochs if r.note)
         return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, notes, done, total, stopped)

@@ -116,24 +116,26 @@ class PostTrain(Method):
         magnitude = self.projector.joint([p.detach().float() for p in self.params], budget)
         candidates = [(masks, bits, lam_prune, lam_quant),
                       (magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant)]
-        found = [(*self._reconstructed(masks, bits), lam_p, lam_q) for masks, bits, lam_p, lam_q in candidates]
+        found = [(*self.reconstruct(masks, bits, budget), lam_p, lam_q) for masks, bits, lam_p, lam_q in candidates]
         best, _, lam_prune, lam_quant = min(found, key=lambda f: f[1])
         alloc = copy.copy(best)
-        alloc.size_bits = self.projector.accounting.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel,
-                                                              budget.density) + self.projector.reserved_bits
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
 
-    def _reconstructed(self, masks: list[torch.Tensor], bits: torch.Tensor) -> tuple[Allocation, float]:
-        """`_reconstruct`, remembered for the last RECONSTRUCTIONS_KEPT masks and bits (the slider's
+    def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget) -> tuple[Allocation, float]:
+        """These masks and bits with the kept weights reconstructed (and the BatchNorm statistics for
+        them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
+        the calibration inputs. Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's
         what-if and the run's final model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
-        for seen, result in self._kept:
-            if torch.equal(seen, key):
-                return result
-        result = self._reconstruct(masks, bits)
-        self._kept = [*self._kept, (key, result)][-RECONSTRUCTIONS_KEPT:]
-        return result
+        found = next((result for seen, result in self._kept if torch.equal(seen, key)), None)
+        if found is None:
+            found = self._reconstruct(masks, bits)
+            self._kept = [*self._kept, (key, found)][-RECONSTRUCTIONS_KEPT:]
+        alloc, distance = copy.copy(found[0]), found[1]
+        alloc.size_bits = self.projector.accounting.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel,
+                                                              budget.density) + self.projector.reserved_bits
+        return alloc, distance
 
     @torch.no_grad()
     def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor) -> tuple[Allocation, float]:
@@ -387,11 +389,10 @@ def _batchnorm_statistics(dense: nn.Module, model: nn.Module, inputs: list[torch
     few hundred inputs estimate worse (re-estimating the published ResNet-20's alone costs 1.7
     points, BENCHMARKS.md); measured anew on the compressed network holds where compression moved
     the activations too far for a small shift (high ratios)."""
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    found = _batchnorms(model)
     if not found:
         return {}
-    names = [f"{n}.{b}" if n else b for n, _ in found for b in ("running_mean", "running_var")]
+    names = _statistics_names(found)
     tensors = model.state_dict()
     original = {k: tensors[k].clone() for k in names}
     dense_modules = dict(dense.named_modules())
@@ -411,6 +412,29 @@ def _batchnorm_statistics(dense: nn.Module, model: nn.Module, inputs: list[torch
     for k in names:
         tensors[k].copy_(best[k])
     return best
+
+
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) of every BatchNorm of `model` that keeps running statistics."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _statistics_names(found: list[tuple[str, nn.Module]]) -> list[str]:
+    return [f"{n}.{b}" if n else b for n, _ in found for b in ("running_mean", "running_var")]
+
+
+@torch.no_grad()
+def remeasured_batchnorm(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The running statistics of every BatchNorm of `model` (which it takes) measured anew on
+    `inputs`, by state-dict name: one pass, what a trained model's deployable allocation needs
+    (its BatchNorms saw the trained weights, not the projected ones)."""
+    found = _batchnorms(model)
+    if not found:
+        return {}
+    _reestimate(model, [m for _, m in found], inputs)
+    tensors = model.state_dict()
+    return {k: tensors[k].clone() for k in _statistics_names(found)}
 
 
 def _reestimate(model: nn.Module, norms: list[nn.Module], inputs: list[torch.Tensor]) -> None:
