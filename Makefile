@@ -7,7 +7,7 @@ export JOINTCOMP_DATA ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data)
 export JOINTCOMP_MODELS ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models)
 SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist gcc binutils
 
-.PHONY: setup system-deps run test bench bench-mcu bench-peers
+.PHONY: setup system-deps run test bench bench-mcu bench-peers plots
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,10 +30,14 @@ run: setup
 	$(VENV)/bin/streamlit run app.py --browser.gatherUsageStats false --server.fileWatcherType none
 
 test: setup system-deps
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 bench: setup
 	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x 800x
+
+# README's results table and bench/plots/*.svg, from the stored rows (bench/results/*.jsonl); trains nothing.
+plots: setup
+	$(PY) bench/report.py
 
 # The C export on an emulated Cortex-M4 (Debian's arm-none-eabi-gcc and qemu-system-arm).
 bench-mcu: setup

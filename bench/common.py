@@ -1,8 +1,11 @@
-"""Shared by the benchmarks: dense starting models, trained once per seed and cached."""
+"""Shared by the benchmarks: dense starting models (trained once per seed and cached), the
+machine, the commands' environment, and the result rows (bench/results/*.jsonl)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -12,6 +15,8 @@ from jointcomp.trainer import train_dense
 from jointcomp.models import load_weights, save_weights
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+ROW_KEY = ("network", "data", "method", "start", "target", "budget_mode", "epochs", "seed")  # what makes a row another run
 
 
 def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0):
@@ -41,3 +46,21 @@ def command_env(threads: int | None = None) -> dict[str, str]:
     `--model nets:conv_bn`, a network that is not built in), and `threads` threads if given."""
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def commit() -> str:
+    """The commit the rows are measured at."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def store_rows(grid: str, rows: list[dict]) -> None:
+    """Keep `rows` in bench/results/GRID.jsonl (one JSON object a line), replacing the stored rows
+    of the same runs (ROW_KEY)."""
+    path = RESULTS / f"{grid}.jsonl"
+    key = lambda row: tuple(row.get(k) for k in ROW_KEY)  # noqa: E731
+    ours = {key(r) for r in rows}
+    kept = [line for line in path.read_text().splitlines() if key(json.loads(line)) not in ours] if path.is_file() else []
+    RESULTS.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))
+    tmp.replace(path)

@@ -1,7 +1,8 @@
 """Compression without training, as a user runs it: one `python -m jointcomp compress --method
 posttrain` per target and seed (the seed draws the calibration inputs), every other setting the
 CLI's default; beside it, what the untrained projection (the app's what-if before posttrain) gives
-at the same target, and the time of one dense training epoch of the same network in the same run.
+at the same target, the same pipeline with uniform allocation (one density and one bitwidth for
+every layer, `uniform_allocation`), and the time of one dense training epoch of the same network in the same run.
 
     python bench/posttrain.py --model resnet20 --data cifar10 --pretrained ../shared/models/resnet20-12fca82f.th
     python bench/posttrain.py --model resnet56 --data cifar10 --pretrained ../shared/models/resnet56-4bfd9763.th \
@@ -25,14 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import CACHE, command_env, machine
-from jointcomp import Compressor
+from common import CACHE, command_env, commit, machine, store_rows
+import torch
+
+from jointcomp import CompressConfig, Compressor
+from jointcomp.budget import BIT_CHOICES, Budget
 from jointcomp.models import load_start
 from jointcomp.rundir import SUMMARY_FILE
-from jointcomp.trainer import accuracy
+from jointcomp.trainer import accuracy, calibration_inputs
 
 RUNS = CACHE / "posttrain"
-RESULTS = Path(__file__).resolve().parent / "results" / "posttrain.jsonl"
 
 
 def jointcomp(args: list[str]) -> float:
@@ -44,15 +47,38 @@ def jointcomp(args: list[str]) -> float:
     return time.perf_counter() - tic
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-
-
 def untrained_projection(model_name: str, data_name: str, weights: str, target: str) -> float:
     """Accuracy of admm's first projection of the dense weights (magnitude pruning + k-means, no
     calibration): what the app's what-if showed before posttrain."""
     model, data = load_start(model_name, data_name, pretrained=weights)
     return Compressor(model.eval(), target, steps=1, evaluate=lambda m: accuracy(m, data)).finish().accuracy
+
+
+def uniform_allocation(model_name: str, data_name: str, weights: str, target: str, seed: int) -> float:
+    """Accuracy of the same pipeline with uniform allocation: one density and one bitwidth for every
+    layer (masks by the same (w / d)^2 scores, the same reconstruction and BatchNorm statistics); of
+    the bitwidths whose uniform density fits, the one whose outputs are closest to the dense network's."""
+    model, data = load_start(model_name, data_name, pretrained=weights)
+    comp = Compressor(model.eval(), target, method="posttrain", evaluate=lambda m: accuracy(m, data))
+    comp.calibrate(calibration_inputs(data, CompressConfig.calibration, seed, torch.device("cpu")))
+    method, projector = comp.method, comp.projector
+    budget = Budget(comp.target_bits, comp.density)
+    best = None
+    for b in BIT_CHOICES:
+        bits = projector.clamp_bits(torch.full((len(comp.params),), b))
+        unit, room = projector.room(bits, budget)
+        density = min(1.0, room / float((unit * projector.numel).sum()))
+        if density <= 0:
+            continue
+        masks = []
+        for score in method.scaled:
+            mask = torch.zeros(score.numel(), dtype=torch.bool)
+            mask[score.abs().flatten().topk(max(1, int(density * score.numel()))).indices] = True
+            masks.append(mask.view(score.shape))
+        alloc, distance = method.reconstruct(masks, bits, budget)
+        if alloc.size_bits <= budget.bits and (best is None or distance < best[1]):
+            best = alloc, distance
+    return comp.score(best[0])
 
 
 def main() -> None:
@@ -83,35 +109,32 @@ def main() -> None:
                    "--seed", str(seed), "--out", str(out), "--overwrite"]
             seconds = jointcomp(cmd)
             summary = json.loads((out / SUMMARY_FILE).read_text())
+            uniform = uniform_allocation(args.model, args.data, weights, target, seed)
             rows.append({
                 "network": args.model, "data": args.data, "method": "posttrain", "target": target, "budget_mode": "paper",
                 "seed": seed, "accuracy": summary["accuracy"], "dense_accuracy": summary["dense_accuracy"],
                 "paper_bits": summary["size_bits"], "file_bytes": summary["file_bytes"], "epochs": 0,
-                "minutes": seconds / 60, "untrained_projection": magnitude, "dense_epoch_minutes": epoch_seconds / 60,
+                "minutes": seconds / 60, "untrained_projection": magnitude, "uniform_allocation": uniform, "dense_epoch_minutes": epoch_seconds / 60,
                 "command": "python -m jointcomp " + shlex.join(cmd[:-3]).replace(str(Path.cwd()) + "/", ""),
                 "commit": commit(), "machine": machine(),
             })
             print(json.dumps(rows[-1]), flush=True)
 
-    RESULTS.parent.mkdir(exist_ok=True)
-    kept = []
-    if RESULTS.is_file():
-        ours = {(r["network"], r["data"], r["target"], r["seed"]) for r in rows}
-        kept = [line for line in RESULTS.read_text().splitlines()
-                if (lambda r: (r["network"], r["data"], r["target"], r["seed"]) not in ours)(json.loads(line))]
-    RESULTS.write_text("".join(f"{line}\n" for line in [*kept, *(json.dumps(r) for r in rows)]))
+    store_rows("posttrain", rows)
 
     print(f"\nMachine: {machine()}; {args.model} on {args.data}, {weights}; seeds {args.seeds} (calibration draws); "
           f"one dense training epoch: {epoch_seconds / 60:.1f} min (`train --epochs 1`, same run).\n")
-    print("| target | posttrain accuracy mean (min-max) | dense | untrained projection | file bytes | minutes per run | "
-          "share of a dense epoch | command (seed 0) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| target | posttrain accuracy mean (min-max) | dense | untrained projection | uniform allocation mean (min-max) | "
+          "file bytes | minutes per run | share of a dense epoch | command (seed 0) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         runs = [r for r in rows if r["target"] == target]
         accs = [r["accuracy"] for r in runs]
+        uniform = [r["uniform_allocation"] for r in runs]
         minutes = statistics.mean(r["minutes"] for r in runs)
         print(f"| {target} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {runs[0]['dense_accuracy']:.4f} | "
-              f"{runs[0]['untrained_projection']:.4f} | {statistics.mean(r['file_bytes'] for r in runs):,.0f} | {minutes:.2f} | "
+              f"{runs[0]['untrained_projection']:.4f} | {statistics.mean(uniform):.4f} ({min(uniform):.4f}-{max(uniform):.4f}) | "
+              f"{statistics.mean(r['file_bytes'] for r in runs):,.0f} | {minutes:.2f} | "
               f"{minutes / (epoch_seconds / 60):.2f} | `{runs[0]['command']}` |")
 
 

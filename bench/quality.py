@@ -13,7 +13,8 @@ Per seed, the dense start is `python -m jointcomp train --epochs N --seed S`; ev
 `python -m jointcomp compress --pretrained <that> --target T --method M --seed S`. Run folders
 stay in bench/.cache/quality (a finished one is not run again, an unfinished one is resumed with
 `compress --resume`, so an interrupted bench goes on).
-Prints one markdown row per target and method: mean accuracy over the seeds with its
+Rows go to bench/results/quality.jsonl (one per run, replaced when run again). Prints one markdown
+row per target, method and start: mean accuracy over the seeds with its
 min-max, and the command of one of its runs.
 """
 from __future__ import annotations
@@ -27,8 +28,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import CACHE, command_env, machine
+from common import CACHE, command_env, commit, machine, store_rows
+from jointcomp import CompressConfig
 from jointcomp.methods import METHODS
+from jointcomp.trainer import STARTS
 from jointcomp.rundir import STATE_FILE, SUMMARY_FILE
 
 RUNS = CACHE / "quality"
@@ -66,6 +69,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--budget-mode", default="paper", choices=("paper", "file"))
+    p.add_argument("--starts", nargs="+", default=["calibrated"], choices=STARTS,
+                   help="where each run starts (`compress --start`; calibrated is the CLI's default)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
     args = p.parse_args()
 
@@ -79,36 +84,49 @@ def main() -> None:
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     length = f"-{args.epochs}ep" if args.epochs else ""
     grid = {}
-    for target in args.targets:
-        for method in args.methods:
-            for seed in args.seeds:
-                out = RUNS / f"{args.model.replace(':', '.')}-{args.data}{start}-{args.budget_mode}-{target}{length}-{method}-seed{seed}"
-                grid[target, method, seed] = ([*base, "--pretrained", str(dense[seed]), "--target", target,
-                                               *(["--method", method] if method != "admm" else []), *mode, *epochs,
-                                               "--seed", str(seed), "--out", str(out)], out)
+    rows = [(target, method, begin) for target in args.targets for method in args.methods for begin in args.starts]
+    for target, method, begin in rows:
+        for seed in args.seeds:
+            out = RUNS / (f"{args.model.replace(':', '.')}-{args.data}{start}-{args.budget_mode}-{target}{length}-{method}"
+                          f"{'-from-dense' if begin == 'dense' else ''}-seed{seed}")
+            grid[target, method, begin, seed] = ([*base, "--pretrained", str(dense[seed]), "--target", target,
+                                                  *(["--method", method] if method != "admm" else []), *mode, *epochs,
+                                                  *(["--start", begin] if begin != CompressConfig.start else []),
+                                                  "--seed", str(seed), "--out", str(out)], out)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda a: run(["train", *a], args.jobs), todo))
         list(pool.map(lambda item: run(compress_or_resume(*item), args.jobs),
                       [item for item in grid.values() if not (item[1] / SUMMARY_FILE).is_file()]))
+
+    rows_data = []
+    for (target, method, begin, seed), (cmd, out) in grid.items():
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        rows_data.append({
+            "network": args.model, "data": args.data, "method": method, "start": begin, "target": target,
+            "budget_mode": args.budget_mode, "seed": seed, "accuracy": summary["accuracy"],
+            "dense_accuracy": summary["dense_accuracy"], "paper_bits": summary["size_bits"],
+            "file_bytes": summary["file_bytes"], "epochs": summary["epochs"], "minutes": summary["seconds"] / 60,
+            "bits": [layer["bits"] for layer in summary["layers"]],
+            "command": command(["compress", *cmd]).replace(str(RUNS) + "/", ""), "commit": commit(), "machine": machine()})
+    store_rows("quality", rows_data)
 
     dense_acc = [json.loads((d / SUMMARY_FILE).read_text())["accuracy"] for d in dense.values()]
     print(f"Machine: {machine()}; {args.model} on {args.data}; seeds {args.seeds}; {args.jobs} run(s) at a time. "
           f"Dense starts: `python -m jointcomp train {shlex.join([*base, *tune])} --epochs {args.dense_epochs} --seed S "
           f"--out DENSE` (accuracy {', '.join(f'{a:.4f}' for a in dense_acc)}). Every run: the command in its row, "
           "with the CLI's defaults.\n")
-    print("| target | method | accuracy mean (min-max) | loss to dense (points) | paper ratio | file bytes | bits per layer (seed "
+    print("| target | method | start | accuracy mean (min-max) | loss to dense (points) | paper ratio | file bytes | bits per layer (seed "
           f"{args.seeds[0]}) | minutes per run | command (seed {args.seeds[0]}) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for target in args.targets:
-        for method in args.methods:
-            runs = [json.loads((grid[target, method, s][1] / SUMMARY_FILE).read_text()) for s in args.seeds]
-            accs = [r["accuracy"] for r in runs]
-            loss = statistics.mean(r["dense_accuracy"] - r["accuracy"] for r in runs) * 100
-            bits = ",".join(str(layer["bits"]) for layer in runs[0]["layers"])
-            cmd = command(["compress", *grid[target, method, args.seeds[0]][0]]).replace(str(RUNS) + "/", "")
-            print(f"| {target} | {method} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {loss:.2f} | "
-                  f"{statistics.mean(r['ratio'] for r in runs):.1f}x | {statistics.mean(r['file_bytes'] for r in runs):,.0f} | "
-                  f"{bits} | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} | `{cmd}` |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for target, method, begin in rows:
+        runs = [json.loads((grid[target, method, begin, s][1] / SUMMARY_FILE).read_text()) for s in args.seeds]
+        accs = [r["accuracy"] for r in runs]
+        loss = statistics.mean(r["dense_accuracy"] - r["accuracy"] for r in runs) * 100
+        bits = ",".join(str(layer["bits"]) for layer in runs[0]["layers"])
+        cmd = command(["compress", *grid[target, method, begin, args.seeds[0]][0]]).replace(str(RUNS) + "/", "")
+        print(f"| {target} | {method} | {begin} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {loss:.2f} | "
+              f"{statistics.mean(r['ratio'] for r in runs):.1f}x | {statistics.mean(r['file_bytes'] for r in runs):,.0f} | "
+              f"{bits} | {statistics.mean(r['seconds'] for r in runs) / 60:.1f} | `{cmd}` |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""Shared fixtures: the bundled digits data and a dense MLP trained on it once per session."""
+"""Shared fixtures: the bundled digits data and a dense MLP trained on it once per session.
+`make test` runs the suite on two workers (pytest-xdist), each with one thread, its commands too:
+two torch processes of two threads each on two cores would thrash."""
 from __future__ import annotations
 
 import copy
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from jointcomp import CompressConfig, build_model, load_dataset
 from jointcomp.trainer import train_dense

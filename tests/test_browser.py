@@ -23,7 +23,8 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-pytestmark = pytest.mark.browser
+# One app server and one browser, on one worker of `pytest -n 2`.
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
 """The README's user-loop example runs as written, in a fresh process, and does what it says."""
+import json
 import re
 import subprocess
 import sys
@@ -22,3 +23,30 @@ def test_readme_user_loop_example_runs_as_written(tmp_path):
     assert float(ratio) >= 50 * (1 - 1e-9)
     assert report.paper_bits <= 32 * report.compressible_numel / 50  # read from the file itself
     assert float(accuracy) >= 0.9  # the dense MLP reaches about 0.97 on digits
+
+
+def test_every_number_in_the_results_table_is_in_the_stored_bench_rows():
+    """README's results table is made from bench/results/*.jsonl: each accuracy in it is the mean
+    over the seeds of one method's stored runs at that network, data and target, and each file
+    size the mean of one method's stored file bytes."""
+    rows = [json.loads(line) for path in (README.parent / "bench" / "results").glob("*.jsonl")
+            for line in path.read_text().splitlines() if line.strip()]
+    table = README.read_text().split("<!-- results:")[1].split("<!-- end of results -->")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| network")]
+    assert len(lines) >= 4
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        network, data = cells[0].split(" / ")
+        same = [r for r in rows if (r["network"], r["data"], r["target"]) == (network, data, cells[2])]
+        runs: dict[tuple, list[dict]] = {}
+        for r in same:
+            runs.setdefault((r["method"], r.get("start"), r["epochs"]), []).append(r)
+        means, sizes = set(), set()
+        for group in runs.values():
+            for key in ("accuracy", "untrained_projection", "uniform_allocation", "dense_accuracy"):
+                if key in group[0]:
+                    means.add(f"{sum(r[key] for r in group) / len(group):.4f}")
+            sizes.add(f"{sum(r['file_bytes'] for r in group) / len(group):,.0f}")
+        figures = re.findall(r"\b\d\.\d{4}\b", line)
+        assert len(figures) >= 2 and set(figures) <= means, (line, means)
+        assert cells[6] in sizes, (line, sizes)

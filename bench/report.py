@@ -1,0 +1,103 @@
+"""Results at a glance, made from the stored bench rows (bench/results/*.jsonl) without running
+anything: README's results table and one plot per network (bench/plots/NETWORK-DATA.svg, accuracy
+against `.jcz` bytes on a log axis, one mark per method, the seeds' min-max as a bar, dense as a line).
+
+    python bench/report.py        # what `make plots` runs
+
+A row of the table is a network, data set and target with a post-training or a training run of
+jointcomp; its baselines are the other methods measured at the same target (the untrained
+projection and uniform allocation beside posttrain; uniform and sequential beside admm).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PLOTS = ROOT / "bench" / "plots"
+README = ROOT / "README.md"
+BEGIN = "<!-- results: written by `make plots` from bench/results/*.jsonl -->"
+END = "<!-- end of results -->"
+SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41"}
+BASELINES = {"untrained_projection": "untrained projection", "uniform_allocation": "uniform allocation, post-training"}
+
+
+def load_rows() -> pd.DataFrame:
+    """Every stored run, one row each, with the grid (file) it came from."""
+    rows = [{**json.loads(line), "grid": path.stem} for path in sorted(RESULTS.glob("*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def series(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per network, data, target and method (with its start and epochs): accuracy mean and
+    min-max over the seeds, mean file bytes, the dense accuracy, the grid and one run's command."""
+    runs = rows.assign(method=rows["method"].where(rows["grid"] != "quality", rows["method"] + ", trained " +
+                                                   rows["epochs"].astype(str) + " epochs from " + rows.get("start", "")))
+    baselines = [rows.dropna(subset=[column]).assign(method=name, accuracy=rows[column]) for column, name in BASELINES.items()
+                 if column in rows]
+    keys = ["network", "data", "target", "method"]
+    return (pd.concat([runs, *baselines]).groupby(keys, sort=False)
+            .agg(accuracy=("accuracy", "mean"), low=("accuracy", "min"), high=("accuracy", "max"),
+                 seeds=("seed", "nunique"), file_bytes=("file_bytes", "mean"), dense=("dense_accuracy", "mean"),
+                 grid=("grid", "first"), command=("command", "first"))
+            .reset_index())
+
+
+def plot(points: pd.DataFrame, title: str) -> alt.LayerChart:
+    """Accuracy against file bytes (log), one colour per method, the seeds' min-max as bars."""
+    x = alt.X("file_bytes:Q", scale=alt.Scale(type="log", nice=False, padding=24), title=".jcz file (bytes, log scale)")
+    y = alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False, padding=12), axis=alt.Axis(format="%"))
+    color = alt.Color("method:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=400))
+    marks = alt.Chart(points).mark_line(point=alt.OverlayMarkDef(filled=True, size=70)).encode(
+        x=x, y=y, color=color, order="file_bytes:Q")
+    bars = alt.Chart(points).mark_rule(strokeWidth=2).encode(x=x, y="low:Q", y2="high:Q", color=color)
+    dense = alt.Chart(pd.DataFrame({"dense": [points["dense"].mean()]})).mark_rule(strokeDash=[4, 4], color="gray").encode(
+        y="dense:Q")
+    return (dense + bars + marks).properties(width=520, height=320,
+                                            title=f"{title} (dashed: dense, {points['dense'].mean():.2%})")
+
+
+def table(points: pd.DataFrame) -> str:
+    """README's table: per network, data and target, jointcomp trained and post-training, the best
+    baseline, each linked to the BENCHMARKS section that made it."""
+    lines = ["| network / data | dense | target | jointcomp, trained | jointcomp, post-training | best baseline | "
+             "file bytes | section |", "|---|---|---|---|---|---|---|---|"]
+    for (network, data, target), group in points.groupby(["network", "data", "target"], sort=False):
+        trained = group[group["method"].str.startswith("admm, trained")]
+        post = group[group["method"] == "posttrain"]
+        ours = pd.concat([trained, post])
+        if ours.empty:
+            continue
+        others = group[~group.index.isin(ours.index)].sort_values("accuracy", ascending=False)
+        best = f"{others.iloc[0]['accuracy']:.4f} ({others.iloc[0]['method']})" if len(others) else "—"
+        cell = lambda rows: "—" if rows.empty else f"{rows.iloc[0]['accuracy']:.4f}"  # noqa: E731
+        links = ", ".join(f"[{grid}](BENCHMARKS.md#{SECTIONS[grid]})" for grid in dict.fromkeys(ours["grid"]))
+        lines.append(f"| {network} / {data} | {ours.iloc[0]['dense']:.4f} | {target} | {cell(trained)} | {cell(post)} | "
+                     f"{best} | {ours.iloc[0]['file_bytes']:,.0f} | {links} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    points = series(load_rows())
+    PLOTS.mkdir(exist_ok=True)
+    images = []
+    for (network, data), group in points.groupby(["network", "data"], sort=False):
+        name = f"{network.replace(':', '.')}-{data}.svg"
+        plot(group, f"{network} on {data}").save(str(PLOTS / name))
+        images.append(f"![{network} on {data}](bench/plots/{name})")
+    text = README.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    section = (f"{BEGIN}\n{table(points)}\n\nMean over the seeds (two per row); every run's command and commit are in "
+               f"`bench/results/*.jsonl`.\n\n" + "\n".join(images) + f"\n{END}")
+    README.write_text(head + section + tail)
+    print(f"{len(images)} plots in {PLOTS.relative_to(ROOT)}, README's results table updated")
+
+
+if __name__ == "__main__":
+    main()
