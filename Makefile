@@ -33,7 +33,7 @@ test: setup system-deps
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 bench: setup
-	cd bench && ../$(PY) file_size.py && ../$(PY) projections.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x 800x
+	cd bench && ../$(PY) file_size.py && ../$(PY) solvers.py && ../$(PY) overhead.py && ../$(PY) distributed.py && ../$(PY) quality.py --model mlp --data digits --dense-epochs 20 --targets 50x 200x 800x
 
 # README's results table and bench/plots/*.svg, from the stored rows (bench/results/*.jsonl); trains nothing.
 plots: setup

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from jointcomp import CompressConfig
+from jointcomp import EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.budget import format_bits
 from jointcomp.budget_modes import BUDGET_MODES, budget_modes_help
@@ -31,7 +31,7 @@ class Choices:
     model: str
     data: str
     dense_epochs: int
-    config: CompressConfig
+    config: EngineConfig
     checkpoint: str | None = None  # dense weights to start from, instead of training here
 
 
@@ -61,11 +61,11 @@ def sidebar(with_method: bool = True) -> Choices:
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
     rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
     lr = sb.select_slider("Learning rate", ["auto", 0.005, 0.01, 0.02, 0.05, 0.1], value="auto", key="lr",
-                          help=f"auto: {CompressConfig.lr}, lowered to what the sharpness of the dense model allows")
+                          help=f"auto: {EngineConfig.lr}, lowered to what the sharpness of the dense model allows")
     method, budget_mode = "admm", "paper"
     with sb.expander("Advanced"):
         pre_epochs = st.number_input("Dense pre-training epochs", 1, 200, dense_epochs(model), key=f"dense_{model}")
-        begin = st.radio("Training starts from", STARTS, STARTS.index(CompressConfig.start), key="begin", horizontal=True,
+        begin = st.radio("Training starts from", STARTS, STARTS.index(EngineConfig.start), key="begin", horizontal=True,
                          help="dense: the weights as they are; calibrated: the network compressed without training "
                               "to the target (the what-if's answer)")
         batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
@@ -76,14 +76,14 @@ def sidebar(with_method: bool = True) -> Choices:
                                        "and sequential are baselines")
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
                                        help=budget_modes_help())
-        retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, CompressConfig.retrain, 0.1, key="retrain",
+        retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, EngineConfig.retrain, 0.1, key="retrain",
                             help="every method then fixes masks and bitwidths and trains the kept weights through their "
                                  "quantization, before the final phase")
-        finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, CompressConfig.finetune, 0.1, key="finetune",
+        finetune = st.slider("Final phase (fraction of the epochs)", 0.0, 0.9, EngineConfig.finetune, 0.1, key="finetune",
                              help="every method trains the last part of the run in exactly the shape that ships")
-        distill = st.slider("Distillation from the dense model", 0.0, 1.0, CompressConfig.distill, 0.1, key="distill",
+        distill = st.slider("Distillation from the dense model", 0.0, 1.0, EngineConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
-    config = CompressConfig(epochs=epochs, rho=rho, lr=CompressConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
+    config = EngineConfig(epochs=epochs, rho=rho, lr=EngineConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
                             budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill,
                             start=begin)
     return Choices(model, data, int(pre_epochs), config, checkpoint)
@@ -95,10 +95,14 @@ KEPT = ("data", "folder", "model_", "start_", "epochs", "rho", "lr", "dense_", "
 
 def keep_choices() -> None:
     """Keep the sidebar's choices when the user moves to another page: Streamlit forgets the value
-    of a widget that a page run does not draw, unless it was set through the session state."""
+    of a widget that a page run does not draw (and a run cut short by the move may not draw it), so
+    every choice is also kept under a key of its own, which Streamlit never forgets, and given back."""
+    kept = st.session_state.setdefault("kept_choices", {})
     for key in list(st.session_state.keys()):
         if isinstance(key, str) and key.startswith(KEPT):
-            st.session_state[key] = st.session_state[key]
+            kept[key] = st.session_state[key]
+    for key, value in kept.items():
+        st.session_state[key] = value
 
 
 def saved_upload(name: str, content: bytes) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from jointcomp import CompressConfig, build_model, load_dataset
+from jointcomp import EngineConfig, build_model, load_dataset
 from jointcomp.trainer import train_dense
 from jointcomp.models import load_weights, save_weights
 
@@ -29,7 +29,7 @@ def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0):
     if path.is_file():
         load_weights(model, path)
     else:
-        config = CompressConfig(seed=seed)
+        config = EngineConfig(seed=seed)
         for _ in train_dense(model, data, config, epochs):
             pass
         CACHE.mkdir(exist_ok=True)

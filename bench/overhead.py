@@ -21,7 +21,7 @@ import time
 import torch
 
 from common import machine
-from jointcomp import CompressConfig, Engine, EpochRecord, build_model, load_dataset
+from jointcomp import EngineConfig, Engine, EpochRecord, build_model, load_dataset
 from jointcomp.app.runner import Runner
 
 
@@ -29,7 +29,7 @@ def bench(model_name: str, data_name: str, epochs: int, device: str) -> str:
     data = load_dataset(data_name)
     torch.manual_seed(0)
     model = build_model(model_name, data.input_shape, data.num_classes)
-    config = CompressConfig(target="100x", dense_epochs=epochs, epochs=epochs, device=device)
+    config = EngineConfig(target="100x", dense_epochs=epochs, epochs=epochs, device=device)
     seconds: dict[str, list[float]] = {}
     for record in Engine(model, data, config):
         if isinstance(record, EpochRecord):
@@ -61,7 +61,7 @@ def app_against_engine(device: str, epochs: int = 15) -> str:
         torch.manual_seed(0)
         return build_model("mlp", data.input_shape, data.num_classes)
 
-    config = CompressConfig(target="50x", epochs=epochs, device=device)
+    config = EngineConfig(target="50x", epochs=epochs, device=device)
     tic = time.perf_counter()
     list(Engine(fresh(), data, config))
     engine_s = time.perf_counter() - tic

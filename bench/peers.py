@@ -25,7 +25,7 @@ from importlib.metadata import version
 import torch
 
 from common import dense_model, machine
-from jointcomp import CompressConfig, Engine, FinalRecord
+from jointcomp import EngineConfig, Engine, FinalRecord
 from jointcomp.codec import fp32_bytes
 
 CALIBRATION_IMAGES = 640  # MCT's representative data: 10 batches of 64 training images, no labels
@@ -111,7 +111,7 @@ def mct_rows(dense, data, ratios):
 
 
 def jointcomp_run(dense, data, target: str, epochs: int, seed: int, budget_mode: str = "file") -> FinalRecord:
-    config = CompressConfig(target=target, budget_mode=budget_mode, epochs=epochs, seed=seed)  # the CLI's defaults
+    config = EngineConfig(target=target, budget_mode=budget_mode, epochs=epochs, seed=seed)  # the CLI's defaults
     meta = {"model": "lenet5", "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     return next(r for r in Engine(copy.deepcopy(dense), data, config, meta=meta) if isinstance(r, FinalRecord))
 

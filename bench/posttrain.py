@@ -29,7 +29,7 @@ from pathlib import Path
 from common import CACHE, command_env, commit, machine, store_rows
 import torch
 
-from jointcomp import CompressConfig, Compressor
+from jointcomp import EngineConfig, Compressor
 from jointcomp.budget import BIT_CHOICES, Budget
 from jointcomp.models import load_start
 from jointcomp.rundir import SUMMARY_FILE
@@ -60,7 +60,7 @@ def uniform_allocation(model_name: str, data_name: str, weights: str, target: st
     the bitwidths whose uniform density fits, the one whose outputs are closest to the dense network's."""
     model, data = load_start(model_name, data_name, pretrained=weights)
     comp = Compressor(model.eval(), target, method="posttrain", evaluate=lambda m: accuracy(m, data))
-    comp.calibrate(calibration_inputs(data, CompressConfig.calibration, seed, torch.device("cpu")))
+    comp.calibrate(calibration_inputs(data, EngineConfig.calibration, seed, torch.device("cpu")))
     method, projector = comp.method, comp.projector
     budget = Budget(comp.target_bits, comp.density)
     best = None

@@ -21,9 +21,9 @@ import torch
 import torchvision
 
 from common import machine
-from jointcomp import CompressConfig, build_model, projections
+from jointcomp import EngineConfig, build_model, projections
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import Budget, PaperAccounting, parse_target
+from jointcomp.budget import Budget, Accounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links
 
@@ -43,9 +43,9 @@ def best_of(fn, repeat: int = 3) -> float:
 
 def weights_and_projector(model: torch.nn.Module, device: torch.device) -> tuple[list[torch.Tensor], Projector]:
     """The model's compressible weights on `device` and the projector a run of it would use."""
-    layers = compressible_weights(model, CompressConfig())
+    layers = compressible_weights(model, EngineConfig())
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
-    projector = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    projector = Projector(specs, Accounting(), links=Links.of(model, [n for n, _, _ in layers]))
     return [w.detach().to(device) for _, w, _ in layers], projector
 
 

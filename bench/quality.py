@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import CACHE, command_env, commit, machine, store_rows
-from jointcomp import CompressConfig
+from jointcomp import EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.trainer import STARTS
 from jointcomp.rundir import STATE_FILE, SUMMARY_FILE
@@ -91,7 +91,7 @@ def main() -> None:
                           f"{'-from-dense' if begin == 'dense' else ''}-seed{seed}")
             grid[target, method, begin, seed] = ([*base, "--pretrained", str(dense[seed]), "--target", target,
                                                   *(["--method", method] if method != "admm" else []), *mode, *epochs,
-                                                  *(["--start", begin] if begin != CompressConfig.start else []),
+                                                  *(["--start", begin] if begin != EngineConfig.start else []),
                                                   "--seed", str(seed), "--out", str(out)], out)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda a: run(["train", *a], args.jobs), todo))

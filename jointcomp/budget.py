@@ -3,7 +3,7 @@
 A target is given once, as a ratio ("500x", against fp32 of the compressible weights), a
 size ("96000b" bits, "12KB", "12KiB", "1.5MB") or a fraction ("0.2%"). A bare number
 means a ratio. Targets are resolved to bits against an accounting, which says what one
-kept weight and one layer cost: `PaperAccounting` counts bits x non-zeros only, as the paper
+kept weight and one layer cost: `Accounting` counts bits x non-zeros only, as the paper
 does. Each accounting is a budget mode, defined next to the format it prices ("file" in the codec,
 "flash" in the C export) and listed by name in budget_modes.py.
 """
@@ -80,7 +80,7 @@ class Shipped:
     file_bytes: Callable[[], int]
 
 
-class PaperAccounting:
+class Accounting:
     """The paper's size: sum over compressed layers of bitwidth x non-zeros (layers left
     dense count at 32 bits per weight). The checkpoint codec's `FileAccounting` prices
     the exported file's bytes through this same interface."""
@@ -114,7 +114,7 @@ class PaperAccounting:
         return size_bits
 
 
-class MeasuredAccounting(PaperAccounting):
+class MeasuredAccounting(Accounting):
     """The accountings of a real artefact (the .jcz file, the C export's flash): each kept
     weight pays its code and its position, the position estimated per layer from the density
     the projection is given (`position_cost`); `measure` is the artefact's real size, and the
@@ -158,7 +158,7 @@ def parse_target(spec: str | float | int, dense_bits: int) -> float:
 
 
 def feasible_range(
-    numel: list[int], bounds: list[LayerBounds], accounting: PaperAccounting, reserved_bits: float = 0.0
+    numel: list[int], bounds: list[LayerBounds], accounting: Accounting, reserved_bits: float = 0.0
 ) -> tuple[float, float]:
     """Smallest and largest size (bits) a target may ask for with these layers, plus a
     fixed part that no compression removes (`reserved_bits`): the smallest keeps each layer's
@@ -176,7 +176,7 @@ def resolve_target(
     spec: str | float | int,
     numel: list[int],
     bounds: list[LayerBounds],
-    accounting: PaperAccounting,
+    accounting: Accounting,
     reserved_bits: float = 0.0,
     reference_bits: float | None = None,
 ) -> float:

@@ -2,12 +2,12 @@
 next to what they price."""
 from __future__ import annotations
 
-from .budget import PaperAccounting
+from .budget import Accounting
 from .codec import FileAccounting
 from .deploy.c import FlashAccounting
 
-BUDGET_MODES: dict[str, type[PaperAccounting]] = {
-    "paper": PaperAccounting,  # bits x non-zeros, the paper's count
+BUDGET_MODES: dict[str, type[Accounting]] = {
+    "paper": Accounting,  # bits x non-zeros, the paper's count
     "file": FileAccounting,  # the .jcz file's bytes
     "flash": FlashAccounting,  # the C export's const data
 }

@@ -11,14 +11,14 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .codec import CheckpointError, format_report, inspect, load_compressed
+from .codec import CheckpointError, format_report, inspect_file, load_compressed
 from .budget_modes import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS
 from .models import dense_epochs, load_start, save_weights
-from .trainer import STARTS, CompressConfig, Engine, accuracy, first_batch_stable_lr, train_dense
+from .trainer import STARTS, EngineConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
 
@@ -31,7 +31,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, out_required: bool) -> None:
-    defaults = CompressConfig()
+    defaults = EngineConfig()
     p.add_argument("--model", default="mlp", help="mlp, lenet5, resnet20, torchvision:<name> or module:factory")
     _data_args(p)
     p.add_argument("--lr", type=float, default=defaults.lr,
@@ -65,28 +65,28 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
     comp = sub.add_parser("compress", help="prune + quantize jointly to a target size")
     _train_args(comp, out_required=False)
     comp.add_argument("--target", default="50x", help="e.g. 50x, 12KB, 96000b, 0.2%% (default 50x)")
-    comp.add_argument("--epochs", type=int, default=CompressConfig.epochs)
+    comp.add_argument("--epochs", type=int, default=EngineConfig.epochs)
     comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
     comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
-    comp.add_argument("--rho", type=float, default=CompressConfig.rho, help="ADMM penalty")
-    comp.add_argument("--method", choices=tuple(METHODS), default=CompressConfig.method,
+    comp.add_argument("--rho", type=float, default=EngineConfig.rho, help="ADMM penalty")
+    comp.add_argument("--method", choices=tuple(METHODS), default=EngineConfig.method,
                       help="admm (jointcomp, trained), posttrain (jointcomp without training, from --calibration "
                            "inputs: a minute) or a baseline, for comparisons (default admm)")
-    comp.add_argument("--calibration", type=int, default=CompressConfig.calibration,
-                      help=f"training inputs posttrain and a calibrated start see (default {CompressConfig.calibration})")
-    comp.add_argument("--start", choices=STARTS, default=CompressConfig.start,
+    comp.add_argument("--calibration", type=int, default=EngineConfig.calibration,
+                      help=f"training inputs posttrain and a calibrated start see (default {EngineConfig.calibration})")
+    comp.add_argument("--start", choices=STARTS, default=EngineConfig.start,
                       help="where a training method starts: the dense weights, or the post-training result at the "
                            "target (calibrated, from --calibration inputs; see README) (default dense)")
-    comp.add_argument("--retrain", type=float, default=CompressConfig.retrain,
+    comp.add_argument("--retrain", type=float, default=EngineConfig.retrain,
                       help="fraction of the epochs (every method), before the final phase, with masks and bitwidths fixed and "
-                           f"the kept weights trained through their quantization (default {CompressConfig.retrain})")
-    comp.add_argument("--finetune", type=float, default=CompressConfig.finetune,
+                           f"the kept weights trained through their quantization (default {EngineConfig.retrain})")
+    comp.add_argument("--finetune", type=float, default=EngineConfig.finetune,
                       help="fraction of the epochs (every method) trained at the end in the deployed shape "
-                           f"(default {CompressConfig.finetune})")
-    comp.add_argument("--distill", type=float, default=CompressConfig.distill,
-                      help=f"weight of distillation from the dense starting model, 0 = off (default {CompressConfig.distill})")
+                           f"(default {EngineConfig.finetune})")
+    comp.add_argument("--distill", type=float, default=EngineConfig.distill,
+                      help=f"weight of distillation from the dense starting model, 0 = off (default {EngineConfig.distill})")
     comp.add_argument("--exclude", action="append", default=[], help="weight name glob to leave out")
-    comp.add_argument("--budget-mode", choices=tuple(BUDGET_MODES), default=CompressConfig.budget_mode,
+    comp.add_argument("--budget-mode", choices=tuple(BUDGET_MODES), default=EngineConfig.budget_mode,
                       help=budget_modes_help())
     comp.add_argument("--resume", metavar="DIR",
                       help="continue an interrupted run in DIR; with it, only --lr, --rho, --epochs, --target and "
@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace, explicit: set[str]) -> int:
     out = RunDir(args.out, overwrite=args.overwrite).path  # checked before any training
     model, data = load_start(args.model, args.data, data_dir=args.data_dir, download=args.download, seed=args.seed,
                              pretrained=args.pretrained)
-    config = CompressConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
+    config = EngineConfig(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed, device=args.device)
     if args.pretrained:
         if "lr" not in explicit:
             lr, _ = first_batch_stable_lr(model, data, config, config.lr, torch.device("cpu"),
@@ -195,7 +195,7 @@ def _engine_for_run(run_dir: str, overrides: dict | None = None) -> Engine:
     training settings changed (`overrides`, keys from RESUME_OVERRIDES)."""
     saved = RunDir(run_dir, resume=True).read_config()
     try:
-        config = dataclasses.replace(CompressConfig.from_dict(saved["compress"]), **(overrides or {}))
+        config = dataclasses.replace(EngineConfig.from_dict(saved["compress"]), **(overrides or {}))
     except (KeyError, TypeError) as err:
         raise ValueError(f"{run_dir}/config.json is not a jointcomp run's config ({err}); start a new run") from None
     model, data = load_start(saved["model"], saved["data"], data_dir=saved.get("data_dir"), seed=config.seed)
@@ -219,7 +219,7 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         pre_epochs = 0 if args.pretrained else (
             args.dense_epochs if args.dense_epochs is not None else dense_epochs(args.model)
         )
-        config = CompressConfig(
+        config = EngineConfig(
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
             lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
@@ -272,7 +272,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    print(format_report(inspect(args.file)))
+    print(format_report(inspect_file(args.file)))
     try:
         export = flash_report(args.file, allow_import=args.allow_import)
         print(f"C export (export-c): flash {export.flash_bytes} B const data, RAM {export.ram_bytes} B activations")

@@ -16,7 +16,7 @@ that add up to the body, element counts the file can justify) before any tensor 
 decoded; every zstd section is stream-decompressed with a cap known beforehand; any damage
 raises `CheckpointError`. Memory: reading a file of N bytes whose header declares tensors
 of S bytes in all (as float32 for compressed weights) allocates at most
-`READ_MEMORY_BOUND(N, S)`, and S is refused above `MAX_ELEMENTS_PER_FILE_BYTE` elements
+`read_memory_bound(N, S)`, and S is refused above `MAX_ELEMENTS_PER_FILE_BYTE` elements
 per file byte before anything is allocated.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import zstandard
 from torch import nn
 
 from .budget import LayerBounds, MeasuredAccounting, Shipped
-from .projections import dequantize
+from .solvers import dequantize
 from .rundir import atomic_write
 
 MAGIC = b"JCZ"
@@ -52,7 +52,7 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 
 
-def READ_MEMORY_BOUND(file_bytes: int, tensor_bytes: int) -> int:
+def read_memory_bound(file_bytes: int, tensor_bytes: int) -> int:
     """The most memory (bytes) that reading a file may allocate: see the module docstring."""
     return 64 * file_bytes + 4 * tensor_bytes + 32 * 2**20
 
@@ -492,7 +492,7 @@ def _guarded(path: str | Path, fn, *args):
         raise CheckpointError(f"{path}: not a valid jointcomp checkpoint ({type(err).__name__})") from None
 
 
-def inspect(path: str | Path) -> Report:
+def inspect_file(path: str | Path) -> Report:
     """Per-layer byte breakdown and totals of a .jcz file (every section is decoded and
     checked, so a file that inspects cleanly also loads)."""
     layout = _layout_of(path)

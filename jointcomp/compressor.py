@@ -48,7 +48,7 @@ SAVED_VERSION = 4  # of saved settings and states: a resume or export checks it
 @dataclass
 class CompressorConfig:
     """How the method compresses: target, method, budget mode and its knobs. The built-in
-    trainer's settings (epochs, learning rate, ...) extend it in trainer.CompressConfig."""
+    trainer's settings (epochs, learning rate, ...) extend it in trainer.EngineConfig."""
 
     target: str | float = "50x"
     method: str = "admm"  # "posttrain" (no training), or a baseline: "uniform", "sequential" (jointcomp/methods/)

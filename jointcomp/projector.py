@@ -1,4 +1,4 @@
-"""Layer-level projections: the tensor math of `projections.py` turned into per-layer
+"""Layer-level projections: the tensor math of `solvers.py` turned into per-layer
 masks, bitwidths and codebooks under a budget (`budget.Budget`: the bits to fit and the densities
 positions are priced at), honouring each layer's bounds and the size accounting in force."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import BIT_CHOICES, Budget, LayerBounds, PaperAccounting
+from .budget import BIT_CHOICES, Budget, LayerBounds, Accounting
 from .links import Links
-from .projections import (FIT_SAMPLE, OptionTables, assign, dequantize, solve_mckp_greedy, fit_codebooks_many,
+from .solvers import (FIT_SAMPLE, OptionTables, assign, dequantize, solve_mckp_greedy, fit_codebooks_many,
                           joint_options_many, knapsack_prune)
 
 
@@ -60,7 +60,7 @@ class Projector:
     """Projections of a model's compressed layers onto the size budget."""
 
     def __init__(
-        self, specs: list[LayerSpec], accounting: PaperAccounting, reserved_bits: float = 0.0,
+        self, specs: list[LayerSpec], accounting: Accounting, reserved_bits: float = 0.0,
         links: Links | None = None,
     ) -> None:
         self.specs = specs

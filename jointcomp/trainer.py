@@ -37,12 +37,12 @@ from .schedule import every_for_epoch
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
-STARTS = ("dense", "calibrated")  # where a training method starts (CompressConfig.start)
+STARTS = ("dense", "calibrated")  # where a training method starts (EngineConfig.start)
 RECOVERIES = 3  # roll-backs after a non-finite loss before a run gives up
 
 
 @dataclass
-class CompressConfig(CompressorConfig):
+class EngineConfig(CompressorConfig):
     """A run of the built-in trainer: the method's settings plus the training loop's."""
 
     epochs: int = 15
@@ -85,7 +85,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, config: CompressConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
+def make_optimizer(model: nn.Module, config: EngineConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
     """The configured optimizer with a warm-up + cosine learning-rate schedule over `epochs`,
     peaking at `lr` (default: the config's)."""
     params = list(model.parameters())
@@ -117,7 +117,7 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
     return math.ceil(len(_sampler(data, 0)) / batch_size)
 
 
-def batches(data: Data, config: CompressConfig, epoch: int, device: torch.device):
+def batches(data: Data, config: EngineConfig, epoch: int, device: torch.device):
     """The training batches of one epoch. In memory: shuffled and augmented (the data set's
     `augment`), both depending only on seed and epoch (and shared out between the processes of
     a torchrun); DataLoaders: their own order (a DistributedSampler gets the epoch)."""
@@ -217,7 +217,7 @@ def place(model: nn.Module, device: torch.device, training: bool = True) -> nn.M
     return model
 
 
-def dense_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Data, config: CompressConfig, epoch: int,
+def dense_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Data, config: EngineConfig, epoch: int,
                 device: torch.device, loss_fn: Callable = nn.functional.cross_entropy) -> Iterator[StepRecord]:
     """The plain training steps of one epoch (no compression): `train_dense`'s and the Engine's."""
     spe = steps_per_epoch(data, config.batch_size)
@@ -228,7 +228,7 @@ def dense_steps(model: nn.Module, opt: torch.optim.Optimizer, sched, data: Data,
         yield StepRecord("dense", epoch * spe + i, epoch, loss, lr)
 
 
-def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: int) -> Iterator[Record]:
+def train_dense(model: nn.Module, data: Data, config: EngineConfig, epochs: int) -> Iterator[Record]:
     """Plain training (no compression) for `epochs`; yields step and epoch records."""
     device = pick_device(config.device)
     place(model, device)
@@ -244,7 +244,7 @@ def train_dense(model: nn.Module, data: Data, config: CompressConfig, epochs: in
         yield dense_epoch_record(accuracy(model, data), epoch, (epoch + 1) * spe, time.perf_counter() - tic, dense_bits)
 
 
-def first_batch_stable_lr(model: nn.Module, data: Data, config: CompressConfig, lr: float, device: torch.device,
+def first_batch_stable_lr(model: nn.Module, data: Data, config: EngineConfig, lr: float, device: torch.device,
                           loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     """`lr`, lowered to what the sharpness of `loss(model, x, y)` on the first training batch
     allows (SGD only: Adam's steps do not scale with the curvature); and that sharpness. The
@@ -276,7 +276,7 @@ class Engine:
         self,
         model: nn.Module,
         data: Data,
-        config: CompressConfig,
+        config: EngineConfig,
         run_dir: str | None = None,
         resume: bool = False,
         meta: dict | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from jointcomp import CheckpointError, inspect, load_compressed, load_dataset
+from jointcomp import CheckpointError, inspect_file, load_compressed, load_dataset
 from jointcomp.app import charts
 from jointcomp.data import available
 from jointcomp.deploy.c import flash_report
@@ -26,7 +26,7 @@ with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "model.jcz"
     path.write_bytes(upload.getvalue())
     try:
-        report = inspect(path)
+        report = inspect_file(path)
         model = load_compressed(path)
     except CheckpointError as err:
         st.error(f"This file cannot be opened: {str(err).replace(str(path), upload.name)}")

@@ -15,7 +15,7 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-from jointcomp import CompressConfig, build_model, load_dataset
+from jointcomp import EngineConfig, build_model, load_dataset
 from jointcomp.trainer import train_dense
 
 
@@ -28,7 +28,7 @@ def digits():
 def _trained_mlp_state(digits):
     torch.manual_seed(0)
     model = build_model("mlp", digits.input_shape, digits.num_classes)
-    for _ in train_dense(model, digits, CompressConfig(device="cpu"), epochs=20):
+    for _ in train_dense(model, digits, EngineConfig(device="cpu"), epochs=20):
         pass
     return copy.deepcopy(model.state_dict())
 

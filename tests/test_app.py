@@ -89,13 +89,13 @@ def test_stop_ends_a_long_run_and_a_second_start_is_impossible_while_running():
 
 
 def test_worker_errors_show_in_the_page():
-    from jointcomp import CompressConfig, Engine, build_model, load_dataset
+    from jointcomp import EngineConfig, Engine, build_model, load_dataset
     from jointcomp.app.runner import Runner
 
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     data = load_dataset("digits")
     model = build_model("mlp", data.input_shape, data.num_classes)
-    diverging = Runner(Engine(model, data, CompressConfig(lr=1e9, momentum=0.0, dense_epochs=1, epochs=1))).start()
+    diverging = Runner(Engine(model, data, EngineConfig(lr=1e9, momentum=0.0, dense_epochs=1, epochs=1))).start()
     diverging.wait(60)
     at.session_state["runner"] = diverging
     at.run()

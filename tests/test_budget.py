@@ -1,6 +1,6 @@
 import pytest
 
-from jointcomp.budget import LayerBounds, PaperAccounting, parse_target, resolve_target
+from jointcomp.budget import LayerBounds, Accounting, parse_target, resolve_target
 
 DENSE = 32 * 1000
 
@@ -32,7 +32,7 @@ def test_parse_target_rejects_nonsense(spec):
 
 def test_resolve_target_names_the_feasible_range():
     bounds = [LayerBounds(), LayerBounds()]
-    acc = PaperAccounting()
+    acc = Accounting()
     # two layers of 500 weights: the smallest model keeps one weight at one bit per layer
     assert resolve_target("16000x", [500, 500], bounds, acc) == 2.0
     with pytest.raises(ValueError, match=r"= 1 bits is outside .* between 2 bits .*and 4.00 KB"):
@@ -42,7 +42,7 @@ def test_resolve_target_names_the_feasible_range():
 
 
 def test_layer_bounds_raise_the_floor():
-    acc = PaperAccounting()
+    acc = Accounting()
     bounds = [LayerBounds(min_bits=4, min_density=0.1), LayerBounds(dense=True)]
     # layer 0 keeps >= 50 weights at >= 4 bits; layer 1 stays fp32
     smallest = 4 * 50 + 32 * 100

@@ -80,9 +80,9 @@ def test_a_live_chart_keeps_its_data_whichever_data_transformer_altair_has_activ
     import altair as alt
 
     from jointcomp.records import curve_frame, epochs_frame, layers_frame, steps_frame
-    from jointcomp.trainer import CompressConfig, Engine
+    from jointcomp.trainer import EngineConfig, Engine
 
-    history = list(Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=2, tradeoff=True, device="cpu")))
+    history = list(Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=2, tradeoff=True, device="cpu")))
     live = charts.live(epochs_frame(history), layers_frame(history), steps_frame(history), curve_frame(history), 0.97, 1000)
     alt.data_transformers.register("filed_elsewhere", lambda data: {"name": "filed-elsewhere"})
     with alt.data_transformers.enable("filed_elsewhere"):

@@ -14,9 +14,9 @@ import torch
 import zstandard
 from torch.func import functional_call
 
-from jointcomp import CheckpointError, CompressConfig, Engine, inspect, load_compressed
+from jointcomp import CheckpointError, EngineConfig, Engine, inspect_file, load_compressed
 from jointcomp.codec import (
-    MAX_ELEMENTS_PER_FILE_BYTE, READ_MEMORY_BOUND, decode_positions, encode_positions, pack_codes, unpack_codes,
+    MAX_ELEMENTS_PER_FILE_BYTE, read_memory_bound, decode_positions, encode_positions, pack_codes, unpack_codes,
 )
 
 META = {"model": "mlp", "data": "digits", "input_shape": [1, 8, 8], "num_classes": 10}
@@ -28,7 +28,7 @@ def compressed_run(tmp_path_factory, digits, _trained_mlp_state):
 
     model = build_model("mlp", digits.input_shape, digits.num_classes)
     model.load_state_dict(_trained_mlp_state)
-    engine = Engine(model, digits, CompressConfig(target="60x", epochs=3, device="cpu"), meta=META)
+    engine = Engine(model, digits, EngineConfig(target="60x", epochs=3, device="cpu"), meta=META)
     list(engine)
     path = tmp_path_factory.mktemp("ckpt") / "model.jcz"
     engine.export(str(path))
@@ -50,7 +50,7 @@ def test_round_trip_is_bit_exact(compressed_run, digits):
 
 def test_inspect_tells_the_truth(compressed_run):
     _, path = compressed_run
-    report = inspect(path)
+    report = inspect_file(path)
     assert report.file_bytes == os.path.getsize(path)
     loaded = load_compressed(path).state_dict()
     paper_bits, numel = 0, 0
@@ -88,7 +88,7 @@ def test_codes_pack_at_exactly_b_bits(bits):
 
 
 def test_file_budget_is_met_by_the_actual_file(trained_mlp, digits, tmp_path):
-    config = CompressConfig(target="6KB", epochs=4, budget_mode="file", device="cpu")
+    config = EngineConfig(target="6KB", epochs=4, budget_mode="file", device="cpu")
     engine = Engine(trained_mlp, digits, config, run_dir=str(tmp_path), meta=META)
     records = list(engine)
     assert os.path.getsize(tmp_path / "model.jcz") <= 6000
@@ -196,7 +196,7 @@ def mutate_header(header: dict, rng: random.Random) -> dict:
     return h
 
 
-# --- memory: reading a file never allocates beyond READ_MEMORY_BOUND ---------------------
+# --- memory: reading a file never allocates beyond read_memory_bound ---------------------
 def run_in_child(fn) -> tuple[str, int]:
     """Run `fn` in a forked child: its outcome ("loaded", "CheckpointError" or "other") and
     its peak resident memory in bytes (the parent's pages count as they are shared)."""
@@ -239,7 +239,7 @@ def assert_refused_within_bound(path, data: bytes, header: dict, idle_rss: int, 
     path.write_bytes(data)
     outcome, peak = run_in_child(lambda: load_compressed(path))
     assert outcome == "CheckpointError"
-    bound = READ_MEMORY_BOUND(len(data), min(declared_bytes(header), 4 * MAX_ELEMENTS_PER_FILE_BYTE * len(data)))
+    bound = read_memory_bound(len(data), min(declared_bytes(header), 4 * MAX_ELEMENTS_PER_FILE_BYTE * len(data)))
     assert peak - idle_rss <= bound, f"{(peak - idle_rss) / 2**20:.1f} MiB used, bound {bound / 2**20:.1f} MiB"
     if match:
         with pytest.raises(CheckpointError, match=match):
@@ -387,7 +387,7 @@ def test_fuzzed_checkpoints_only_raise_checkpoint_error_within_the_bound(compres
         path.write_bytes(case)
         outcome, peak = run_in_child(lambda: load_compressed(path))
         outcomes[outcome] += 1
-        bound = READ_MEMORY_BOUND(len(case), 4 * MAX_ELEMENTS_PER_FILE_BYTE * len(case))
+        bound = read_memory_bound(len(case), 4 * MAX_ELEMENTS_PER_FILE_BYTE * len(case))
         worst = max(worst, (peak - idle_child_rss) / bound)
     print(f"fuzz: {outcomes}, worst peak memory {worst:.3f} of the bound")
     assert outcomes["other"] == 0, outcomes

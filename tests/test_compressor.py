@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jointcomp import CompressConfig, Compressor, Engine, Loaders, load_compressed, whatif
+from jointcomp import EngineConfig, Compressor, Engine, Loaders, load_compressed, whatif
 from jointcomp.schedule import every_for_epoch
 from jointcomp.records import EpochRecord, FinalRecord, StepRecord, to_json
 from jointcomp.trainer import accuracy, batches, make_optimizer
@@ -144,7 +144,7 @@ def timeless(records: list) -> list[str]:
 
 
 def test_engine_is_a_loop_over_compressor(trained_mlp, digits):
-    config = CompressConfig(target="40x", epochs=4, device="cpu", auto_lr=False)  # the loop alone (auto_lr: test_defaults)
+    config = EngineConfig(target="40x", epochs=4, device="cpu", auto_lr=False)  # the loop alone (auto_lr: test_defaults)
     engine_records = [r for r in Engine(copy.deepcopy(trained_mlp), digits, config)
                       if isinstance(r, (StepRecord, EpochRecord, FinalRecord))]
     hand_records: list = []
@@ -155,7 +155,7 @@ def test_engine_is_a_loop_over_compressor(trained_mlp, digits):
 
 @pytest.mark.parametrize("cut", [1, 2, 4])  # after ADMM, while retraining, and in the final phase
 def test_resume_from_state_dict_ends_identically(trained_mlp, digits, cut):
-    config = CompressConfig(target="60x", epochs=5, retrain=0.4, finetune=0.4, device="cpu")
+    config = EngineConfig(target="60x", epochs=5, retrain=0.4, finetune=0.4, device="cpu")
     spe = math.ceil(len(digits.train_y) / config.batch_size)
     cpu = torch.device("cpu")
 
@@ -208,7 +208,7 @@ def test_engine_takes_dataloaders(trained_mlp, digits):
                        generator=torch.Generator().manual_seed(0))
     val = DataLoader(TensorDataset(digits.val_x, digits.val_y), batch_size=500)
     data = Loaders("digits", train, val, digits.num_classes, digits.input_shape)
-    engine = Engine(trained_mlp, data, CompressConfig(target="30x", epochs=3, device="cpu"))
+    engine = Engine(trained_mlp, data, EngineConfig(target="30x", epochs=3, device="cpu"))
     records = list(engine)
     steps = [r for r in records if isinstance(r, StepRecord)]
     assert len(steps) == 3 * len(train)

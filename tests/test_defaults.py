@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jointcomp import CompressConfig, Compressor, Engine, EpochRecord, StepRecord, build_model, load_dataset
+from jointcomp import EngineConfig, Compressor, Engine, EpochRecord, StepRecord, build_model, load_dataset
 from jointcomp.budget import parse_target
 from jointcomp.data import Dataset
 from jointcomp.sharpness import sharpness
@@ -48,10 +48,10 @@ def test_the_defaults_compress_every_kind_of_model_to_its_target(name, tmp_path)
     torch.manual_seed(0)
     start = build(data)
     for target in ("10x", "500x", "2000x"):
-        engine = Engine(copy.deepcopy(start), data, CompressConfig(target=target, epochs=1, device="cpu"))
+        engine = Engine(copy.deepcopy(start), data, EngineConfig(target=target, epochs=1, device="cpu"))
         records = list(engine)
         losses = [r.loss for r in records if isinstance(r, StepRecord)]
-        assert len(losses) == math.ceil(256 / CompressConfig.batch_size)
+        assert len(losses) == math.ceil(256 / EngineConfig.batch_size)
         assert {r.phase for r in records if isinstance(r, StepRecord)} == {"admm", "retrain", "finetune"}
         assert all(math.isfinite(loss) for loss in losses), (target, losses)
         engine.export(str(tmp_path / "model.jcz"))
@@ -59,7 +59,7 @@ def test_the_defaults_compress_every_kind_of_model_to_its_target(name, tmp_path)
 
 
 def test_a_run_forced_to_diverge_rolls_back_and_says_so(trained_mlp, digits):
-    config = CompressConfig(target="50x", epochs=3, lr=10.0, auto_lr=False, device="cpu")
+    config = EngineConfig(target="50x", epochs=3, lr=10.0, auto_lr=False, device="cpu")
     records = list(Engine(trained_mlp, digits, config))
     notes = " ".join(r.note for r in records if isinstance(r, EpochRecord))
     assert "recovered at step" in notes and "learning rate 10 -> " in notes
@@ -75,7 +75,7 @@ def test_auto_lr_lowers_the_rate_to_what_the_sharpness_allows(trained_mlp, digit
         sharp[-1].weight.mul_(30)
         sharp[-3].weight.div_(30)
         sharp[-3].bias.div_(30)
-    engine = Engine(sharp, digits, CompressConfig(target="50x", epochs=1, device="cpu"))
+    engine = Engine(sharp, digits, EngineConfig(target="50x", epochs=1, device="cpu"))
     records = list(engine)
     note = next(r.note for r in records if isinstance(r, EpochRecord) and r.note)
     assert note.startswith("learning rate 0.05 -> ")
@@ -83,7 +83,7 @@ def test_auto_lr_lowers_the_rate_to_what_the_sharpness_allows(trained_mlp, digit
     assert chosen < 0.05
     assert max(r.lr for r in records if isinstance(r, StepRecord)) <= chosen * (1 + 1e-6)  # the run used it
 
-    plain = list(Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=1, device="cpu")))
+    plain = list(Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=1, device="cpu")))
     assert max(r.lr for r in plain if isinstance(r, StepRecord)) > chosen  # the same function, less sharp: a higher rate
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from jointcomp import CompressConfig, Engine, FinalRecord, build_model
+from jointcomp import EngineConfig, Engine, FinalRecord, build_model
 from jointcomp.records import EpochRecord, StepRecord
 
 
@@ -46,7 +46,7 @@ def run(engine: Engine) -> list:
 
 def test_50x_fits_and_stays_within_3_points(trained_mlp, digits):
     dense_acc = evaluate(trained_mlp, digits)
-    engine = Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=15, device="cpu"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=15, device="cpu"))
     records = run(engine)
     size, weights = measured_size(engine)
     assert size <= dense_bits(trained_mlp) / 50
@@ -56,7 +56,7 @@ def test_50x_fits_and_stays_within_3_points(trained_mlp, digits):
 
 
 def test_set_target_mid_run_moves_the_size(trained_mlp, digits):
-    engine = Engine(trained_mlp, digits, CompressConfig(target="20x", epochs=6, device="cpu"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="20x", epochs=6, device="cpu"))
     new_target = dense_bits(trained_mlp) / 100
     sizes = []
     for record in engine:
@@ -71,13 +71,13 @@ def test_set_target_mid_run_moves_the_size(trained_mlp, digits):
 
 
 def test_set_target_rejects_infeasible(trained_mlp, digits):
-    engine = Engine(trained_mlp, digits, CompressConfig(target="20x", epochs=1, device="cpu"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="20x", epochs=1, device="cpu"))
     with pytest.raises(ValueError, match="outside what this model can reach"):
         engine.set_target("1b")
 
 
 def test_stop_ends_within_one_step(trained_mlp, digits):
-    engine = Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=15, device="cpu"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=15, device="cpu"))
     steps, after_stop = 0, []
     for record in engine:
         if after_stop or steps == 30:
@@ -104,7 +104,7 @@ def comparable(records):
 
 
 def test_same_seed_same_records(trained_mlp, digits):
-    config = CompressConfig(target="80x", epochs=4, device="cpu", seed=3)
+    config = EngineConfig(target="80x", epochs=4, device="cpu", seed=3)
     first = run(Engine(copy.deepcopy(trained_mlp), digits, config))
     second = run(Engine(copy.deepcopy(trained_mlp), digits, config))
     assert comparable(first) == comparable(second)
@@ -113,7 +113,7 @@ def test_same_seed_same_records(trained_mlp, digits):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(trained_mlp, digits, tmp_path):
-    config = CompressConfig(target="60x", epochs=5, device="cpu")
+    config = EngineConfig(target="60x", epochs=5, device="cpu")
     whole = run(Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path / "whole")))
 
     interrupted = Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path / "cut"))
@@ -133,9 +133,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(trained_mlp, dig
 
 def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits):
     dense = copy.deepcopy(trained_mlp.state_dict())
-    posttrain = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", method="posttrain", device="cpu"))
+    posttrain = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(target="50x", method="posttrain", device="cpu"))
     run(posttrain)
-    engine = Engine(trained_mlp, digits, CompressConfig(target="50x", epochs=2, device="cpu", start="calibrated"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=2, device="cpu", start="calibrated"))
     records = iter(engine)
     next(records)  # what will run
     start = next(records)
@@ -152,7 +152,7 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
 
     model = build_model("mlp", digits.input_shape, digits.num_classes)
     model.load_state_dict(dense)
-    from_dense = run(Engine(model, digits, CompressConfig(target="50x", epochs=1, device="cpu")))  # the default
+    from_dense = run(Engine(model, digits, EngineConfig(target="50x", epochs=1, device="cpu")))  # the default
     assert [r.epoch for r in from_dense if isinstance(r, EpochRecord)] == [0]  # no calibrated start
     with pytest.raises(ValueError, match="before its first step"):
         engine.compressor.calibrate([digits.train_x[:64]])
@@ -161,7 +161,7 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
 def test_layer_bounds_keep_a_layer_dense_and_limit_bits(trained_mlp, digits):
     from jointcomp import LayerBounds
 
-    config = CompressConfig(
+    config = EngineConfig(
         target="30x", epochs=3, device="cpu",
         bounds={"5.weight": LayerBounds(dense=True), "1.weight": LayerBounds(min_bits=3, max_bits=4)},
     )
@@ -177,7 +177,7 @@ def test_layer_bounds_keep_a_layer_dense_and_limit_bits(trained_mlp, digits):
 def test_pretraining_from_scratch_records_dense_phase(digits):
     torch.manual_seed(0)
     model = build_model("mlp", digits.input_shape, digits.num_classes)
-    records = run(Engine(model, digits, CompressConfig(target="50x", epochs=2, dense_epochs=2, device="cpu")))
+    records = run(Engine(model, digits, EngineConfig(target="50x", epochs=2, dense_epochs=2, device="cpu")))
     phases = [r.phase for r in records if isinstance(r, EpochRecord)]
     assert phases == ["dense", "dense", "retrain", "finetune"]  # ADMM for 40 % of the steps: its epoch ends retraining
     assert records[-1].dense_accuracy > 0.8
@@ -186,25 +186,25 @@ def test_pretraining_from_scratch_records_dense_phase(digits):
 def test_model_with_nothing_to_compress(digits):
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64))
     with pytest.raises(ValueError, match="no Conv2d/Linear weights to compress"):
-        Engine(model, digits, CompressConfig(device="cpu"))
+        Engine(model, digits, EngineConfig(device="cpu"))
 
 
 @pytest.mark.parametrize("target", ["0x", "abc", "1b", "0.5x", -1])
 def test_bad_targets(trained_mlp, digits, target):
     with pytest.raises(ValueError):
-        Engine(trained_mlp, digits, CompressConfig(target=target, device="cpu"))
+        Engine(trained_mlp, digits, EngineConfig(target=target, device="cpu"))
 
 
 def test_bad_config_values():
     with pytest.raises(ValueError):
-        CompressConfig(epochs=0)
+        EngineConfig(epochs=0)
     with pytest.raises(ValueError):
-        CompressConfig(optimizer="lbfgs")
+        EngineConfig(optimizer="lbfgs")
 
 
 def test_resume_needs_saved_state(trained_mlp, digits, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        Engine(trained_mlp, digits, CompressConfig(device="cpu"), run_dir=str(tmp_path / "none"), resume=True)
+        Engine(trained_mlp, digits, EngineConfig(device="cpu"), run_dir=str(tmp_path / "none"), resume=True)
     assert not (tmp_path / "none").exists()  # resuming never creates the folder
 
 
@@ -235,7 +235,7 @@ def edited_books(path):
 
 @pytest.mark.parametrize("damage", [truncate, drop_latent, older_layout, edited_books])
 def test_damaged_or_foreign_state_file_is_reported(trained_mlp, digits, tmp_path, damage):
-    config = CompressConfig(target="50x", epochs=1, device="cpu")
+    config = EngineConfig(target="50x", epochs=1, device="cpu")
     run(Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path)))
     damage(tmp_path / "train_state.pt")
     engine = Engine(copy.deepcopy(trained_mlp), digits, config, run_dir=str(tmp_path), resume=True)
@@ -251,7 +251,7 @@ def test_tradeoff_curves_stay_within_their_share_of_the_run(trained_mlp, digits,
     """A curve at an epoch's end only while the curves so far took at most TRADEOFF_SHARE of the
     run: with no share only the first epoch has one, with an unbounded share every epoch."""
     monkeypatch.setattr("jointcomp.trainer.TRADEOFF_SHARE", share)
-    engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=3, device="cpu", tradeoff=True))
+    engine = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(target="50x", epochs=3, device="cpu", tradeoff=True))
     epochs = [r for r in run(engine) if isinstance(r, EpochRecord) and r.epoch >= 0]  # after the calibrated start
     assert [r.epoch for r in epochs if r.curve] == curves
     target = dense_bits(trained_mlp) / 50
@@ -273,7 +273,7 @@ def test_a_tradeoff_curve_prices_no_options_again(trained_mlp, digits, monkeypat
     counts, records = [], []
     for tradeoff in (False, True):
         builds.clear()
-        config = CompressConfig(target="200x", epochs=6, device="cpu", tradeoff=tradeoff)
+        config = EngineConfig(target="200x", epochs=6, device="cpu", tradeoff=tradeoff)
         records = [r for r in run(Engine(copy.deepcopy(trained_mlp), digits, config)) if isinstance(r, EpochRecord)]
         counts.append(len(builds))
     admm = [r for r in records if r.phase == "admm" and r.curve]

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from jointcomp import CompressConfig, Engine, FinalRecord, load_compressed
+from jointcomp import EngineConfig, Engine, FinalRecord, load_compressed
 from jointcomp.projector import Allocation
 from jointcomp.schedule import Schedule
 from sizes import fits, paper_bits_in_file
@@ -30,7 +30,7 @@ def partition(values: torch.Tensor) -> torch.Tensor:
 
 def test_final_phase_keeps_the_deployed_shape_and_is_what_the_file_holds(trained_mlp, digits, tmp_path):
     target = 32 * sum(w.numel() for n, w in trained_mlp.named_parameters() if n.endswith("weight")) / 60
-    engine = Engine(trained_mlp, digits, CompressConfig(target="60x", epochs=6, finetune=0.5, device="cpu"), meta=META)
+    engine = Engine(trained_mlp, digits, EngineConfig(target="60x", epochs=6, finetune=0.5, device="cpu"), meta=META)
     names = ["1.weight", "3.weight", "5.weight"]
     shape = None  # masks and code partitions of the first fine-tuning step
     steps = 0
@@ -70,7 +70,7 @@ def test_final_phase_keeps_the_deployed_shape_and_is_what_the_file_holds(trained
 
 def test_retraining_fixes_masks_and_bits_while_the_codes_move(trained_mlp, digits):
     target = 32 * sum(w.numel() for n, w in trained_mlp.named_parameters() if n.endswith("weight")) / 60
-    config = CompressConfig(target="60x", epochs=6, retrain=0.5, finetune=0.2, device="cpu")
+    config = EngineConfig(target="60x", epochs=6, retrain=0.5, finetune=0.2, device="cpu")
     engine = Engine(trained_mlp, digits, config)
     names = ["1.weight", "3.weight", "5.weight"]
     masks, first, moved, distinct, records = None, None, False, [], []
@@ -98,7 +98,7 @@ def test_retraining_fixes_masks_and_bits_while_the_codes_move(trained_mlp, digit
 
 @pytest.mark.parametrize("phase", ["retrain", "finetune"])
 def test_a_target_moved_while_masks_are_fixed_is_met(trained_mlp, digits, phase):
-    engine = Engine(trained_mlp, digits, CompressConfig(target="40x", epochs=4, finetune=0.5, device="cpu"))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="40x", epochs=4, finetune=0.5, device="cpu"))
     new = None
     records = []
     for record in engine:
@@ -116,7 +116,7 @@ def test_a_target_moved_while_masks_are_fixed_is_met(trained_mlp, digits, phase)
 def test_distillation_on_and_off_both_meet_the_target(trained_mlp, digits, tmp_path):
     for distill in (0.0, 0.7):
         model = copy.deepcopy(trained_mlp)
-        engine = Engine(model, digits, CompressConfig(target="80x", epochs=3, distill=distill, device="cpu"))
+        engine = Engine(model, digits, EngineConfig(target="80x", epochs=3, distill=distill, device="cpu"))
         final = list(engine)[-1]
         engine.export(str(tmp_path / "model.jcz"))
         assert fits(tmp_path / "model.jcz", "80x", trained_mlp)
@@ -127,7 +127,7 @@ def test_runs_of_any_length_retrain_then_end_in_the_final_phase_for_about_30_per
     """Projections come four times an epoch, so even a one-epoch run has all three phases:
     admm steps, retraining steps, then final-phase steps, each split at a projection."""
     for epochs in (1, 2, 10):
-        engine = Engine(copy.deepcopy(trained_mlp), digits, CompressConfig(target="50x", epochs=epochs, device="cpu"))
+        engine = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(target="50x", epochs=epochs, device="cpu"))
         records = list(engine)
         phases = [r.phase for r in records if isinstance(r, StepRecord)]
         retrain, finetune = phases.count("retrain"), phases.count("finetune")

@@ -5,7 +5,7 @@ from torch import nn
 
 from jointcomp import build_model
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import Budget, PaperAccounting
+from jointcomp.budget import Budget, Accounting
 from jointcomp.compressor import CompressorConfig, compressible_weights
 from jointcomp.links import Link, Links
 
@@ -80,8 +80,8 @@ def test_pruning_spends_nothing_on_weights_reading_units_without_inputs(trained_
     def reading_dead(masks):
         return sum(int((m & u).sum()) for m, u in zip(masks, links.useless(masks)))
 
-    plain, _ = Projector(specs, PaperAccounting()).prune(weights, bits, budget)
-    aware, _ = Projector(specs, PaperAccounting(), links=links).prune(weights, bits, budget)
+    plain, _ = Projector(specs, Accounting()).prune(weights, bits, budget)
+    aware, _ = Projector(specs, Accounting(), links=links).prune(weights, bits, budget)
     assert reading_dead(plain) > 10  # the budget the plain projection wastes
     assert reading_dead(aware) == 0
     kept = sum(int(m.sum()) for m in aware)

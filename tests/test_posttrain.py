@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import jointcomp
-from jointcomp import CompressConfig, Engine, whatif
+from jointcomp import EngineConfig, Engine, whatif
 from jointcomp.budget import Budget
 from jointcomp.deploy.c import export_c
 from jointcomp.trainer import calibration_inputs
@@ -34,7 +34,7 @@ def test_posttrain_compresses_every_kind_of_model_to_its_target(name, tmp_path):
     start = build(data)
     for target in ("10x", "200x") if name in ("mlp", "lenet5", "conv-bn factory") else ("50x",):
         model = copy.deepcopy(start)
-        engine = Engine(model, data, CompressConfig(target=target, method="posttrain", calibration=64, device="cpu"))
+        engine = Engine(model, data, EngineConfig(target=target, method="posttrain", calibration=64, device="cpu"))
         records = list(engine)
         assert [r.kind for r in records] == ["start", "final"]  # no training step, no epoch
         path = tmp_path / f"{target}.jcz"

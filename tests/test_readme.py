@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jointcomp import inspect
+from jointcomp import inspect_file
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,7 +18,7 @@ def test_readme_user_loop_example_runs_as_written(tmp_path):
     ratio, file_bytes, accuracy = re.search(r"([\d.]+)x smaller \(paper size\), file (\d+) B, accuracy ([\d.]+)",
                                             result.stdout).groups()
     path = tmp_path / "model.jcz"
-    report = inspect(path)
+    report = inspect_file(path)
     assert path.stat().st_size == int(file_bytes) == report.file_bytes
     assert float(ratio) >= 50 * (1 - 1e-9)
     assert report.paper_bits <= 32 * report.compressible_numel / 50  # read from the file itself

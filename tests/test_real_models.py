@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from jointcomp import CompressConfig, Dataset, Engine, load_compressed
-from jointcomp.codec import PackedLayer, encode, inspect, tensor_bytes
+from jointcomp import EngineConfig, Dataset, Engine, load_compressed
+from jointcomp.codec import PackedLayer, encode, inspect_file, tensor_bytes
 from sizes import fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet20", data.input_shape, 10)
     meta = {"model": "resnet20", "data": "digits32", "input_shape": [3, 32, 32], "num_classes": 10}
-    engine = Engine(model, data, CompressConfig(target="30x", epochs=1, dense_epochs=1, device="cpu"), meta=meta)
+    engine = Engine(model, data, EngineConfig(target="30x", epochs=1, dense_epochs=1, device="cpu"), meta=meta)
     final = list(engine)[-1]
     path = tmp_path / "resnet20.jcz"
     assert engine.export(str(path)) == path.stat().st_size == final.file_bytes
@@ -142,7 +142,7 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
     with torch.no_grad():
         engine.model.load_state_dict(expected)
         assert torch.equal(engine.model.eval()(data.val_x), loaded(data.val_x))
-    assert len(inspect(path).layers) == 20  # 19 convolutions and the classifier (option-A shortcuts have no weights)
+    assert len(inspect_file(path).layers) == 20  # 19 convolutions and the classifier (option-A shortcuts have no weights)
 
 
 def test_torchvision_model_on_one_channel_data(tmp_path):

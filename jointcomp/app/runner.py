@@ -24,7 +24,7 @@ from ..budget import parse_target
 from ..compressor import Compressor
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from ..trainer import (TRADEOFF_SUBSET, CompressConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
+from ..trainer import (TRADEOFF_SUBSET, EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
                        train_dense)
 from ..models import load_start
 from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
@@ -77,7 +77,7 @@ def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, d
     model, data = load_start(model_name, data_name, data_dir=data_dir, seed=seed, pretrained=checkpoint)
     if checkpoint:
         return model, data, accuracy(model, data)
-    config = CompressConfig(seed=seed)
+    config = EngineConfig(seed=seed)
     total = max(1, dense_epochs * steps_per_epoch(data, config.batch_size))
     score, started = float("nan"), time.monotonic()
     for record in train_dense(model, data, config, dense_epochs):
@@ -138,7 +138,7 @@ class Runner(_Worker):
         self._last_step = 0.0
 
     @classmethod
-    def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
+    def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
                  run_dir: str | None = None) -> "Runner":
         """Start compressing a copy of `model` (the caller's model is left as it is), recording
         the trade-off curve each epoch."""
@@ -221,7 +221,7 @@ def subset_accuracy(data: Dataset) -> Callable[[nn.Module], float]:
     return lambda m: accuracy(m, data, TRADEOFF_SUBSET)
 
 
-def what_if(model: nn.Module, data: Dataset, config: CompressConfig, model_name: str) -> Compressor:
+def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str) -> Compressor:
     """A compressor on a copy of `model` that compresses without training (method posttrain),
     calibrated once on `config.calibration` training inputs, for what-ifs (`whatif.plan`): each
     target then costs one knapsack and the chosen layers' reconstruction. The caller's model is
@@ -237,7 +237,7 @@ class Sweep(_Worker):
     """Several (target, method) runs one after another in a background thread."""
 
     @classmethod
-    def compress(cls, model: nn.Module, data: Dataset, config: CompressConfig, model_name: str,
+    def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
                  targets: list[str], methods: list[str]) -> "Sweep":
         """Start a sweep, each run on its own copy of `model` with `config` at one target and method."""
         def make_engine(target: str, method: str) -> Engine:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..projector import Allocation, Projector
 from ..budget import Budget
-from ..projections import assign, dequantize
+from ..solvers import assign, dequantize
 
 
 @torch.no_grad()

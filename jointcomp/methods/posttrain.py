@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..budget import BIT_CHOICES, Budget
-from ..projections import OptionTables, assign, fit_codebooks_many, knapsack_prune
+from ..solvers import OptionTables, assign, fit_codebooks_many, knapsack_prune
 from ..projector import Allocation, fingerprint
 from .base import Layers, Method
 

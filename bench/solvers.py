@@ -10,7 +10,7 @@ at its own random initialisation) at 27x and 840x, LeNet-5 (430,500 weights), at
 initialisation and trained (a dense start trained and cached if missing), where pruning leaves
 units without inputs, ResNet-56 (57 layers) and the digits MLP (50,432 weights).
 
-    python bench/projections.py [--device cuda] [--repeat 3]
+    python bench/solvers.py [--device cuda] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 import torchvision
 
 from common import dense_model, machine
-from jointcomp import CompressConfig, build_model
+from jointcomp import EngineConfig, build_model
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import Budget, PaperAccounting, parse_target
+from jointcomp.budget import Budget, Accounting, parse_target
 from jointcomp.compressor import compressible_weights
 from jointcomp.links import Links
 from jointcomp.models import lenet5
@@ -40,11 +40,11 @@ def timed(fn, device: torch.device) -> float:
 
 
 def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, repeat: int) -> str:
-    layers = compressible_weights(model, CompressConfig())
+    layers = compressible_weights(model, EngineConfig())
     weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
-    projector = Projector(specs, PaperAccounting())
-    linked = Projector(specs, PaperAccounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    projector = Projector(specs, Accounting())
+    linked = Projector(specs, Accounting(), links=Links.of(model, [n for n, _, _ in layers]))
     budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     bits = torch.full((len(weights),), 4)
     flat = torch.cat([w.flatten() for w in weights])

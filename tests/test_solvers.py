@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from jointcomp.projector import LayerSpec, Projector
-from jointcomp.budget import Budget, LayerBounds, PaperAccounting
-from jointcomp.projections import (solve_mckp_greedy, fit_codebooks, fit_codebooks_many, joint_options, knapsack_prune,
+from jointcomp.budget import Budget, LayerBounds, Accounting
+from jointcomp.solvers import (solve_mckp_greedy, fit_codebooks, fit_codebooks_many, joint_options, knapsack_prune,
                                   solve_mckp_exact)
 
 
@@ -205,7 +205,7 @@ def test_small_sets_are_exact_when_cold_and_go_on_from_a_warm_start():
 def test_quantize_keeps_zero_exact_and_uses_the_codebook():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 30, generator=g)
-    proj = Projector([LayerSpec("w", (40, 30), LayerBounds())], PaperAccounting())
+    proj = Projector([LayerSpec("w", (40, 30), LayerBounds())], Accounting())
     masks, _ = proj.prune([w], torch.tensor([3]), Budget(3 * 300))
     alloc = proj.quantize([w], masks, Budget(3 * 300), bits=torch.tensor([3]))
     q = alloc.values[0]
@@ -254,7 +254,7 @@ def test_bitwidth_bounds_are_honoured():
     g = torch.Generator().manual_seed(3)
     w = [torch.randn(200, generator=g), torch.randn(300, generator=g)]
     specs = [LayerSpec("a", (200,), LayerBounds(min_bits=6)), LayerSpec("b", (300,), LayerBounds(max_bits=2))]
-    proj = Projector(specs, PaperAccounting())
+    proj = Projector(specs, Accounting())
     masks = [torch.ones(200, dtype=torch.bool), torch.ones(300, dtype=torch.bool)]
     alloc = proj.quantize(w, masks, Budget(8 * 500))
     assert alloc.bits.tolist()[0] >= 6 and alloc.bits.tolist()[1] <= 2
@@ -284,14 +284,14 @@ def test_option_tables_are_made_once_for_the_same_weights_and_starts():
     that moved, or other starts, get tables of their own, those a fresh projector makes."""
     g = torch.Generator().manual_seed(6)
     weights = [torch.randn(40, 30, generator=g), torch.randn(10, 40, generator=g)]
-    projector = Projector([LayerSpec(f"w{i}", tuple(w.shape)) for i, w in enumerate(weights)], PaperAccounting())
+    projector = Projector([LayerSpec(f"w{i}", tuple(w.shape)) for i, w in enumerate(weights)], Accounting())
     first = projector.shared_tables(weights)
     assert projector.shared_tables([w.clone() for w in weights]) is first
     warm = projector.shared_tables(weights, first.books)
     assert warm is not first and projector.shared_tables(weights, first.books) is warm
     weights[1].mul_(1.5)
     moved = projector.shared_tables(weights)
-    fresh = Projector(projector.specs, PaperAccounting()).shared_tables(weights)
+    fresh = Projector(projector.specs, Accounting()).shared_tables(weights)
     for (keeps, errors), (fresh_keeps, fresh_errors) in zip(moved.layers, fresh.layers):
         assert torch.equal(keeps, fresh_keeps) and torch.equal(errors, fresh_errors)
     assert not torch.equal(moved.layers[1][1], first.layers[1][1])
@@ -305,7 +305,7 @@ def test_joint_projection_moves_bits_up_where_two_knapsacks_cannot():
     wide = torch.linspace(-1, 1, 4000)[torch.randperm(4000, generator=g)]  # needs bits, not weights
     spiky = torch.randn(4000, generator=g) * (torch.rand(4000, generator=g) < 0.05)  # needs few weights
     weights = [wide, spiky]
-    proj = Projector([LayerSpec("wide", (4000,)), LayerSpec("spiky", (4000,))], PaperAccounting())
+    proj = Projector([LayerSpec("wide", (4000,)), LayerSpec("spiky", (4000,))], Accounting())
     budget = Budget(32 * 8000 / 40)
 
     joint = proj.joint(weights, budget)
@@ -324,7 +324,7 @@ def test_joint_projection_honours_bounds():
     g = torch.Generator().manual_seed(7)
     w = [torch.randn(500, generator=g), torch.randn(800, generator=g)]
     specs = [LayerSpec("a", (500,), LayerBounds(min_bits=5, min_density=0.5)), LayerSpec("b", (800,), LayerBounds(max_bits=2))]
-    alloc = Projector(specs, PaperAccounting()).joint(w, Budget(6 * 1300))
+    alloc = Projector(specs, Accounting()).joint(w, Budget(6 * 1300))
     assert alloc.bits.tolist()[0] >= 5 and alloc.bits.tolist()[1] <= 2
     assert int(alloc.masks[0].sum()) >= 250
     assert alloc.size_bits <= 6 * 1300
