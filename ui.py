@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from jointcomp import EngineConfig
-from jointcomp.methods import METHODS
+from jointcomp.methods import METHODS, AdmmConfig
 from jointcomp.budget import format_bits
 from jointcomp.budget_modes import BUDGET_MODES, budget_modes_help
 from jointcomp.data import available, cache_dir
@@ -59,7 +59,6 @@ def sidebar(with_method: bool = True) -> Choices:
         checkpoint = st.session_state.get(f"uploaded_{model}")
     sb.header("Training")
     epochs = sb.slider("Compression epochs", 1, 200, 15, key="epochs")
-    rho = sb.select_slider("ρ (ADMM penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=2.0, key="rho")
     lr = sb.select_slider("Learning rate", ["auto", 0.005, 0.01, 0.02, 0.05, 0.1], value="auto", key="lr",
                           help=f"auto: {EngineConfig.lr}, lowered to what the sharpness of the dense model allows")
     method, budget_mode = "admm", "paper"
@@ -76,6 +75,7 @@ def sidebar(with_method: bool = True) -> Choices:
                                        "and sequential are baselines")
             budget_mode = st.selectbox("Budget counts", list(BUDGET_MODES), key="budget_mode",
                                        help=budget_modes_help())
+        settings = method_settings(method)
         retrain = st.slider("Retraining (fraction of the epochs)", 0.0, 0.6, EngineConfig.retrain, 0.1, key="retrain",
                             help="every method then fixes masks and bitwidths and trains the kept weights through their "
                                  "quantization, before the final phase")
@@ -83,10 +83,18 @@ def sidebar(with_method: bool = True) -> Choices:
                              help="every method trains the last part of the run in exactly the shape that ships")
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, EngineConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
-    config = EngineConfig(epochs=epochs, rho=rho, lr=EngineConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
+    config = EngineConfig(epochs=epochs, settings=settings, lr=EngineConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
                             budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill,
                             start=begin)
     return Choices(model, data, int(pre_epochs), config, checkpoint)
+
+
+def method_settings(method: str) -> dict:
+    """The widgets of the method's own settings (its Config's fields), and what they hold."""
+    if METHODS[method].Config is AdmmConfig:
+        return {"rho": st.select_slider("ρ (admm's penalty)", [0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0], value=AdmmConfig.rho,
+                                        key="rho", help="how hard the weights are pulled towards their projection")}
+    return {}
 
 
 KEPT = ("data", "folder", "model_", "start_", "epochs", "rho", "lr", "dense_", "begin", "batch", "seed", "method", "budget_mode",

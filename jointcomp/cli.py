@@ -16,7 +16,7 @@ from .budget_modes import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
-from .methods import METHODS
+from .methods import METHODS, AdmmConfig
 from .models import dense_epochs, load_start, save_weights
 from .trainer import STARTS, EngineConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
@@ -68,7 +68,8 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
     comp.add_argument("--epochs", type=int, default=EngineConfig.epochs)
     comp.add_argument("--dense-epochs", type=int, default=None, help="dense pre-training when no --pretrained")
     comp.add_argument("--pretrained", help="dense weights (.safetensors/.pt) or a `train` run folder")
-    comp.add_argument("--rho", type=float, default=EngineConfig.rho, help="ADMM penalty")
+    comp.add_argument("--rho", type=float, default=AdmmConfig.rho,
+                      help=f"admm's penalty: how hard the weights are pulled towards their projection (default {AdmmConfig.rho})")
     comp.add_argument("--method", choices=tuple(METHODS), default=EngineConfig.method,
                       help="admm (jointcomp, trained), posttrain (jointcomp without training, from --calibration "
                            "inputs: a minute) or a baseline, for comparisons (default admm)")
@@ -154,6 +155,7 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
 
 
 RESUME_OVERRIDES = ("lr", "rho", "epochs", "target", "device")
+METHOD_SETTINGS = sorted({name for method in METHODS.values() for name in method.Config.__dataclass_fields__})  # options
 
 
 def explicit_options(argv: list[str]) -> set[str]:
@@ -194,13 +196,23 @@ def _engine_for_run(run_dir: str, overrides: dict | None = None) -> Engine:
     """An engine set up to continue (or export) the run saved in `run_dir`, with some
     training settings changed (`overrides`, keys from RESUME_OVERRIDES)."""
     saved = RunDir(run_dir, resume=True).read_config()
+    overrides = dict(overrides or {})
     try:
-        config = dataclasses.replace(EngineConfig.from_dict(saved["compress"]), **(overrides or {}))
+        config = EngineConfig.from_dict(saved["compress"])
+        settings = {**config.settings, **{k: overrides.pop(k) for k in METHOD_SETTINGS if k in overrides}}
+        config = dataclasses.replace(config, settings=settings, **overrides)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{run_dir}/config.json is not a jointcomp run's config ({err}); start a new run") from None
     model, data = load_start(saved["model"], saved["data"], data_dir=saved.get("data_dir"), seed=config.seed)
     meta = {k: saved.get(k) for k in (*DESCRIPTION_KEYS, "data_dir")}
     return Engine(model, data, config, run_dir=run_dir, resume=True, meta=meta)
+
+
+def _settings(args: argparse.Namespace, explicit: set[str]) -> dict:
+    """The chosen method's own settings from the command line; a setting of another method given
+    explicitly goes along, to be refused in one line."""
+    own = METHODS[args.method].Config.__dataclass_fields__
+    return {name: getattr(args, name) for name in METHOD_SETTINGS if name in own or name in explicit}
 
 
 def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -221,7 +233,8 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
         )
         config = EngineConfig(
             target=args.target, epochs=args.epochs, dense_epochs=pre_epochs, batch_size=args.batch_size,
-            lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, rho=args.rho, exclude=tuple(args.exclude),
+            lr=args.lr, auto_lr="lr" not in explicit, optimizer=args.optimizer, settings=_settings(args, explicit),
+            exclude=tuple(args.exclude),
             method=args.method, retrain=args.retrain, finetune=args.finetune, distill=args.distill,
             budget_mode=args.budget_mode, seed=args.seed, device=args.device, calibration=args.calibration, start=args.start,
         )

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -42,18 +42,18 @@ from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
 
-SAVED_VERSION = 4  # of saved settings and states: a resume or export checks it
+SAVED_VERSION = 5  # of saved settings and states: a resume or export checks it
 
 
 @dataclass
 class CompressorConfig:
-    """How the method compresses: target, method, budget mode and its knobs. The built-in
+    """How the method compresses: target, method (and its own settings), budget mode and its knobs. The built-in
     trainer's settings (epochs, learning rate, ...) extend it in trainer.EngineConfig."""
 
     target: str | float = "50x"
     method: str = "admm"  # "posttrain" (no training), or a baseline: "uniform", "sequential" (jointcomp/methods/)
     budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
-    rho: float = 2.0  # ADMM penalty
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's own (its Config's fields: admm's rho)
     project_every: int = 0  # steps between projections; 0 = schedule.DEFAULT_PROJECTIONS over the run
     retrain: float = 0.3  # fraction of the steps, before the final phase, with masks and bits fixed
     finetune: float = 0.3  # fraction of the steps trained at the end in the deployed shape
@@ -64,9 +64,8 @@ class CompressorConfig:
     bounds: dict[str, LayerBounds] = field(default_factory=dict)  # weight name glob -> bounds
 
     def __post_init__(self) -> None:
-        for name in ("rho", "temperature"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
         for name in ("retrain", "finetune", "distill"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie between 0 and 1, got {getattr(self, name)}")
@@ -79,6 +78,7 @@ class CompressorConfig:
             raise ValueError(f"unknown budget mode {self.budget_mode!r}; use {' or '.join(map(repr, BUDGET_MODES))}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        METHODS[self.method].settings(self.settings)  # refused here, in one line, when wrong
         if self.budget_mode != "paper" and not METHODS[self.method].measured_budgets:
             measured = ", ".join(repr(name) for name, m in METHODS.items() if m.measured_budgets)
             raise ValueError(f"the {self.budget_mode} budget mode needs method {measured} "
@@ -86,6 +86,10 @@ class CompressorConfig:
         unknown = [t for t in self.layer_types if not isinstance(getattr(nn, t, None), type)]
         if unknown:
             raise ValueError(f"unknown layer type {unknown[0]!r}; use torch.nn class names such as Conv2d, Linear")
+
+    def with_method(self, method: str):
+        """This config for `method`: another method's own settings start at their defaults."""
+        return dataclasses.replace(self, method=method, settings=self.settings if method == self.method else {})
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -226,7 +230,8 @@ class Compressor:
         self.links = Links.of(model, self.names)
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
         self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
-        self.method = make_method(self.config.method, Layers(model, self.names, self.params, self.projector))
+        self.method = make_method(self.config.method, Layers(model, self.names, self.params, self.projector),
+                                  self.config.settings)
         if self.method.trains and self.steps < 1:
             raise ValueError(f"steps must be at least 1 for method {self.config.method!r}, got {steps}")
         self._lock = threading.Lock()
@@ -302,7 +307,7 @@ class Compressor:
             decided = True
         elif t == schedule.finetune_start and self.phase == "retrain":
             self.method.fix_codes()
-        self.method.after_step(lr, self.config.rho)
+        self.method.after_step(lr)
         if decided or projected:
             distributed.check_same(self.fingerprint(), "allocation after the projection")
         self.step_count += 1

@@ -47,7 +47,7 @@ start = start_col.button("Start", type="primary", disabled=running, key="start",
 without_training = posttrain_col.button("Compress without training", disabled=running, key="posttrain",
                                         help="method posttrain: the what-if's result below, as a run you can download")
 if start or without_training:
-    config = dataclasses.replace(choices.config, target=target, **({"method": "posttrain"} if without_training else {}))
+    config = dataclasses.replace(choices.config.with_method("posttrain") if without_training else choices.config, target=target)
     st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir())
     st.rerun()
 if stop_col.button("Stop", disabled=not running, key="stop"):

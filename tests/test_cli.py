@@ -86,6 +86,7 @@ def test_train_then_compress_pretrained_then_resume(tmp_path):
         (["compress", "--lr", "nan", "--out", "X"], "lr must be a finite number"),
         (["compress", "--lr", "inf", "--out", "X"], "lr must be a finite number"),
         (["compress", "--rho", "nan", "--out", "X"], "rho must be a positive finite number"),
+        (["compress", "--rho", "5", "--method", "uniform", "--out", "X"], "rho is not a setting of method uniform (it has none)"),
         (["compress", "--out", "FILE"], "is a file, not a folder"),
         (["compress", "--out", "FILE/run"], "lies under a file"),
         (["compress", "--out", "RUN"], "already holds a run"),

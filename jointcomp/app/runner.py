@@ -227,7 +227,7 @@ def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: s
     target then costs one knapsack and the chosen layers' reconstruction. The caller's model is
     never touched."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    config = dataclasses.replace(config, method="posttrain")
+    config = config.with_method("posttrain")
     comp = Compressor(copy.deepcopy(model), config=config, evaluate=evaluate, meta=model_description(model_name, data))
     comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
     return comp
@@ -241,7 +241,7 @@ class Sweep(_Worker):
                  targets: list[str], methods: list[str]) -> "Sweep":
         """Start a sweep, each run on its own copy of `model` with `config` at one target and method."""
         def make_engine(target: str, method: str) -> Engine:
-            run_config = dataclasses.replace(config, target=target, method=method)
+            run_config = dataclasses.replace(config.with_method(method), target=target)
             return Engine(copy.deepcopy(model), data, run_config, meta=model_description(model_name, data))
 
         return cls(make_engine, targets, methods).start()

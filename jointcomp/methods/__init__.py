@@ -3,7 +3,7 @@
 Every method is driven by the Compressor (compressor.py) and answers the same hooks (base.py).
 The training methods differ only in how they choose the allocation during their first phase:
 
-* admm: the paper's method with the joint projection (projector.py).
+* admm: the paper's method with the joint projection (projector.py); its setting: rho (AdmmConfig).
 * uniform: one global density and one bitwidth for every layer (a baseline).
 * sequential: prune first, choose bitwidths later (a baseline).
 
@@ -11,8 +11,10 @@ One method compresses without training: posttrain, from calibration inputs (`Com
 """
 from __future__ import annotations
 
-from .admm import Admm
-from .base import Layers, Method, snap
+from typing import Any
+
+from .admm import Admm, AdmmConfig
+from .base import Layers, Method, MethodConfig, snap
 from .posttrain import PostTrain
 from .sequential import Sequential
 from .uniform import Uniform
@@ -20,11 +22,11 @@ from .uniform import Uniform
 METHODS: dict[str, type[Method]] = {"admm": Admm, "uniform": Uniform, "sequential": Sequential, "posttrain": PostTrain}
 
 
-def make_method(name: str, layers: Layers) -> Method:
-    """The method `name` on these layers."""
+def make_method(name: str, layers: Layers, settings: dict[str, Any] | None = None) -> Method:
+    """The method `name` on these layers, with its own `settings` (its Config's fields; defaults otherwise)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](layers)
+    return METHODS[name](layers, METHODS[name].settings(settings or {}))
 
 
-__all__ = ["METHODS", "Layers", "Method", "make_method", "snap"]
+__all__ = ["METHODS", "AdmmConfig", "Layers", "Method", "MethodConfig", "make_method", "snap"]

@@ -1,22 +1,36 @@
 """admm: the paper's method, with one joint projection of pruning and quantization (projector.py)."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ..projector import Allocation
 from ..budget import Budget
-from .base import Layers, Method
+from .base import Layers, Method, MethodConfig
+
+
+@dataclass
+class AdmmConfig(MethodConfig):
+    rho: float = 2.0  # the ADMM penalty: how hard the weights are pulled towards their projection
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.rho) or self.rho <= 0:
+            raise ValueError(f"rho must be a positive finite number, got {self.rho}")
 
 
 class Admm(Method):
     """The paper's ADMM with one joint projection: W (the trained weights), V (their
     projection onto the budget) and U (the scaled dual variable) of every compressed layer."""
 
+    Config = AdmmConfig
+    config: AdmmConfig
     first_phase = "admm"
     measured_budgets = True
 
-    def __init__(self, layers: Layers) -> None:
-        super().__init__(layers)
+    def __init__(self, layers: Layers, config: AdmmConfig | None = None) -> None:
+        super().__init__(layers, config)
         self.V = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.U = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
 
@@ -36,11 +50,11 @@ class Admm(Method):
         return alloc.lambda_prune, alloc.lambda_quant
 
     @torch.no_grad()
-    def after_step(self, lr: float, rho: float) -> None:
+    def after_step(self, lr: float) -> None:
         """The proximal step of the augmented term, W <- (W + lr rho (V - U)) / (1 + lr rho)."""
         if self.fixed is not None:
-            return super().after_step(lr, rho)
-        a = lr * rho
+            return super().after_step(lr)
+        a = lr * self.config.rho
         for p, v, u in zip(self.params, self.V, self.U):
             p.add_(v - u, alpha=a).div_(1 + a)
 

@@ -10,7 +10,7 @@ allocation the same way: first the kept weights retrain behind their quantized v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -68,15 +68,22 @@ class Layers:
     projector: Projector
 
 
+@dataclass
+class MethodConfig:
+    """A method's own settings (`CompressorConfig.settings`); a method with some subclasses it."""
+
+
 class Method:
     """What every method shares: training a fixed allocation in its deployed shape (from
     `fix_allocation` on), its state, and the defaults of the hooks. Subclasses choose the allocation."""
 
+    Config: type[MethodConfig] = MethodConfig  # its settings
     first_phase: str  # the records' name of the phase before `fix_allocation` ("admm", "prune")
     trains = True  # False: the method compresses without training (no steps, `calibrate` then `allocate`)
     measured_budgets = False  # whether its allocations can be trimmed to a measured size (the file, flash modes)
 
-    def __init__(self, layers: Layers) -> None:
+    def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
+        self.config = config or self.Config()
         self.layers = layers
         self.params = layers.params
         self.projector = layers.projector
@@ -93,8 +100,18 @@ class Method:
         `fix_allocation`); its two multipliers when it has them."""
         return None
 
+    @classmethod
+    def settings(cls, given: dict[str, Any]) -> MethodConfig:
+        """This method's config from `given` (names of its fields), refused in one line when wrong."""
+        fields = list(cls.Config.__dataclass_fields__)
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            have = f"its settings are {', '.join(fields)}" if fields else "it has none"
+            raise ValueError(f"{', '.join(unknown)} is not a setting of method {cls.__name__.lower()} ({have})")
+        return cls.Config(**given)
+
     @torch.no_grad()
-    def after_step(self, lr: float, rho: float) -> None:
+    def after_step(self, lr: float) -> None:
         """Once the allocation is fixed, the shared-centroid step; while retraining, the
         optimizer's step first moves the latent weights (straight-through)."""
         assert self.fixed is not None
@@ -155,8 +172,8 @@ class PruneFirst(Method):
 
     first_phase = "prune"
 
-    def __init__(self, layers: Layers) -> None:
-        super().__init__(layers)
+    def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
+        super().__init__(layers, config)
         self.budget = float("nan")  # the bits the masks were chosen for
         self.masks: list[torch.Tensor] = []
         self.bits: torch.Tensor | None = None  # None: chosen by the bitwidth knapsack at `fix_allocation`
@@ -173,9 +190,9 @@ class PruneFirst(Method):
         return None
 
     @torch.no_grad()
-    def after_step(self, lr: float, rho: float) -> None:
+    def after_step(self, lr: float) -> None:
         if self.fixed is not None:
-            return super().after_step(lr, rho)
+            return super().after_step(lr)
         for p, m in zip(self.params, self.masks):
             p.mul_(m)
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..budget import BIT_CHOICES, Budget
 from ..solvers import OptionTables, assign, fit_codebooks_many, knapsack_prune
 from ..projector import Allocation, fingerprint
-from .base import Layers, Method
+from .base import Layers, Method, MethodConfig
 
 MIN_CALIBRATION = 16  # fewer inputs than this cannot say how a layer's inputs are spread
 DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's): a singular H stays invertible
@@ -63,8 +63,8 @@ class PostTrain(Method):
     trains = False
     measured_budgets = True
 
-    def __init__(self, layers: Layers) -> None:
-        super().__init__(layers)
+    def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
+        super().__init__(layers, config)
         self.inputs: list[torch.Tensor] = []
         self.hessians: list[torch.Tensor] = []  # per layer, H of its inputs in the dense network
         self.tables: OptionTables | None = None
