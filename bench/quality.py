@@ -32,7 +32,7 @@ from common import CACHE, command_env, commit, machine, store_rows
 from jointcomp import EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.trainer import STARTS
-from jointcomp.rundir import STATE_FILE, SUMMARY_FILE
+from jointcomp.rundir import HISTORY_FILE, STATE_FILE, SUMMARY_FILE
 
 RUNS = CACHE / "quality"
 
@@ -52,6 +52,12 @@ def compress_or_resume(args: list[str], out: Path) -> list[str]:
     if (out / STATE_FILE).is_file():
         return ["compress", "--resume", str(out)]
     return ["compress", *args, *(["--overwrite"] if out.exists() else [])]
+
+
+def epoch_accuracy(out: Path) -> list[list[float]]:
+    """[epoch, accuracy] of a run's deployable model after each epoch (-1: its calibrated start), from its history."""
+    records = [json.loads(line) for line in (out / HISTORY_FILE).read_text().splitlines() if line.strip()]
+    return [[r["epoch"], r["accuracy"]] for r in records if r.get("kind") == "epoch"]
 
 
 def command(args: list[str]) -> str:
@@ -106,7 +112,7 @@ def main() -> None:
             "budget_mode": args.budget_mode, "seed": seed, "accuracy": summary["accuracy"],
             "dense_accuracy": summary["dense_accuracy"], "paper_bits": summary["size_bits"],
             "file_bytes": summary["file_bytes"], "epochs": summary["epochs"], "minutes": summary["seconds"] / 60,
-            "bits": [layer["bits"] for layer in summary["layers"]],
+            "bits": [layer["bits"] for layer in summary["layers"]], "epoch_accuracy": epoch_accuracy(out),
             "command": command(["compress", *cmd]).replace(str(RUNS) + "/", ""), "commit": commit(), "machine": machine()})
     store_rows("quality", rows_data)
 

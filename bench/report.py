@@ -1,11 +1,12 @@
 """Results at a glance, made from the stored bench rows (bench/results/*.jsonl) without running
 anything: README's results table and one plot per network (bench/plots/NETWORK-DATA.svg, accuracy
-against `.jcz` bytes on a log axis, one mark per method, the seeds' min-max as a bar, dense as a line).
+against `.jcz` bytes on a log axis, one mark per method, the seeds' min-max as a bar, dense as a line),
+and accuracy against epoch where a training grid ran from both starts (bench/plots/epochs-*.svg).
 
     python bench/report.py        # what `make plots` runs
 
-A row of the table is a network, data set and target with a post-training or a training run of
-jointcomp; its baselines are the other methods measured at the same target (the untrained
+A row of the table is a network, data set, target and dense start with a post-training or a
+training run of jointcomp; its baselines are the other methods measured at the same target (the untrained
 projection and uniform allocation beside posttrain; uniform and sequential beside admm).
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import altair as alt
 import pandas as pd
+
+from jointcomp import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,18 +65,35 @@ def plot(points: pd.DataFrame, title: str) -> alt.LayerChart:
                                             title=f"{title} (dashed: dense, {points['dense'].mean():.2%})")
 
 
+def epochs_plot(rows: pd.DataFrame, title: str) -> alt.LayerChart:
+    """Accuracy of the deployable model after each epoch, one line per start (mean over the seeds,
+    the band their min-max); epoch 0 is the calibrated start."""
+    long = pd.DataFrame([{"start": r["start"], "seed": r["seed"], "epoch": e + 1, "accuracy": a}
+                         for _, r in rows.iterrows() for e, a in r["epoch_accuracy"]])
+    band = long.groupby(["start", "epoch"]).agg(mean=("accuracy", "mean"), low=("accuracy", "min"),
+                                                high=("accuracy", "max")).reset_index()
+    x = alt.X("epoch:Q", title="epoch (0: the calibrated start)", axis=alt.Axis(tickMinStep=1, format="d"))
+    color = alt.Color("start:N", title="start", legend=alt.Legend(orient="bottom"))
+    area = alt.Chart(band).mark_area(opacity=0.2).encode(x=x, y="low:Q", y2="high:Q", color=color)
+    line = alt.Chart(band).mark_line(point=True).encode(
+        x=x, y=alt.Y("mean:Q", title="accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format="%")), color=color)
+    return (area + line).properties(width=520, height=300, title=title)
+
+
 def table(points: pd.DataFrame) -> str:
     """README's table: per network, data and target, jointcomp trained and post-training, the best
     baseline, each linked to the BENCHMARKS section that made it."""
     lines = ["| network / data | dense | target | jointcomp, trained | jointcomp, post-training | best baseline | "
              "file bytes | section |", "|---|---|---|---|---|---|---|---|"]
-    for (network, data, target), group in points.groupby(["network", "data", "target"], sort=False):
-        trained = group[group["method"].str.startswith("admm, trained")]
+    for (network, data, target, _), group in points.groupby(["network", "data", "target", "dense"], sort=False):
+        trained = group[group["method"].str.startswith("admm, trained") &
+                        group["method"].str.endswith(f"from {EngineConfig.start}")]  # with the defaults
         post = group[group["method"] == "posttrain"]
         ours = pd.concat([trained, post])
         if ours.empty:
             continue
-        others = group[~group.index.isin(ours.index)].sort_values("accuracy", ascending=False)
+        jointcomp = group["method"].str.startswith("admm") | (group["method"] == "posttrain")
+        others = group[~jointcomp].sort_values("accuracy", ascending=False)
         best = f"{others.iloc[0]['accuracy']:.4f} ({others.iloc[0]['method']})" if len(others) else "—"
         cell = lambda rows: "—" if rows.empty else f"{rows.iloc[0]['accuracy']:.4f}"  # noqa: E731
         links = ", ".join(f"[{grid}](BENCHMARKS.md#{SECTIONS[grid]})" for grid in dict.fromkeys(ours["grid"]))
@@ -83,9 +103,18 @@ def table(points: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    points = series(load_rows())
+    rows = load_rows()
+    points = series(rows)
     PLOTS.mkdir(exist_ok=True)
     images = []
+    trained = rows[rows["grid"] == "quality"] if "epoch_accuracy" in rows else rows.iloc[:0]
+    for (network, data, target, method), group in trained.dropna(subset=["epoch_accuracy"]).groupby(
+            ["network", "data", "target", "method"], sort=False):
+        if group["start"].nunique() > 1:
+            name = f"epochs-{network.replace(':', '.')}-{data}-{target}-{method}.svg"
+            epochs_plot(group, f"{network} on {data} at {target}, {method}: from dense and from calibrated").save(
+                str(PLOTS / name))
+            images.append(f"![{network} at {target}, by epoch](bench/plots/{name})")
     for (network, data), group in points.groupby(["network", "data"], sort=False):
         name = f"{network.replace(':', '.')}-{data}.svg"
         plot(group, f"{network} on {data}").save(str(PLOTS / name))
