@@ -61,8 +61,9 @@ def plot(points: pd.DataFrame, title: str) -> alt.LayerChart:
     bars = alt.Chart(points).mark_rule(strokeWidth=2).encode(x=x, y="low:Q", y2="high:Q", color=color)
     dense = alt.Chart(pd.DataFrame({"dense": [points["dense"].mean()]})).mark_rule(strokeDash=[4, 4], color="gray").encode(
         y="dense:Q")
-    return (dense + bars + marks).properties(width=520, height=320,
-                                            title=f"{title} (dashed: dense, {points['dense'].mean():.2%})")
+    low, high = points["dense"].min(), points["dense"].max()
+    dense_text = f"{low:.2%}" if high - low < 5e-5 else f"{low:.2%}-{high:.2%}, its starts differ by grid"
+    return (dense + bars + marks).properties(width=520, height=320, title=f"{title} (dashed: dense, {dense_text})")
 
 
 def epochs_plot(rows: pd.DataFrame, title: str) -> alt.LayerChart:
