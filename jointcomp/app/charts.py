@@ -131,7 +131,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
         detail="epoch_no:O",
         color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["latest", "earlier epochs"],
                                                                 range=["#1f77b4", "#cfd8e3"]),
-                        legend=LEGEND),
+                        legend=LEGEND if df["epoch"].nunique() > 1 else None),  # one curve (the what-if) needs none
         tooltip=[alt.Tooltip("epoch_no:Q", title="after epoch"), alt.Tooltip("size_kb:Q", format=".2f", title="KB"),
                  alt.Tooltip("accuracy:Q", format=".2%")],
     )
