@@ -10,8 +10,7 @@ import streamlit as st
 
 from jointcomp import EngineConfig
 from jointcomp.methods import METHODS, AdmmConfig
-from jointcomp.budget import format_bits
-from jointcomp.budget_modes import BUDGET_MODES, budget_modes_help
+from jointcomp.budget_modes import BUDGET_MODES, MEASURED_MODES, budget_modes_help, format_amount
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
 from jointcomp.rundir import atomic_write
@@ -84,7 +83,7 @@ def sidebar(with_method: bool = True) -> Choices:
         distill = st.slider("Distillation from the dense model", 0.0, 1.0, EngineConfig.distill, 0.1, key="distill",
                             help="weight of the dense model's soft targets in the loss (0 = off), for every method")
     config = EngineConfig(epochs=epochs, settings=settings, lr=EngineConfig.lr if lr == "auto" else lr, auto_lr=lr == "auto", batch_size=batch, seed=int(seed), method=method,
-                            budget_mode=budget_mode if METHODS[method].measured_budgets else "paper", retrain=retrain, finetune=finetune, distill=distill,
+                            budget_mode=budget_mode if METHODS[method].measured_budgets or budget_mode not in MEASURED_MODES else "paper", retrain=retrain, finetune=finetune, distill=distill,
                             start=begin)
     return Choices(model, data, int(pre_epochs), config, checkpoint)
 
@@ -143,10 +142,11 @@ def start_or_stop(choices: Choices):
         st.stop()
 
 
-def target_slider(dense_bits: float, key: str = "target_ratio") -> int:
-    """Target as a compression ratio on a log scale, showing the equivalent size."""
+def target_slider(dense_bits: float, budget_mode: str = "paper", key: str = "target_ratio") -> int:
+    """Target as a compression ratio on a log scale, showing the equivalent amount of the budget mode."""
     return st.select_slider(
         "Target size", RATIOS, value=50, key=key,
-        format_func=lambda r: f"{r}x  ({format_bits(dense_bits / r)})",
-        help="Compression ratio against the fp32 weights; the size it means is shown beside it.",
+        format_func=lambda r: f"{r}x  ({format_amount(dense_bits / r, budget_mode)})",
+        help="Compression ratio against the dense model (fp32 weights; 32 x 32-bit operations in the bops budget "
+             "mode); what it means is shown beside it.",
     )

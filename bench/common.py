@@ -53,6 +53,11 @@ def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def paper_bits(summary: dict) -> int:
+    """The paper's size (bits x non-zeros of the compressed layers) of a run's summary.json, in any budget mode."""
+    return sum(layer["bits"] * layer["nnz"] for layer in summary["layers"])
+
+
 def store_rows(grid: str, rows: list[dict]) -> None:
     """Keep `rows` in bench/results/GRID.jsonl (one JSON object a line), replacing the stored rows
     of the same runs (ROW_KEY)."""

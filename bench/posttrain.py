@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CACHE, command_env, commit, machine, store_rows
+from common import CACHE, command_env, commit, machine, paper_bits, store_rows
 import torch
 
 from jointcomp import EngineConfig, Compressor
@@ -113,7 +113,8 @@ def main() -> None:
             rows.append({
                 "network": args.model, "data": args.data, "method": "posttrain", "target": target, "budget_mode": "paper",
                 "seed": seed, "accuracy": summary["accuracy"], "dense_accuracy": summary["dense_accuracy"],
-                "paper_bits": summary["size_bits"], "file_bytes": summary["file_bytes"], "epochs": 0,
+                "paper_bits": paper_bits(summary), "file_bytes": summary["file_bytes"], "bops": summary["bops"],
+                "bops_ratio": summary["bops_ratio"], "epochs": 0,
                 "minutes": seconds / 60, "untrained_projection": magnitude, "uniform_allocation": uniform, "dense_epoch_minutes": epoch_seconds / 60,
                 "command": "python -m jointcomp " + shlex.join(cmd[:-3]).replace(str(Path.cwd()) + "/", ""),
                 "commit": commit(), "machine": machine(),

@@ -28,7 +28,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import CACHE, command_env, commit, machine, store_rows
+from common import CACHE, command_env, commit, machine, paper_bits, store_rows
 from jointcomp import EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.trainer import STARTS
@@ -110,8 +110,9 @@ def main() -> None:
         rows_data.append({
             "network": args.model, "data": args.data, "method": method, "start": begin, "target": target,
             "budget_mode": args.budget_mode, "seed": seed, "accuracy": summary["accuracy"],
-            "dense_accuracy": summary["dense_accuracy"], "paper_bits": summary["size_bits"],
-            "file_bytes": summary["file_bytes"], "epochs": summary["epochs"], "minutes": summary["seconds"] / 60,
+            "dense_accuracy": summary["dense_accuracy"], "paper_bits": paper_bits(summary),
+            "file_bytes": summary["file_bytes"], "bops": summary["bops"], "bops_ratio": summary["bops_ratio"],
+            "epochs": summary["epochs"], "minutes": summary["seconds"] / 60,
             "bits": [layer["bits"] for layer in summary["layers"]], "epoch_accuracy": epoch_accuracy(out),
             "command": command(["compress", *cmd]).replace(str(RUNS) + "/", ""), "commit": commit(), "machine": machine()})
     store_rows("quality", rows_data)

@@ -20,7 +20,7 @@ from torch import nn
 DENSE_BITS = 32
 BIT_CHOICES = range(1, 9)
 
-_UNITS_BITS = {
+SIZE_UNITS = {  # in bits
     "b": 1, "bit": 1, "bits": 1,
     "B": 8, "byte": 8, "bytes": 8,
     "KB": 8_000, "kB": 8_000, "KiB": 8 * 1024,
@@ -83,9 +83,20 @@ class Shipped:
 class Accounting:
     """The paper's size: sum over compressed layers of bitwidth x non-zeros (layers left
     dense count at 32 bits per weight). The checkpoint codec's `FileAccounting` prices
-    the exported file's bytes through this same interface."""
+    the exported file's bytes through this same interface, bops.py the bit-operations.
+    `input_shape` (one input's) is for the accountings that run the model."""
 
     description = "bits x non-zeros of the weights (the paper's count)"
+    units = SIZE_UNITS  # what an absolute target may be given in
+    unit = "b"  # the one an exact amount of this accounting is written in
+
+    def __init__(self, input_shape: tuple[int, ...] | None = None) -> None:
+        self.input_shape = input_shape
+
+    @staticmethod
+    def format(value: float) -> str:
+        """A value of this accounting for people."""
+        return format_bits(value)
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
         """(reserved, dense): the bits no compression removes (layers left dense), and the
@@ -130,8 +141,9 @@ class MeasuredAccounting(Accounting):
         return bits.double() + (pos if bits.dim() == 1 else pos[:, None])
 
 
-def parse_target(spec: str | float | int, dense_bits: int) -> float:
-    """Resolve a target to bits; `dense_bits` is fp32 x numel of the compressible weights."""
+def parse_target(spec: str | float | int, dense_bits: float, units: dict[str, int] = SIZE_UNITS) -> float:
+    """Resolve a target to bits; `dense_bits` is fp32 x numel of the compressible weights. An absolute
+    target is in one of `units` (another accounting's, e.g. bit-operations: matched in any case)."""
     if isinstance(spec, bool):
         raise ValueError(f"target {spec!r} is not a size; use e.g. '50x', '12KB' or '0.2%'")
     if isinstance(spec, (int, float)):
@@ -139,10 +151,8 @@ def parse_target(spec: str | float | int, dense_bits: int) -> float:
     else:
         match = _TARGET_RE.match(str(spec))
         if not match:
-            raise ValueError(
-                f"cannot read target {spec!r}; use a ratio ('50x'), a size ('96000b', '12KB', "
-                "'12KiB') or a fraction of the fp32 size ('0.2%')"
-            )
+            raise ValueError(f"cannot read target {spec!r}; use a ratio ('50x'), an amount in {_names(units)} "
+                             "or a fraction of the dense model ('0.2%')")
         number, unit = float(match.group(1)), match.group(2) or "x"
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"target {spec!r} must be a positive number")
@@ -150,26 +160,32 @@ def parse_target(spec: str | float | int, dense_bits: int) -> float:
         return dense_bits / number
     if unit == "%":
         return dense_bits * number / 100.0
-    if unit not in _UNITS_BITS:
-        raise ValueError(
-            f"unknown unit {unit!r} in target {spec!r}; use x, %, b, B, KB, KiB, MB or MiB"
-        )
-    return number * _UNITS_BITS[unit]
+    factor = units.get(unit, units.get(unit.lower()))  # exact first: b is a bit, B a byte
+    if factor is None:
+        raise ValueError(f"unknown unit {unit!r} in target {spec!r}; use x, % or {_names(units)}")
+    return number * factor
+
+
+def _names(units: dict[str, int]) -> str:
+    return ", ".join(units)
 
 
 def feasible_range(
-    numel: list[int], bounds: list[LayerBounds], accounting: Accounting, reserved_bits: float = 0.0
+    numel: list[int], bounds: list[LayerBounds], accounting: Accounting, reserved_bits: float = 0.0,
+    dense_bits: float | None = None,
 ) -> tuple[float, float]:
     """Smallest and largest size (bits) a target may ask for with these layers, plus a
     fixed part that no compression removes (`reserved_bits`): the smallest keeps each layer's
-    fewest weights at its fewest bits."""
+    fewest weights at its fewest bits, the largest is the dense model (`dense_bits`, in the
+    accounting's terms; default: the fp32 weights)."""
     n = torch.tensor(numel, dtype=torch.float64)
     dense = torch.tensor([b.dense for b in bounds])
     min_bits = torch.tensor([b.min_bits for b in bounds])
     keep = torch.tensor([b.min_keep(k) for b, k in zip(bounds, numel)], dtype=torch.float64)
     smallest = accounting.weight_bits(min_bits, n, keep / n) * keep + accounting.layer_bits(min_bits, n)
     smallest = torch.where(dense, DENSE_BITS * n, smallest)
-    return float(smallest.sum()) + reserved_bits, float(DENSE_BITS * n.sum()) + reserved_bits
+    largest = dense_bits if dense_bits is not None else float(DENSE_BITS * n.sum()) + reserved_bits
+    return float(smallest.sum()) + reserved_bits, largest
 
 
 def resolve_target(
@@ -184,13 +200,14 @@ def resolve_target(
 
     Ratios and fractions are taken against `reference_bits` (default: fp32 of the weights)."""
     dense_bits = reference_bits if reference_bits is not None else DENSE_BITS * sum(numel)
-    bits = parse_target(spec, dense_bits)
-    low, high = feasible_range(numel, bounds, accounting, reserved_bits)
+    bits = parse_target(spec, dense_bits, accounting.units)
+    low, high = feasible_range(numel, bounds, accounting, reserved_bits, reference_bits)
     if not low <= bits <= high:
+        show = accounting.format
         raise ValueError(
-            f"target {spec!r} = {format_bits(bits)} is outside what this model can reach: "
-            f"between {format_bits(low)} ({dense_bits / low:.0f}x) and "
-            f"{format_bits(high)} ({dense_bits / high:.2g}x, the dense fp32 weights)"
+            f"target {spec!r} = {show(bits)} is outside what this model can reach: "
+            f"between {show(low)} ({dense_bits / low:.0f}x) and "
+            f"{show(high)} ({dense_bits / high:.2g}x, the dense model)"
         )
     return bits
 

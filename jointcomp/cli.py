@@ -248,7 +248,8 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
     if distributed.is_main():
         print(json.dumps({"accuracy": final.accuracy, "dense_accuracy": final.dense_accuracy,
                           "size_bits": final.size_bits, "target_bits": final.target_bits,
-                          "ratio": round(final.ratio, 2), "file_bytes": final.file_bytes}))
+                          "ratio": round(final.ratio, 2), "file_bytes": final.file_bytes, "bops": final.bops,
+                          "bops_ratio": round(final.bops_ratio, 2)}))
     return 0
 
 

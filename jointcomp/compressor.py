@@ -32,7 +32,8 @@ from torch import nn
 from . import distributed
 from .projector import Allocation, LayerSpec, Projector, fingerprint
 from .budget import Budget, LayerBounds, Shipped, resolve_target
-from .budget_modes import BUDGET_MODES
+from .bops import BopsAccounting
+from .budget_modes import BUDGET_MODES, MEASURED_MODES
 from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
 from .links import Links
@@ -52,7 +53,7 @@ class CompressorConfig:
 
     target: str | float = "50x"
     method: str = "admm"  # "posttrain" (no training), or a baseline: "uniform", "sequential" (jointcomp/methods/)
-    budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (bytes of the .jcz), "flash" (C const data)
+    budget_mode: str = "paper"  # "paper" (bits x non-zeros), "file" (.jcz bytes), "flash" (C const data), "bops"
     settings: dict[str, Any] = field(default_factory=dict)  # the method's own (its Config's fields: admm's rho)
     project_every: int = 0  # steps between projections; 0 = schedule.DEFAULT_PROJECTIONS over the run
     retrain: float = 0.3  # fraction of the steps, before the final phase, with masks and bits fixed
@@ -79,7 +80,7 @@ class CompressorConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         METHODS[self.method].settings(self.settings)  # refused here, in one line, when wrong
-        if self.budget_mode != "paper" and not METHODS[self.method].measured_budgets:
+        if self.budget_mode in MEASURED_MODES and not METHODS[self.method].measured_budgets:
             measured = ", ".join(repr(name) for name, m in METHODS.items() if m.measured_budgets)
             raise ValueError(f"the {self.budget_mode} budget mode needs method {measured} "
                              "(the baselines cannot trim to a measured size)")
@@ -224,8 +225,11 @@ class Compressor:
         self.specs = [LayerSpec(n, tuple(w.shape), b) for n, w, b in compressed]
         modules = dict(model.named_modules())
         self.labels = [describe(modules[n.removesuffix("weight").removesuffix(".")]) for n in self.names]
-        self.accounting = BUDGET_MODES[self.config.budget_mode]()
+        shape = self.meta.get("input_shape")  # of one input: the bit-operations are counted on it
+        self.accounting = BUDGET_MODES[self.config.budget_mode](shape)
         self.reserved_bits, self.dense_bits = self.accounting.reference_bits(model, layers)
+        self.bops = BopsAccounting(shape)  # reported in every budget mode when the input's shape is known
+        self.reserved_bops, self.dense_bops = self.bops.reference_bits(model, layers) if shape else (0.0, 0.0)
         self.fp32_bytes = fp32_bytes(model)
         self.links = Links.of(model, self.names)
         self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
@@ -395,6 +399,7 @@ class Compressor:
             self.score(alloc), self.dense_metric, size, target, self.dense_bits / size, self.epoch,
             self.seconds, self.method.trains and self.step_count < self.steps, self.final_file_bytes,
             self.fp32_bytes / self.final_file_bytes, self.layer_records(alloc, residual, dual),
+            *self.count_bops(alloc),
         ))
 
     @torch.no_grad()
@@ -469,6 +474,14 @@ class Compressor:
         shipped = Shipped(lambda: self.packed(alloc),
                           lambda: file_bytes if file_bytes is not None else len(self.encode(alloc)))
         return self.accounting.measure(alloc.size_bits, shipped)
+
+    def count_bops(self, alloc: Allocation) -> tuple[float, float]:
+        """The allocation's bit-operations on one input (bops.py) and the dense model's over them; (0, 0)
+        when the input's shape is not known."""
+        if not self.dense_bops:
+            return 0.0, 0.0
+        bops = self.bops.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel) + self.reserved_bops
+        return bops, self.dense_bops / bops
 
     def _deployable(self, bits: float) -> Allocation:
         """The method's deployable model at `bits`, positions priced at the last projection's densities;

@@ -102,6 +102,8 @@ class FinalRecord:
     file_bytes: int = 0  # the exported .jcz
     file_ratio: float = 0.0  # fp32 state dict bytes / file bytes
     layers: list[LayerRecord] = field(default_factory=list)
+    bops: float = 0.0  # bit-operations of one forward pass (bops.py; 0: not counted, the input's shape unknown)
+    bops_ratio: float = 0.0  # the dense model's (32 x 32 bits) / bops
     kind: str = "final"
 
     def summary(self) -> dict[str, Any]:

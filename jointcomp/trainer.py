@@ -508,7 +508,7 @@ class Engine:
 
     def _reattach(self) -> None:
         with self._lock:
-            self.compressor = self._attach(f"{self.compressor.target_bits!r}b")
+            self.compressor = self._attach(f"{self.compressor.target_bits!r}{self.compressor.accounting.unit}")
 
     def _shift(self, record):
         """A compressor record placed after the dense pre-training epochs."""

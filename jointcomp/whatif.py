@@ -24,7 +24,7 @@ def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
     nan = torch.full((len(comp.specs),), float("nan"), dtype=torch.float64)
     return FinalRecord(
         comp.score(alloc), comp.score(None), size, bits, comp.dense_bits / size, 0, 0.0, False,
-        file_bytes, comp.fp32_bytes / file_bytes, comp.layer_records(alloc, nan, nan),
+        file_bytes, comp.fp32_bytes / file_bytes, comp.layer_records(alloc, nan, nan), *comp.count_bops(alloc),
     )
 
 
@@ -35,7 +35,7 @@ def tradeoff(comp: Compressor, target: str | float | None = None, factors: Seque
     weights to it (`evaluate` defaults to the compressor's)."""
     center = comp.resolve(target) if target is not None else comp.target_bits
     low, high = feasible_range([s.numel for s in comp.specs], [s.bounds for s in comp.specs],
-                               comp.accounting, comp.reserved_bits)
+                               comp.accounting, comp.reserved_bits, comp.dense_bits)
     points = []
     for bits in sorted({min(max(center * f, low), high) for f in factors}):
         alloc, file_bytes, size = _project(comp, bits, comp.density)

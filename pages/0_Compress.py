@@ -9,7 +9,8 @@ import streamlit as st
 import ui
 from jointcomp import Compressor, whatif
 from jointcomp.app import charts
-from jointcomp.budget import format_bits
+from jointcomp.bops import format_bops
+from jointcomp.budget_modes import format_amount
 from jointcomp.app.runner import Runner, new_run_dir, subset_accuracy, what_if
 from jointcomp.trainer import TRADEOFF_SUBSET
 
@@ -32,7 +33,8 @@ if st.session_state.get("preview_key") != key:  # a per-session compressor, on i
 preview: Compressor = st.session_state.preview
 preview_inputs = choices.config.calibration
 
-ratio = ui.target_slider(preview.dense_bits)
+mode = choices.config.budget_mode
+ratio = ui.target_slider(preview.dense_bits, mode)
 target = f"{ratio}x"
 runner: Runner | None = st.session_state.get("runner")
 running = runner is not None and runner.running
@@ -55,10 +57,11 @@ if stop_col.button("Stop", disabled=not running, key="stop"):
     st.rerun()
 status_col.markdown(
     f"**{choices.model}** on **{choices.data}** · dense accuracy {dense_accuracy:.2%} · "
-    f"fp32 weights {format_bits(preview.dense_bits)} · target **{target}** = {format_bits(preview.dense_bits / ratio)}"
+    f"dense {format_amount(preview.dense_bits, mode)} · target **{target}** = {format_amount(preview.dense_bits / ratio, mode)}"
 )
 
-SIZES = ("**Paper size** counts bits × non-zeros of the compressed weights, the measure of the paper. "
+SIZES = ("**Size** is what the budget counts (Advanced → Budget counts): by default bits × non-zeros of the "
+         "compressed weights, the measure of the paper; in the bops mode bit-operations of one forward pass. "
          "The **.jcz file** also stores where the non-zeros are, the codebooks, biases and a header: "
          "the Inspect page shows where every byte goes.")
 
@@ -71,7 +74,7 @@ if not running:
         plan = whatif.plan(preview, target)
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)
-        c1.metric("Size (paper accounting)", format_bits(plan.size_bits), f"{plan.ratio:.1f}x smaller", delta_color="off")
+        c1.metric(f"Size ({mode} budget)", format_amount(plan.size_bits, mode), f"{plan.ratio:.1f}x smaller", delta_color="off")
         c2.metric("Accuracy without training", f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
         c3.metric(".jcz file", f"{plan.file_bytes:,} B", f"{plan.file_ratio:.1f}x smaller", delta_color="off")
         st.caption(SIZES + " Ratios below 4x ask for more than 8 bits per weight: every layer keeps all "
@@ -121,7 +124,7 @@ def progress() -> None:
              "retrain": "retraining: masks and bitwidths fixed, the kept weights trained through their quantization",
              "finetune": "final phase: training the network in exactly the shape that ships (codebooks only)",
              "dense": "dense pre-training"}.get(p.phase, "")
-    st.caption(f"target {format_bits(r.target_bits)}" + (f" · {phase}" if phase else ""))
+    st.caption(f"target {format_amount(r.target_bits, r.engine.config.budget_mode)}" + (f" · {phase}" if phase else ""))
     for note in p.notes:
         st.info(note)
     if not p.epoch and r.running:
@@ -158,12 +161,15 @@ if runner is not None and not running and runner.final is not None:
     final = runner.final
     p = runner.progress()
     st.subheader("Result" + (f" ({p.describe()})" if final.stopped else ""))
-    cols = st.columns(5)
+    ran = runner.engine.config.budget_mode
+    cols = st.columns(6)
     cols[0].metric("Accuracy (compressed)", f"{final.accuracy:.2%}", f"{final.accuracy - final.dense_accuracy:+.2%}")
     cols[1].metric("Accuracy (dense)", f"{final.dense_accuracy:.2%}")
-    cols[2].metric("Paper size (bits × non-zeros)", format_bits(final.size_bits), f"{final.ratio:.1f}x", delta_color="off")
+    cols[2].metric(f"Size ({ran} budget)", format_amount(final.size_bits, ran), f"{final.ratio:.1f}x", delta_color="off")
     cols[3].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
-    cols[4].metric("Target", format_bits(final.target_bits))
+    cols[4].metric("Bit-operations", format_bops(final.bops), f"{final.bops_ratio:.0f}x fewer than dense", delta_color="off",
+                   help="multiply-accumulates of one input x weight bits x 8-bit activations; dense: 32 x 32 bits")
+    cols[5].metric("Target", format_amount(final.target_bits, ran))
     table, chart = st.columns(2)
     table.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
                       "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)

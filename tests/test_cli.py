@@ -56,6 +56,21 @@ def test_compress_digits_meets_target(tmp_path):
     assert all(torch.equal(dense[k], decoded[k]) for k in dense)
 
 
+def test_compress_to_a_count_of_bit_operations(tmp_path):
+    out = tmp_path / "run"
+    result = jointcomp("compress", "--model", "mlp", "--data", "digits", "--budget-mode", "bops", "--target", "2%",
+                       "--epochs", "3", "--dense-epochs", "3", "--out", out)
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    # a Linear's weights work once per input: bit-operations = 8-bit activations x bits x non-zeros
+    by_hand = sum(8 * layer["bits"] * layer["nnz"] for layer in summary["layers"])
+    dense = 32 * 32 * sum(layer["numel"] for layer in summary["layers"])
+    assert printed["bops"] == summary["bops"] == summary["size_bits"] == by_hand
+    assert 0.9 * 0.02 * dense < by_hand <= summary["target_bits"] == pytest.approx(0.02 * dense)
+    assert printed["bops_ratio"] == pytest.approx(dense / by_hand, abs=0.01)
+    assert summary["budget_mode"] == "bops"
+
+
 def test_train_then_compress_pretrained_then_resume(tmp_path):
     jointcomp("train", "--model", "mlp", "--epochs", "5", "--out", tmp_path / "dense")
     dense = json.loads((tmp_path / "dense" / "summary.json").read_text())
@@ -86,6 +101,7 @@ def test_train_then_compress_pretrained_then_resume(tmp_path):
         (["compress", "--lr", "nan", "--out", "X"], "lr must be a finite number"),
         (["compress", "--lr", "inf", "--out", "X"], "lr must be a finite number"),
         (["compress", "--rho", "nan", "--out", "X"], "rho must be a positive finite number"),
+        (["compress", "--budget-mode", "bops", "--target", "12KB", "--out", "X"], "unknown unit 'KB'"),
         (["compress", "--rho", "5", "--method", "uniform", "--out", "X"], "rho is not a setting of method uniform (it has none)"),
         (["compress", "--out", "FILE"], "is a file, not a folder"),
         (["compress", "--out", "FILE/run"], "lies under a file"),

@@ -460,8 +460,8 @@ class FlashAccounting(MeasuredAccounting):
     LAYER_OVERHEAD_BITS = 8 * (CODE_PAD_BYTES + 1)  # the pad byte, and the positions' last partial byte
     MARGIN = 1.02
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, input_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(input_shape)
         self.reserved_bytes = 0
 
     def reference_bits(self, model: nn.Module, layers: list[tuple[str, nn.Parameter, LayerBounds]]) -> tuple[float, float]:
