@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import CACHE, command_env, commit, machine, paper_bits, store_rows
-from jointcomp import EngineConfig
+from jointcomp import BUDGET_MODES, EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.trainer import STARTS
 from jointcomp.rundir import HISTORY_FILE, STATE_FILE, SUMMARY_FILE
@@ -74,9 +74,9 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", default=["100x", "600x", "2000x"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--budget-mode", default="paper", choices=("paper", "file"))
-    p.add_argument("--starts", nargs="+", default=["calibrated"], choices=STARTS,
-                   help="where each run starts (`compress --start`; calibrated is the CLI's default)")
+    p.add_argument("--budget-mode", default="paper", choices=tuple(BUDGET_MODES))
+    p.add_argument("--starts", nargs="+", default=[EngineConfig.start], choices=STARTS,
+                   help=f"where each run starts (`compress --start`; {EngineConfig.start} is the CLI's default)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
     args = p.parse_args()
 
