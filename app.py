@@ -2,14 +2,11 @@
 
     streamlit run app.py
 
-The pages live in pages/; this entry point names them for the sidebar.
+The pages live in pages/ (listed in ui.PAGES); each draws the page menu itself (ui.page_menu).
 """
 import streamlit as st
 
-PAGES = [
-    st.Page("pages/0_Compress.py", title="Compress", default=True),
-    st.Page("pages/1_Sweep.py", title="Sweep"),
-    st.Page("pages/2_Inspect.py", title="Inspect"),
-    st.Page("pages/3_Runs.py", title="Runs"),
-]
-st.navigation(PAGES).run()
+import ui
+
+pages = [st.Page(path, title=title, default=i == 0) for i, (path, title) in enumerate(ui.PAGES.items())]
+st.navigation(pages, position="hidden").run()

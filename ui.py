@@ -17,6 +17,8 @@ from jointcomp.rundir import atomic_write
 from jointcomp.trainer import STARTS
 from jointcomp.app.runner import prepare
 
+PAGES = {"pages/0_Compress.py": "Compress", "pages/1_Sweep.py": "Sweep", "pages/2_Inspect.py": "Inspect",
+         "pages/3_Runs.py": "Runs"}  # the app's pages, in menu order; the first is the default
 FOLDER = "image folder…"
 MODELS_FOR = {"digits": ["mlp", "resnet20"], "fashion-mnist": ["lenet5", "mlp", "resnet20"], "mnist": ["lenet5", "mlp", "resnet20"],
               "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "mlp"]}
@@ -32,6 +34,14 @@ class Choices:
     dense_epochs: int
     config: EngineConfig
     checkpoint: str | None = None  # dense weights to start from, instead of training here
+
+
+def page_menu() -> None:
+    """The page menu at the top of the sidebar, drawn by every page. Streamlit's own menu is hidden
+    (app.py, .streamlit/config.toml): on a server's first visit straight to a page's address it runs
+    that page from pages/ without app.py, and its menu then lists 'app' beside the four pages."""
+    for path, title in PAGES.items():
+        st.sidebar.page_link(path, label=title)
 
 
 def sidebar(with_method: bool = True) -> Choices:

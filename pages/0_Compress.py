@@ -17,6 +17,7 @@ from jointcomp.trainer import TRADEOFF_SUBSET
 CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redraws every second
 
 st.set_page_config(page_title="jointcomp", page_icon="🗜️", layout="wide")
+ui.page_menu()
 st.title("jointcomp: compress a network to a size budget")
 st.caption("Give only the target size. Without training, a few hundred calibration inputs decide which weights "
            "to keep and how many bits each layer gets (the slider shows it at once); one training run learns them "

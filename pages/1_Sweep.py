@@ -9,6 +9,7 @@ from jointcomp.methods import METHODS
 from jointcomp.app.runner import Sweep
 
 st.set_page_config(page_title="jointcomp · sweep", layout="wide")
+ui.page_menu()
 st.title("Sweep: accuracy against size")
 st.caption("Runs each target with jointcomp (admm) and the chosen baselines, same data, epochs and schedule.")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import ui
 from jointcomp import CheckpointError, inspect_file, load_compressed, load_dataset
 from jointcomp.app import charts
 from jointcomp.data import available
@@ -15,6 +16,7 @@ from jointcomp.deploy.c import flash_report
 from jointcomp.trainer import accuracy
 
 st.set_page_config(page_title="jointcomp · inspect", layout="wide")
+ui.page_menu()
 st.title("Inspect a compressed checkpoint")
 
 upload = st.file_uploader("A .jcz file", type=["jcz"], key="upload")

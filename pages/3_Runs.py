@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+import ui
 from jointcomp.app import charts
 from jointcomp.app.runner import active_runner, list_runs, run_file, runs_root
 
 st.set_page_config(page_title="jointcomp · runs", layout="wide")
+ui.page_menu()
 st.title("Runs")
 st.caption(f"Every run the app started, from its folder under `{runs_root()}`. A run keeps training when its "
            "tab is closed: open it again from here.")

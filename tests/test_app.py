@@ -38,7 +38,7 @@ def test_defaults_and_what_if():
     assert at.select_slider(key="target_ratio").value == 50
     assert [b.label for b in at.button] == ["Start", "Compress without training", "Stop"]
     labels = [m.label for m in at.metric]
-    assert "Size (paper accounting)" in labels and ".jcz file" in labels
+    assert "Size (paper budget)" in labels and ".jcz file" in labels
     size_50 = at.metric[0].value
     at.select_slider(key="target_ratio").set_value(500).run()  # the what-if follows the slider
     assert at.metric[0].value != size_50
@@ -104,7 +104,7 @@ def test_worker_errors_show_in_the_page():
 
 
 def test_inspect_page_asks_for_a_file():
-    at = AppTest.from_file(str(REPO / "pages" / "2_Inspect.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).switch_page("pages/2_Inspect.py").run()
     assert not at.exception
     assert any("Upload a .jcz file" in i.value for i in at.info)
 
@@ -117,7 +117,7 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     assert any("needs train/ and val/ (or test/) folders" in e.value for e in at.error)
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
-    assert "Size (paper accounting)" in [m.label for m in at.metric]  # the what-if of the folder's model
+    assert "Size (paper budget)" in [m.label for m in at.metric]  # the what-if of the folder's model
 
 
 def test_two_sessions_at_once_share_no_mutable_state():

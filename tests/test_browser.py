@@ -2,6 +2,7 @@
 Debian's Chromium through Playwright. Screenshots land in test-artifacts/ (not committed)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -33,13 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+@contextlib.contextmanager
+def app_server(folder: Path):
+    """A `streamlit run app.py` server on a free local port, its runs and log in `folder`; yields its address."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: `make system-deps` (apt-get install chromium chromium-driver)")
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w")
-    env = {**os.environ, "JOINTCOMP_RUNS": str(tmp_path_factory.mktemp("runs"))}
+    log = open(folder / "streamlit.log", "w")
+    env = {**os.environ, "JOINTCOMP_RUNS": str(folder / "runs")}
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
@@ -58,9 +60,17 @@ def app_url(tmp_path_factory):
             server.kill()
             pytest.fail(f"streamlit did not start: {Path(log.name).read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(20)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    with app_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +317,21 @@ def test_every_chart_is_drawn_for_3_4_and_20_layers(app_url, browser, tmp_path, 
             box = page.locator('[data-testid="stSelectbox"]:visible', has_text=label)
             expect(box.get_by_role("combobox")).to_have_value(chosen, timeout=60_000)
     page.close()
+
+
+def test_a_first_visit_straight_to_a_page_shows_the_four_pages(browser, tmp_path):
+    """A new server whose first visitor opens /Inspect (a bookmark): Streamlit then runs that page from
+    pages/ without app.py, and its own menu listed an 'app' page too. The menu is exactly the four pages,
+    and each of its links opens its page."""
+    with app_server(tmp_path) as url:
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(f"{url}/Inspect")
+        page.get_by_role("heading", name="Inspect a compressed checkpoint").wait_for(timeout=60_000)
+        menu = page.locator('[data-testid="stSidebar"] a')  # Streamlit's own menu or ours: every page link
+        menu.first.wait_for(timeout=30_000)
+        assert [text.strip() for text in menu.all_inner_texts()] == ["Compress", "Sweep", "Inspect", "Runs"]
+        page.screenshot(path=ARTIFACTS / "8-first-visit-inspect.png", full_page=True)
+        page.get_by_role("link", name="Runs").click()
+        page.get_by_role("heading", name="Runs").wait_for(timeout=60_000)
+        assert [text.strip() for text in menu.all_inner_texts()] == ["Compress", "Sweep", "Inspect", "Runs"]
+        page.close()
