@@ -1,7 +1,9 @@
 """Results at a glance, made from the stored bench rows (bench/results/*.jsonl) without running
 anything: README's results table and one plot per network (bench/plots/NETWORK-DATA.svg, accuracy
 against `.jcz` bytes on a log axis, one mark per method, the seeds' min-max as a bar, dense as a line),
-and accuracy against epoch where a training grid ran from both starts (bench/plots/epochs-*.svg).
+accuracy against epoch where a training grid ran from both starts (bench/plots/epochs-*.svg), and
+BENCHMARKS' tables of stored runs: each between `<!-- rows: GRID key=value ... -->` (the rows of
+bench/results/GRID.jsonl whose fields have those values) and `<!-- end of rows -->`.
 
     python bench/report.py        # what `make plots` runs
 
@@ -12,17 +14,21 @@ projection and uniform allocation beside posttrain; uniform and sequential besid
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import altair as alt
 import pandas as pd
 
 from jointcomp import EngineConfig
+from jointcomp.bops import format_bops
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLOTS = ROOT / "bench" / "plots"
 README = ROOT / "README.md"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+ROWS_BLOCK = re.compile(r"(<!-- rows: (\w+)((?: \w+=\S+)*) -->\n).*?(<!-- end of rows -->)", re.S)
 BEGIN = "<!-- results: written by `make plots` from bench/results/*.jsonl -->"
 END = "<!-- end of results -->"
 SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41"}
@@ -41,6 +47,9 @@ def series(rows: pd.DataFrame) -> pd.DataFrame:
     min-max over the seeds, mean file bytes, the dense accuracy, the grid and one run's command."""
     runs = rows.assign(method=rows["method"].where(rows["grid"] != "quality", rows["method"] + ", trained " +
                                                    rows["epochs"].astype(str) + " epochs from " + rows.get("start", "")))
+    other_mode = rows["budget_mode"] != "paper"  # a target in another budget mode is another target
+    runs = runs.assign(method=runs["method"].where(~other_mode, runs["method"] + ", " + runs["budget_mode"] + " budget"),
+                       target=runs["target"].where(~other_mode, runs["target"] + " " + runs["budget_mode"]))
     baselines = [rows.dropna(subset=[column]).assign(method=name, accuracy=rows[column]) for column, name in BASELINES.items()
                  if column in rows]
     keys = ["network", "data", "target", "method"]
@@ -103,6 +112,45 @@ def table(points: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def grid_table(rows: pd.DataFrame) -> str:
+    """A BENCHMARKS table of stored runs: per target, budget mode, method and start, the seeds' accuracy
+    mean (min-max), loss to dense, sizes, bit-operations, minutes and the first seed's command."""
+    lines = ["| target | budget | method | start | epochs | seeds | accuracy mean (min-max) | loss to dense, points | "
+             "paper bits | .jcz bytes | BOPs (x fewer than dense) | minutes per run | commit | command (seed "
+             f"{rows['seed'].min()}) |", "|---" * 14 + "|"]
+    keys = ["target", "budget_mode", "method", "start", "epochs"]
+    for (target, mode, method, start, epochs), g in rows.fillna({"start": "—"}).groupby(keys, sort=False):
+        g = g.sort_values("seed")
+        counted = "bops" in g and g["bops"].notna().all() and (g["bops"] > 0).all()  # runs before BOPs: not
+        bops = f"{format_bops(g['bops'].mean())} ({g['bops_ratio'].mean():.0f}x)" if counted else "—"
+        lines.append(
+            f"| {target} | {mode} | {method} | {start} | {epochs} | {', '.join(map(str, g['seed']))} | "
+            f"{g['accuracy'].mean():.4f} ({g['accuracy'].min():.4f}-{g['accuracy'].max():.4f}) | "
+            f"{100 * (g['dense_accuracy'] - g['accuracy']).mean():.2f} | {g['paper_bits'].mean():,.0f} | "
+            f"{g['file_bytes'].mean():,.0f} | {bops} | "
+            f"{g['minutes'].mean():.1f} | {', '.join(dict.fromkeys(g['commit']))} | `{g.iloc[0]['command']}` |")
+    return "\n".join(lines)
+
+
+def write_grid_tables(rows: pd.DataFrame) -> int:
+    """Fill every rows block of BENCHMARKS.md from the stored rows; returns how many."""
+    text, count = BENCHMARKS.read_text(), 0
+
+    def fill(match: re.Match) -> str:
+        nonlocal count
+        chosen = rows[rows["grid"] == match.group(2)]
+        for condition in match.group(3).split():
+            key, value = condition.split("=", 1)
+            chosen = chosen[chosen[key].astype(str) == value]
+        if chosen.empty:
+            raise SystemExit(f"BENCHMARKS.md: no stored rows for {match.group(1).strip()}")
+        count += 1
+        return f"{match.group(1)}{grid_table(chosen)}\n{match.group(4)}"
+
+    BENCHMARKS.write_text(ROWS_BLOCK.sub(fill, text))
+    return count
+
+
 def main() -> None:
     rows = load_rows()
     points = series(rows)
@@ -126,7 +174,9 @@ def main() -> None:
     section = (f"{BEGIN}\n{table(points)}\n\nMean over the seeds (two per row); every run's command and commit are in "
                f"`bench/results/*.jsonl`.\n\n" + "\n".join(images) + f"\n{END}")
     README.write_text(head + section + tail)
-    print(f"{len(images)} plots in {PLOTS.relative_to(ROOT)}, README's results table updated")
+    tables = write_grid_tables(rows)
+    print(f"{len(images)} plots in {PLOTS.relative_to(ROOT)}, README's results table and {tables} tables of "
+          "BENCHMARKS.md updated")
 
 
 if __name__ == "__main__":
