@@ -6,8 +6,9 @@ target moved (`set_target()`) from another thread; the next projection uses the 
 target. With a run folder it saves a resumable state after every healthy epoch.
 
 Given only a target, the run chooses its own learning rate: the peak rate is lowered to what the
-sharpness of the model as attached allows (sharpness.py); and a step whose loss is not finite
-rolls the run back to the last good state held in memory and halves the rate (`recover`).
+sharpness of the model as attached allows (sharpness.py); and a step whose loss diverges (not
+finite, or far above where it started: `_check_loss`) rolls the run back to the last good state
+held in memory and halves the rate (`recover`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
 STARTS = ("dense", "calibrated")  # where a training method starts (EngineConfig.start)
-RECOVERIES = 3  # roll-backs after a non-finite loss before a run gives up
+RECOVERIES = 3  # roll-backs after a diverging loss before a run gives up
+DIVERGING_LOSS = 10.0  # a loss above this many times the larger of the first compressing step's and chance's diverges
 
 
 @dataclass
@@ -305,6 +307,7 @@ class Engine:
         self._saved_epochs, self._saved_score = 0, float("-inf")  # the state a resume starts from
         self._good: dict | None = None  # the last good state in memory, for `_recover`
         self._recoveries = 0
+        self._loss_scale: float | None = None  # of `_check_loss`: set by the first compressing step
         self._curve_seconds = 0.0  # spent on trade-off curves, kept within TRADEOFF_SHARE of the run
 
     def _attach(self, target: str | float) -> Compressor:
@@ -443,9 +446,20 @@ class Engine:
                     "scheduler": sched.state_dict(),
                     "compressor": {**self.compressor.state_dict(), "teacher": None}})  # the teacher never changes
             loss = train_step(self.train_model, opt, x, y, self.loss, self.compressor)
+            self._check_loss(loss)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             yield self._shift(self.compressor.step(lr, loss))
+
+    def _check_loss(self, loss: float) -> None:
+        """Raise FloatingPointError when `loss` says training diverged: above DIVERGING_LOSS x the larger of
+        the first compressing step's loss and chance's (log of the classes). Caught there, before the weights
+        run off to 1e17 with a loss still finite, the last good state in memory is one worth coming back to."""
+        if self._loss_scale is None:
+            self._loss_scale = max(loss, math.log(self.data.num_classes))
+        if loss > DIVERGING_LOSS * self._loss_scale:
+            raise FloatingPointError(f"training diverged (the loss rose to {loss:.3g}, over {DIVERGING_LOSS:g} times "
+                                     f"{self._loss_scale:.3g})")
 
     def _recover(self, err: FloatingPointError, dense: bool, opt, sched) -> int:
         """After a non-finite loss: back to the last good state held in memory, at half the
@@ -465,7 +479,7 @@ class Engine:
         lr, _ = self._stable_lr(old / 2)
         set_base_lr(opt, sched, lr)
         self.compressor.note(f"recovered at step {failed_at}: learning rate {old:.3g} -> {lr:.3g} "
-                             "(the loss was not finite; back to the last good state)")
+                             "(the loss diverged; back to the last good state)")
         return good["batch"]
 
     def _compression_lr(self) -> float:

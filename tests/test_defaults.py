@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from jointcomp import EngineConfig, Compressor, Engine, EpochRecord, StepRecord, build_model, load_dataset
+from jointcomp import EngineConfig, Compressor, Engine, EpochRecord, FinalRecord, StepRecord, build_model, load_dataset
 from jointcomp.budget import parse_target
 from jointcomp.data import Dataset
 from jointcomp.sharpness import sharpness
+from jointcomp.trainer import STARTS
 from sizes import fp32_bits, paper_bits_in_file
 
 
@@ -58,11 +59,16 @@ def test_the_defaults_compress_every_kind_of_model_to_its_target(name, tmp_path)
         assert paper_bits_in_file(tmp_path / "model.jcz", start) <= parse_target(target, fp32_bits(start)), target
 
 
-def test_a_run_forced_to_diverge_rolls_back_and_says_so(trained_mlp, digits):
-    config = EngineConfig(target="50x", epochs=3, lr=10.0, auto_lr=False, device="cpu")
+@pytest.mark.parametrize("start", STARTS)
+def test_a_run_forced_to_diverge_rolls_back_and_says_so(trained_mlp, digits, start):
+    """At lr=10 the weights run off within a few steps while the loss is still finite: the run sees the
+    loss rise, goes back to a state from before (not one whose weights had already grown to 1e17, as a
+    good state taken by the clock was) at a rate the sharpness there allows, and ends as a model that works."""
+    config = EngineConfig(target="50x", epochs=3, lr=10.0, auto_lr=False, device="cpu", start=start)
     records = list(Engine(trained_mlp, digits, config))
     notes = " ".join(r.note for r in records if isinstance(r, EpochRecord))
     assert "recovered at step" in notes and "learning rate 10 -> " in notes
+    assert next(r for r in records if isinstance(r, FinalRecord)).accuracy > 0.9
     steps = [r for r in records if isinstance(r, StepRecord)]
     assert steps[-1].step == 3 * math.ceil(len(digits.train_y) / config.batch_size) - 1  # the run went to its end
     assert math.isfinite(steps[-1].loss)
