@@ -31,7 +31,8 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 ROWS_BLOCK = re.compile(r"(<!-- rows: (\w+)((?: \w+=\S+)*) -->\n).*?(<!-- end of rows -->)", re.S)
 BEGIN = "<!-- results: written by `make plots` from bench/results/*.jsonl -->"
 END = "<!-- end of results -->"
-SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41"}
+SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41",
+            "bops": "bit-operations-admm-against-sequential-at-equal-bops-issue-39"}  # a grid's, or a budget mode's
 BASELINES = {"untrained_projection": "untrained projection", "uniform_allocation": "uniform allocation, post-training"}
 
 
@@ -97,7 +98,7 @@ def table(points: pd.DataFrame) -> str:
              "file bytes | section |", "|---|---|---|---|---|---|---|---|"]
     for (network, data, target, _), group in points.groupby(["network", "data", "target", "dense"], sort=False):
         trained = group[group["method"].str.startswith("admm, trained") &
-                        group["method"].str.endswith(f"from {EngineConfig.start}")]  # with the defaults
+                        group["method"].str.contains(f"from {EngineConfig.start}")]  # with the defaults
         post = group[group["method"] == "posttrain"]
         ours = pd.concat([trained, post])
         if ours.empty:
@@ -106,7 +107,8 @@ def table(points: pd.DataFrame) -> str:
         others = group[~jointcomp].sort_values("accuracy", ascending=False)
         best = f"{others.iloc[0]['accuracy']:.4f} ({others.iloc[0]['method']})" if len(others) else "—"
         cell = lambda rows: "—" if rows.empty else f"{rows.iloc[0]['accuracy']:.4f}"  # noqa: E731
-        links = ", ".join(f"[{grid}](BENCHMARKS.md#{SECTIONS[grid]})" for grid in dict.fromkeys(ours["grid"]))
+        sections = [SECTIONS.get(target.partition(" ")[2], SECTIONS[grid]) for grid in dict.fromkeys(ours["grid"])]
+        links = ", ".join(f"[{grid}](BENCHMARKS.md#{section})" for grid, section in zip(dict.fromkeys(ours["grid"]), sections))
         lines.append(f"| {network} / {data} | {ours.iloc[0]['dense']:.4f} | {target} | {cell(trained)} | {cell(post)} | "
                      f"{best} | {ours.iloc[0]['file_bytes']:,.0f} | {links} |")
     return "\n".join(lines)
