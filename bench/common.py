@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,13 +22,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROW_KEY = ("network", "data", "method", "start", "target", "budget_mode", "epochs", "seed")  # what makes a row another run
 
 
+def dense_weights(model_name: str, data_name: str, epochs: int, seed: int = 0) -> Path:
+    """Where `dense_model` keeps these dense weights (a checkpoint `compress --pretrained` takes)."""
+    return CACHE / f"{model_name}_{data_name}_{epochs}ep_seed{seed}.safetensors"
+
+
 def dense_model(model_name: str, data_name: str, epochs: int, seed: int = 0):
     """A dense model trained for `epochs` from seed `seed` with the `train` command's defaults
-    (cached on disk), and its data set."""
+    (cached on disk, `dense_weights`), and its data set."""
     data = load_dataset(data_name)
     torch.manual_seed(seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
-    path = CACHE / f"{model_name}_{data_name}_{epochs}ep_seed{seed}.safetensors"
+    path = dense_weights(model_name, data_name, epochs, seed)
     if path.is_file():
         load_weights(model, path)
     else:
@@ -46,6 +54,17 @@ def command_env(threads: int | None = None) -> dict[str, str]:
     `--model nets:conv_bn`, a network that is not built in), and `threads` threads if given."""
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def jointcomp(args: list[str], threads: int | None = None) -> float:
+    """Run `python -m jointcomp ARGS` as a user does (with `threads` threads when given: several side
+    by side); its wall-clock seconds. A failure ends the bench with the command and its error."""
+    tic = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=command_env(threads), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - tic
 
 
 def commit() -> str:

@@ -7,8 +7,9 @@ from the same dense LeNet-5 / Fashion-MNIST start as bench/quality.py.
 Each peer is run at the sizes it can reach and measured twice: its nominal size (MCT: its own
 weights-memory count; torchao: its codes packed at their bits, plus float scales and the
 layers it leaves alone) and the bytes of the file its own export writes. jointcomp then runs in
-the file budget mode (the .jcz must fit) at each peer's bytes, with 1 and with --epochs epochs;
-then at targets no peer reaches.
+the file budget mode (the .jcz must fit) at each peer's bytes, with 1 and with --epochs epochs
+(`python -m jointcomp compress` with the CLI's defaults otherwise); then at targets no peer
+reaches. Every result is a row of bench/results/peers.jsonl (a peer's budget mode: "its own").
 """
 from __future__ import annotations
 
@@ -16,19 +17,40 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import os
+import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 
-from common import dense_model, machine
-from jointcomp import EngineConfig, Engine, FinalRecord
+from common import CACHE, commit, dense_model, dense_weights, jointcomp, machine, paper_bits, store_rows
+from jointcomp import EngineConfig
 from jointcomp.codec import fp32_bytes
+from jointcomp.rundir import SUMMARY_FILE
 
 CALIBRATION_IMAGES = 640  # MCT's representative data: 10 batches of 64 training images, no labels
+RUNS = CACHE / "peers"
+
+
+@dataclass
+class Peer:
+    """One peer tool's result: its accuracy, its nominal size and its exported file's bytes."""
+
+    tool: str
+    setting: str
+    target: str  # the setting, short: what the tool was asked for, in its own terms
+    used: str  # training data it saw
+    accuracy: float | None
+    nominal: int | None
+    file_bytes: int | None
+    export: str
+    seconds: float
 
 
 def accuracy(model, data) -> float:
@@ -56,11 +78,13 @@ def torchao_rows(dense, data):
                                                                            granularity=PerGroup(100)), b, 100)
                 for b in (4, 2)]
     for name, config, bits, group in configs:
+        tic = time.perf_counter()
         model = copy.deepcopy(dense)
         quantize_(model, config)
         scales = linear // group if group else sum(m.out_features for m in dense.modules() if isinstance(m, torch.nn.Linear))
         nominal = (bits * linear) // 8 + 4 * (rest + scales)  # its codes packed, float scales and the rest
-        yield "torchao", name, "none", accuracy(model, data), nominal, torch_save_bytes(model), "torch.save"
+        yield Peer("torchao", name, f"int{bits}", "none", accuracy(model, data), nominal, torch_save_bytes(model),
+                   "torch.save", time.perf_counter() - tic)
 
 
 @contextlib.contextmanager
@@ -87,6 +111,7 @@ def mct_rows(dense, data, ratios):
             yield [x]
 
     for ratio in ratios:
+        tic = time.perf_counter()
         config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(num_of_images=64))
         target = mct.core.ResourceUtilization(weights_memory=fp32_bytes(dense) / ratio)
         try:
@@ -95,8 +120,8 @@ def mct_rows(dense, data, ratios):
                                                                          target_resource_utilization=target,
                                                                          core_config=config)
         except Exception:  # MCT raises when no bit assignment fits the target
-            yield ("MCT", f"mixed precision, weights memory fp32/{ratio:g}", "-", None, None, None,
-                   "cannot: no bit assignment fits (2 bits is its smallest)")
+            yield Peer("MCT", f"mixed precision, weights memory fp32/{ratio:g}", f"fp32/{ratio:g}", "-", None, None, None,
+                       "cannot: no bit assignment fits (2 bits is its smallest)", 0.0)
             continue
         bits = [q.num_bits for m in model.modules() for q in (getattr(m, "weights_quantizers", None) or {}).values()]
         with tempfile.TemporaryDirectory() as tmp, quiet_stdout():
@@ -106,14 +131,36 @@ def mct_rows(dense, data, ratios):
                                               quantization_format=mct.exporter.QuantizationFormat.FAKELY_QUANT)
             file_bytes = os.path.getsize(path)
         nominal = int(info.final_resource_utilization.weights_memory)
-        yield ("MCT", f"mixed precision, weights memory fp32/{ratio:g} (bits {'/'.join(map(str, bits))})",
-               f"{CALIBRATION_IMAGES} images", accuracy(model, data), nominal, file_bytes, "TorchScript (fake-quant)")
+        yield Peer("MCT", f"mixed precision, weights memory fp32/{ratio:g} (bits {'/'.join(map(str, bits))})",
+                   f"fp32/{ratio:g}", f"{CALIBRATION_IMAGES} images", accuracy(model, data), nominal, file_bytes,
+                   "TorchScript (fake-quant)", time.perf_counter() - tic)
 
 
-def jointcomp_run(dense, data, target: str, epochs: int, seed: int, budget_mode: str = "file") -> FinalRecord:
-    config = EngineConfig(target=target, budget_mode=budget_mode, epochs=epochs, seed=seed)  # the CLI's defaults
-    meta = {"model": "lenet5", "input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    return next(r for r in Engine(copy.deepcopy(dense), data, config, meta=meta) if isinstance(r, FinalRecord))
+def jointcomp_row(weights: Path, target: str, epochs: int, seed: int, budget_mode: str = "file") -> dict:
+    """`python -m jointcomp compress` from the dense start at `target` with the CLI's defaults and
+    `epochs`, as a row."""
+    out = RUNS / f"lenet5-{budget_mode}-{target}-{epochs}ep-seed{seed}"
+    cmd = ["compress", "--model", "lenet5", "--data", "fashion-mnist", "--pretrained", str(weights), "--target", target,
+           *(["--budget-mode", budget_mode] if budget_mode != "paper" else []), "--epochs", str(epochs),
+           "--seed", str(seed), "--out", str(out), "--overwrite"]
+    seconds = jointcomp(cmd)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    return {"network": "lenet5", "data": "fashion-mnist", "method": "admm", "start": EngineConfig.start, "target": target,
+            "budget_mode": budget_mode, "seed": seed, "accuracy": summary["accuracy"],
+            "dense_accuracy": summary["dense_accuracy"], "paper_bits": paper_bits(summary),
+            "file_bytes": summary["file_bytes"], "bops": summary["bops"], "bops_ratio": summary["bops_ratio"],
+            "epochs": epochs, "minutes": seconds / 60,
+            "command": "python -m jointcomp " + shlex.join(cmd[:-3]).replace(str(CACHE) + "/", ""),
+            "commit": commit(), "machine": machine()}
+
+
+def peer_row(peer: Peer, dense_accuracy: float, seed: int) -> dict:
+    """A peer's result as a row: its tool is the method, its own setting the target (in its own terms)."""
+    return {"network": "lenet5", "data": "fashion-mnist", "method": peer.tool, "target": peer.target,
+            "budget_mode": "its own", "seed": seed, "accuracy": peer.accuracy, "dense_accuracy": dense_accuracy,
+            "file_bytes": peer.file_bytes, "nominal_bytes": peer.nominal, "setting": peer.setting, "export": peer.export,
+            "epochs": 0, "minutes": peer.seconds / 60, "command": f"cd bench && python peers.py --seed {seed}",
+            "commit": commit(), "machine": machine()}
 
 
 def main() -> None:
@@ -127,26 +174,26 @@ def main() -> None:
                    help="run jointcomp only at the smallest size a peer reached (for long runs)")
     args = p.parse_args()
     dense, data = dense_model("lenet5", "fashion-mnist", 15, args.seed)
-    fp32 = fp32_bytes(dense)
+    weights, fp32, dense_accuracy = dense_weights("lenet5", "fashion-mnist", 15, args.seed), fp32_bytes(dense), accuracy(dense, data)
     print(f"Machine: {machine()}; model-compression-toolkit {version('model-compression-toolkit')}, torchao "
           f"{version('torchao')}; LeNet-5 / Fashion-MNIST dense start (15 epochs, seed {args.seed}): accuracy "
-          f"{accuracy(dense, data):.4f}, fp32 state dict {fp32:,} B, torch.save {torch_save_bytes(dense):,} B. "
+          f"{dense_accuracy:.4f}, fp32 state dict {fp32:,} B, torch.save {torch_save_bytes(dense):,} B. "
           f"jointcomp trains on the 60,000 training images for the epochs shown.\n")
     print("| tool | setting | training data | accuracy | nominal size B | bytes of its exported file | export |")
     print("|---|---|---|---|---|---|---|")
-    points = []
-    for row in [*torchao_rows(dense, data), *mct_rows(dense, data, args.mct_ratios)]:
-        tool, setting, used, acc, nominal, file_bytes, export = row
-        cells = [f"{acc:.4f}" if acc is not None else "-", f"{nominal:,}" if nominal else "-",
-                 f"{file_bytes:,}" if file_bytes else "-"]
-        print(f"| {tool} | {setting} | {used} | {' | '.join(cells)} | {export} |", flush=True)
-        if nominal:
-            points.append((f"{tool} {setting}", nominal, file_bytes))
+    rows, points = [], []
+    for peer in [*torchao_rows(dense, data), *mct_rows(dense, data, args.mct_ratios)]:
+        cells = [f"{peer.accuracy:.4f}" if peer.accuracy is not None else "-", f"{peer.nominal:,}" if peer.nominal else "-",
+                 f"{peer.file_bytes:,}" if peer.file_bytes else "-"]
+        print(f"| {peer.tool} | {peer.setting} | {peer.used} | {' | '.join(cells)} | {peer.export} |", flush=True)
+        if peer.nominal:
+            rows.append(peer_row(peer, dense_accuracy, args.seed))
+            points.append((f"{peer.tool} {peer.setting}", peer.nominal, peer.file_bytes))
     if args.smallest_only:
         points = [min(points, key=lambda point: point[1])]
     print("\n| jointcomp at the bytes of | .jcz target B | epochs | accuracy | .jcz bytes | paper ratio | minutes |")
     print("|---|---|---|---|---|---|---|")
-    done: dict[tuple[int, int], str] = {}  # several peers' files have the same size: run each target once
+    done: dict[tuple[int, int], dict] = {}  # several peers' files have the same size: run each target once
     for name, nominal, file_bytes in points:
         for label, target in (("nominal size", nominal), ("exported file", file_bytes)):
             if target >= fp32:
@@ -156,18 +203,21 @@ def main() -> None:
             for epochs in args.epochs:
                 key = (round(target, -3), epochs)
                 if key not in done:
-                    tic = time.perf_counter()
-                    final = jointcomp_run(dense, data, f"{target}B", epochs, args.seed)
-                    done[key] = (f"{final.accuracy:.4f} | {final.file_bytes:,} | {final.ratio:.1f}x | "
-                                 f"{(time.perf_counter() - tic) / 60:.1f}")
-                print(f"| {name}: {label} | {target:,} | {epochs} | {done[key]} |", flush=True)
+                    done[key] = jointcomp_row(weights, f"{target}B", epochs, args.seed)
+                    rows.append(done[key])
+                row = done[key]
+                print(f"| {name}: {label} | {target:,} | {epochs} | {row['accuracy']:.4f} | {row['file_bytes']:,} | "
+                      f"{32 * sum(p.numel() for p in dense.parameters() if p.dim() > 1) / row['paper_bits']:.1f}x | "
+                      f"{row['minutes']:.1f} |", flush=True)
     print("\n| target no peer reaches | epochs | jointcomp accuracy | .jcz bytes | MCT | torchao |")
     print("|---|---|---|---|---|---|")
     for target in args.beyond:
         for epochs in args.epochs:
-            final = jointcomp_run(dense, data, target, epochs, args.seed, budget_mode="paper")
-            print(f"| {target} (paper) | {epochs} | {final.accuracy:.4f} | {final.file_bytes:,} | cannot: 2 bits is its "
+            row = jointcomp_row(weights, target, epochs, args.seed, budget_mode="paper")
+            rows.append(row)
+            print(f"| {target} (paper) | {epochs} | {row['accuracy']:.4f} | {row['file_bytes']:,} | cannot: 2 bits is its "
                   "smallest weight | cannot: its files stay int8 |", flush=True)
+    store_rows("peers", rows)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from common import CACHE, command_env, commit, machine, paper_bits, store_rows
+from common import CACHE, commit, jointcomp, machine, paper_bits, store_rows
 import torch
 
 from jointcomp import EngineConfig, Compressor
@@ -36,15 +33,6 @@ from jointcomp.rundir import SUMMARY_FILE
 from jointcomp.trainer import accuracy, calibration_inputs
 
 RUNS = CACHE / "posttrain"
-
-
-def jointcomp(args: list[str]) -> float:
-    """Run `python -m jointcomp ARGS`; its wall-clock seconds."""
-    tic = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=command_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - tic
 
 
 def untrained_projection(model_name: str, data_name: str, weights: str, target: str) -> float:

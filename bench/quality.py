@@ -23,27 +23,16 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import CACHE, command_env, commit, machine, paper_bits, store_rows
+from common import CACHE, commit, jointcomp, machine, paper_bits, store_rows
 from jointcomp import BUDGET_MODES, EngineConfig
 from jointcomp.methods import METHODS
 from jointcomp.trainer import STARTS
 from jointcomp.rundir import HISTORY_FILE, STATE_FILE, SUMMARY_FILE
 
 RUNS = CACHE / "quality"
-
-
-def run(args: list[str], jobs: int) -> None:
-    """One `python -m jointcomp` command (one thread each when several run side by side), with
-    bench/ importable for `--model nets:conv_bn`, a network that is not built in."""
-    done = subprocess.run([sys.executable, "-m", "jointcomp", *args], env=command_env(1 if jobs > 1 else None),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: python -m jointcomp {shlex.join(args)}\n{done.stderr[-2000:]}")
 
 
 def compress_or_resume(args: list[str], out: Path) -> list[str]:
@@ -99,9 +88,10 @@ def main() -> None:
                                                   *(["--method", method] if method != "admm" else []), *mode, *epochs,
                                                   *(["--start", begin] if begin != EngineConfig.start else []),
                                                   "--seed", str(seed), "--out", str(out)], out)
+    threads = 1 if args.jobs > 1 else None  # one thread each when runs go side by side
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda a: run(["train", *a], args.jobs), todo))
-        list(pool.map(lambda item: run(compress_or_resume(*item), args.jobs),
+        list(pool.map(lambda a: jointcomp(["train", *a], threads), todo))
+        list(pool.map(lambda item: jointcomp(compress_or_resume(*item), threads),
                       [item for item in grid.values() if not (item[1] / SUMMARY_FILE).is_file()]))
 
     rows_data = []

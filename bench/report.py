@@ -33,6 +33,8 @@ BEGIN = "<!-- results: written by `make plots` from bench/results/*.jsonl -->"
 END = "<!-- end of results -->"
 SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41",
             "bops": "bit-operations-admm-against-sequential-at-equal-bops-issue-39"}  # a grid's, or a budget mode's
+PEER_MODE = "its own"  # the budget mode of a peer tool's row (bench/peers.py): its setting, in its own terms
+README_GRIDS = ("posttrain", "quality")  # the grids whose runs are README's rows (peers.py's are its best-peer column)
 BASELINES = {"untrained_projection": "untrained projection", "uniform_allocation": "uniform allocation, post-training"}
 
 
@@ -46,9 +48,9 @@ def load_rows() -> pd.DataFrame:
 def series(rows: pd.DataFrame) -> pd.DataFrame:
     """One line per network, data, target and method (with its start and epochs): accuracy mean and
     min-max over the seeds, mean file bytes, the dense accuracy, the grid and one run's command."""
-    runs = rows.assign(method=rows["method"].where(rows["grid"] != "quality", rows["method"] + ", trained " +
+    runs = rows.assign(method=rows["method"].where(rows["epochs"] == 0, rows["method"] + ", trained " +
                                                    rows["epochs"].astype(str) + " epochs from " + rows.get("start", "")))
-    other_mode = rows["budget_mode"] != "paper"  # a target in another budget mode is another target
+    other_mode = ~rows["budget_mode"].isin(["paper", PEER_MODE])  # a target in another budget mode is another target
     runs = runs.assign(method=runs["method"].where(~other_mode, runs["method"] + ", " + runs["budget_mode"] + " budget"),
                        target=runs["target"].where(~other_mode, runs["target"] + " " + runs["budget_mode"]))
     baselines = [rows.dropna(subset=[column]).assign(method=name, accuracy=rows[column]) for column, name in BASELINES.items()
@@ -95,8 +97,11 @@ def table(points: pd.DataFrame) -> str:
     """README's table: per network, data and target, jointcomp trained and post-training, the best
     baseline, each linked to the BENCHMARKS section that made it."""
     lines = ["| network / data | dense | target | jointcomp, trained | jointcomp, post-training | best baseline | "
-             "file bytes | section |", "|---|---|---|---|---|---|---|---|"]
-    for (network, data, target, _), group in points.groupby(["network", "data", "target", "dense"], sort=False):
+             "best peer at no more bytes | file bytes | section |", "|---|---|---|---|---|---|---|---|---|"]
+    peers = points[points["grid"] == "peers"]
+    peers = peers[~peers["method"].str.startswith("admm")]
+    for (network, data, target, _), group in points[points["grid"].isin(README_GRIDS)].groupby(
+            ["network", "data", "target", "dense"], sort=False):
         trained = group[group["method"].str.startswith("admm, trained") &
                         group["method"].str.contains(f"from {EngineConfig.start}")]  # with the defaults
         post = group[group["method"] == "posttrain"]
@@ -109,9 +114,21 @@ def table(points: pd.DataFrame) -> str:
         cell = lambda rows: "—" if rows.empty else f"{rows.iloc[0]['accuracy']:.4f}"  # noqa: E731
         sections = [SECTIONS.get(target.partition(" ")[2], SECTIONS[grid]) for grid in dict.fromkeys(ours["grid"])]
         links = ", ".join(f"[{grid}](BENCHMARKS.md#{section})" for grid, section in zip(dict.fromkeys(ours["grid"]), sections))
+        size = ours.iloc[0]["file_bytes"]
         lines.append(f"| {network} / {data} | {ours.iloc[0]['dense']:.4f} | {target} | {cell(trained)} | {cell(post)} | "
-                     f"{best} | {ours.iloc[0]['file_bytes']:,.0f} | {links} |")
+                     f"{best} | {best_peer(peers[(peers['network'] == network) & (peers['data'] == data)], size)} | "
+                     f"{size:,.0f} | {links} |")
     return "\n".join(lines)
+
+
+def best_peer(peers: pd.DataFrame, size: float) -> str:
+    """The most accurate peer result whose file is no larger than `size` bytes; or the smallest any peer reached."""
+    if peers.empty:
+        return "not measured"
+    fitting = peers[peers["file_bytes"] <= size].sort_values("accuracy", ascending=False)
+    if fitting.empty:
+        return f"none this small (smallest: {peers['file_bytes'].min():,.0f} B)"
+    return f"{fitting.iloc[0]['accuracy']:.4f} ({fitting.iloc[0]['method']} {fitting.iloc[0]['target']})"
 
 
 def grid_table(rows: pd.DataFrame) -> str:

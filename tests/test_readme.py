@@ -50,7 +50,7 @@ def test_every_number_in_the_results_table_is_in_the_stored_bench_rows():
             sizes.add(f"{sum(r['file_bytes'] for r in group) / len(group):,.0f}")
         figures = re.findall(r"\b\d\.\d{4}\b", line)
         assert len(figures) >= 2 and set(figures) <= means, (line, means)
-        assert cells[6] in sizes, (line, sizes)
+        assert cells[7] in sizes, (line, sizes)
 
 
 def test_every_generated_table_of_benchmarks_is_the_stored_rows():
