@@ -84,7 +84,7 @@ if not running:
         left.container(key="whatif_allocation").altair_chart(charts.fit_width(charts.allocation(pd.DataFrame(layers))))
         curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
                               for point in whatif.tradeoff(preview, target, evaluate=subset_accuracy(data))])
-        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET))
+        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET, budget_mode=mode))
 
 
 CAPTIONS = {
@@ -104,7 +104,8 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
     """The live charts as Vega-Lite specs, built once per finished epoch (not every redraw)."""
     key = (id(r), epochs_done, r.final is not None)
     if st.session_state.get("chart_key") != key:
-        now = charts.live(r.epochs(), r.layers(), r.steps(), r.curve(), dense_accuracy, TRADEOFF_SUBSET)
+        now = charts.live(r.epochs(), r.layers(), r.steps(), r.curve(), dense_accuracy, TRADEOFF_SUBSET,
+                          r.engine.config.budget_mode)
         st.session_state.chart_specs = {name: charts.vega_lite(chart) for name, chart in now.items()}
         st.session_state.chart_key = key
     return st.session_state.chart_specs
@@ -163,14 +164,15 @@ if runner is not None and not running and runner.final is not None:
     p = runner.progress()
     st.subheader("Result" + (f" ({p.describe()})" if final.stopped else ""))
     ran = runner.engine.config.budget_mode
-    cols = st.columns(6)
+    cols = st.columns(3)
     cols[0].metric("Accuracy (compressed)", f"{final.accuracy:.2%}", f"{final.accuracy - final.dense_accuracy:+.2%}")
     cols[1].metric("Accuracy (dense)", f"{final.dense_accuracy:.2%}")
-    cols[2].metric(f"Size ({ran} budget)", format_amount(final.size_bits, ran), f"{final.ratio:.1f}x", delta_color="off")
-    cols[3].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
-    cols[4].metric("Bit-operations", format_bops(final.bops), f"{final.bops_ratio:.0f}x fewer than dense", delta_color="off",
+    cols[2].metric("Target", format_amount(final.target_bits, ran))
+    cols = st.columns(3)
+    cols[0].metric(f"Size ({ran} budget)", format_amount(final.size_bits, ran), f"{final.ratio:.1f}x", delta_color="off")
+    cols[1].metric(".jcz file size", f"{final.file_bytes:,} B", f"{final.file_ratio:.1f}x vs fp32 file", delta_color="off")
+    cols[2].metric("Bit-operations", format_bops(final.bops), f"{final.bops_ratio:.0f}x fewer than dense", delta_color="off",
                    help="multiply-accumulates of one input x weight bits x 8-bit activations; dense: 32 x 32 bits")
-    cols[5].metric("Target", format_amount(final.target_bits, ran))
     table, chart = st.columns(2)
     table.dataframe([{"layer": l.name, "what": l.label, "weights": l.numel, "kept": l.nnz,
                       "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)

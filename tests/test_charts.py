@@ -90,3 +90,20 @@ def test_a_live_chart_keeps_its_data_whichever_data_transformer_altair_has_activ
     for spec in specs:
         refs = dataset_refs(spec)
         assert refs and all(len(spec["datasets"].get(name, [])) > 0 for name in refs), spec.get("title")
+
+
+def test_a_bops_run_draws_bit_operations_not_kilobytes():
+    """In the bops budget mode a record's size and target are bit-operations: the size chart draws them in
+    MBOPs without a .jcz line (bytes on the same axis would mean nothing), and the trade-off's axis says so."""
+    epochs = pd.DataFrame([{"epoch": e, "phase": "admm", "accuracy": 0.9, "size_bits": 2.0e6, "target_bits": 2.5e6,
+                            "file_bytes": 9000} for e in range(3)])
+    spec = charts.size_over_epochs(epochs, "bops").to_dict()
+    data = pd.DataFrame(next(iter(spec["datasets"].values())))
+    assert set(data["what"]) == {"bops budget", "target"}
+    assert sorted(data["value"].unique()) == [2.0, 2.5]
+    assert spec["encoding"]["y"]["title"] == "bit-operations (MBOPs)"
+    paper = pd.DataFrame(next(iter(charts.size_over_epochs(epochs).to_dict()["datasets"].values())))
+    assert set(paper["what"]) == {"paper size", "target", ".jcz file"} and 9.0 in set(paper["value"])
+    curve = pd.DataFrame([{"epoch": 0, "phase": "admm", "size_bits": 1.0e6, "file_bytes": 9000, "accuracy": 0.9}])
+    axis = charts.tradeoff(curve, epochs, budget_mode="bops").to_dict()["layer"][0]["encoding"]["x"]["title"]
+    assert axis == "bit-operations (MBOPs, log scale)"

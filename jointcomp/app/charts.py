@@ -10,6 +10,7 @@ import altair as alt
 import pandas as pd
 from altair.utils.data import to_values
 
+from ..budget_modes import BUDGET_MODES
 from ..codec import Report
 
 WIDTH = 320
@@ -23,6 +24,7 @@ LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
 LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
+AXIS_UNITS = {"b": (8000, "KB"), "bops": (1e6, "MBOPs")}  # by an accounting's unit: bits per axis unit, its name
 LOSS_POINTS = 500  # the most points the loss chart draws: a long run's steps are thinned evenly
 
 
@@ -102,44 +104,55 @@ def loss_over_steps(steps: pd.DataFrame) -> alt.Chart:
     ).properties(title=alt.Title("Training loss", subtitle="mean of the last 20 steps"), width=WIDTH, height=HEIGHT)
 
 
-def size_over_epochs(epochs: pd.DataFrame) -> alt.LayerChart:
-    """Size of the deployable model per epoch, in the paper's accounting and as file bytes,
-    against the target (which the slider may move)."""
-    df = _compression(epochs)
-    long = df.melt(id_vars=["epoch_no"], value_vars=["size_kb", "file_kb", "target_kb"], var_name="what")
-    long["what"] = long["what"].map({"size_kb": "paper size", "file_kb": ".jcz file",
-                                     "target_kb": "target"})
+def _amounts(budget_mode: str) -> tuple[float, str]:
+    """How a budget mode's amounts are drawn: what one unit of the axis holds, and its name."""
+    return AXIS_UNITS[BUDGET_MODES[budget_mode].unit]
+
+
+def size_over_epochs(epochs: pd.DataFrame, budget_mode: str = "paper") -> alt.LayerChart:
+    """Size of the deployable model per epoch in the budget mode's terms (and the .jcz file, where
+    those are bytes), against the target (which the slider may move)."""
+    scale, unit = _amounts(budget_mode)
+    df = _compression(epochs).assign(size=epochs["size_bits"] / scale, target=epochs["target_bits"] / scale)
+    names = {"size": "paper size" if budget_mode == "paper" else f"{budget_mode} budget", "target": "target"}
+    if unit == "KB":
+        names["file_kb"] = ".jcz file"
+    long = df.melt(id_vars=["epoch_no"], value_vars=list(names), var_name="what")
+    long["what"] = long["what"].map(names)
     return alt.Chart(long).mark_line(point=True).encode(
         x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
-        y=alt.Y("value:Q", title="size (KB)", scale=alt.Scale(zero=True)),
+        y=alt.Y("value:Q", title="size (KB)" if unit == "KB" else f"bit-operations ({unit})", scale=alt.Scale(zero=True)),
         color=alt.Color("what:N", title=None, legend=LEGEND),
         strokeDash=alt.condition(alt.datum.what == "target", alt.value([4, 3]), alt.value([1, 0])),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("what:N", title="size"),
-                 alt.Tooltip("value:Q", format=".2f", title="KB")],
+                 alt.Tooltip("value:Q", format=".2f", title=unit)],
     ).properties(title="Size against the target", width=WIDTH, height=HEIGHT)
 
 
-def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: int | None = None) -> alt.LayerChart:
+def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: int | None = None,
+             budget_mode: str = "paper") -> alt.LayerChart:
     """Accuracy the current weights would give at sizes around the target (the latest curve
-    bold, earlier ones faint), with the run's own point per epoch."""
-    df = curve.assign(size_kb=curve["size_bits"] / 8000, epoch_no=curve["epoch"] + 1)
+    bold, earlier ones faint), with the run's own point per epoch; sizes in the budget mode's terms."""
+    scale, unit = _amounts(budget_mode)
+    df = curve.assign(size=curve["size_bits"] / scale, epoch_no=curve["epoch"] + 1)
+    axis = f"size (KB, {budget_mode} budget, log scale)" if unit == "KB" else f"bit-operations ({unit}, log scale)"
     latest = df["epoch"].max() if len(df) else 0
     df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        x=alt.X("size:Q", title=axis, scale=alt.Scale(type="log")),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
         detail="epoch_no:O",
         color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["latest", "earlier epochs"],
                                                                 range=["#1f77b4", "#cfd8e3"]),
                         legend=LEGEND if df["epoch"].nunique() > 1 else None),  # one curve (the what-if) needs none
-        tooltip=[alt.Tooltip("epoch_no:Q", title="after epoch"), alt.Tooltip("size_kb:Q", format=".2f", title="KB"),
+        tooltip=[alt.Tooltip("epoch_no:Q", title="after epoch"), alt.Tooltip("size:Q", format=".2f", title=unit),
                  alt.Tooltip("accuracy:Q", format=".2%")],
     )
     layers = [lines]
     if epochs is not None and len(epochs):
-        run = _compression(epochs)
+        run = _compression(epochs).assign(size=epochs["size_bits"] / scale)
         layers.append(alt.Chart(run).mark_point(shape="diamond", size=90, filled=True, color="black").encode(
-            x="size_kb:Q", y="accuracy:Q",
+            x="size:Q", y="accuracy:Q",
             tooltip=[alt.Tooltip("epoch_no:Q", title="run, epoch"), alt.Tooltip("accuracy:Q", format=".2%")]))
     where = f" on the first {subset:,} validation examples" if subset else ""
     return alt.layer(*layers).properties(
@@ -215,11 +228,12 @@ def layer_heatmap(layers: pd.DataFrame, field: str = "density") -> alt.Chart:
 
 
 def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve: pd.DataFrame,
-         dense_accuracy: float | None = None, subset: int | None = None) -> dict[str, alt.TopLevelMixin]:
+         dense_accuracy: float | None = None, subset: int | None = None,
+         budget_mode: str = "paper") -> dict[str, alt.TopLevelMixin]:
     """The charts of a run as it trains (the app's Compress page), by name, from its frames."""
     return {
-        "accuracy": accuracy_over_epochs(epochs, dense_accuracy), "size": size_over_epochs(epochs),
-        "tradeoff": tradeoff(curve, epochs, subset), "loss": loss_over_steps(steps),
+        "accuracy": accuracy_over_epochs(epochs, dense_accuracy), "size": size_over_epochs(epochs, budget_mode),
+        "tradeoff": tradeoff(curve, epochs, subset, budget_mode), "loss": loss_over_steps(steps),
         "multipliers": multipliers(epochs), "residuals": residuals(epochs), "layers": fit_width(layer_bars(layers)),
         "density": fit_width(layer_heatmap(layers, "density")), "bits": fit_width(layer_heatmap(layers, "bits")),
     }
