@@ -2,7 +2,10 @@
 Debian's Chromium through Playwright, as in tests/test_browser.py):
 
 * the what-if: seconds from a key press on the target slider to the page showing the new
-  what-if figures (before any run; median and worst of several moves);
+  what-if figures (before any run; median and worst of several moves); with `--whatif DATA/MODEL`
+  (repeatable), for that network: the seconds from picking it (its published checkpoint from
+  $JOINTCOMP_MODELS where there is one, else a dense model trained on the page, which those
+  seconds then include) to its first what-if, then the slider moves;
 * the default run (digits MLP, 15 epochs): seconds from Start to its download button;
 * training speed with a browser attached and without: two 200-epoch runs started from the page,
   the same 40 ADMM epochs of each (their seconds from the run folder's history), one with the
@@ -10,6 +13,7 @@ Debian's Chromium through Playwright, as in tests/test_browser.py):
   in the server).
 
     python bench/app_latency.py [--nice-browser]
+    JOINTCOMP_DATA=../shared/data JOINTCOMP_MODELS=../shared/models python bench/app_latency.py --whatif cifar10/resnet56 --moves 4
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from common import machine
+from jointcomp.models import published_checkpoints
 from jointcomp.rundir import HISTORY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +80,39 @@ def slider_latency(page, moves: int) -> list[float]:
     return seconds
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the sidebar's select box `label`."""
+    page.locator('[data-testid="stSelectbox"]:visible', has_text=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def network_whatif(page, url: str, data: str, model: str, moves: int) -> tuple[float, str, list[float]]:
+    """Open the page and pick `data` and `model` (its published checkpoint when there is one): the seconds
+    from picking it (from opening the page, for the page's default network) to its first what-if, where the
+    dense start came from, and each slider move's seconds after."""
+    tic = time.monotonic()
+    page.goto(url)
+    page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=1_800_000)
+    if (data, model) == ("digits", "mlp"):
+        return time.monotonic() - tic, "trained on the page", slider_latency(page, moves)
+    before = what_if(page)
+    tic = time.monotonic()
+    if data != "digits":
+        choose(page, "Data set", data)
+    if model != "mlp":
+        choose(page, "Model", model)
+    published = [p.name for p in published_checkpoints(model)]
+    if published:
+        choose(page, "Start from", published[0])
+    deadline = time.monotonic() + 1800
+    while (now := what_if(page)) == before or len(now) < 3:  # stale figures, or none while the dense start loads
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no what-if for {data}/{model} in 30 minutes")
+        page.wait_for_timeout(100)
+    first = time.monotonic() - tic
+    return first, published[0] if published else "trained on the page", slider_latency(page, moves)
+
+
 def epoch_seconds(run: Path) -> list[float]:
     """The ADMM epochs' seconds recorded so far in a run folder's history (the first 40 % of a
     run: the epochs compared below lie in it, so they do the same work)."""
@@ -112,7 +150,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="ADMM epochs of the long runs measured each way")
     parser.add_argument("--nice-browser", action="store_true",
                         help="run Chromium at the lowest CPU priority, as if it were on another machine")
+    parser.add_argument("--whatif", action="append", default=[], metavar="DATA/MODEL",
+                        help="only the what-if of these networks: seconds to the first, then the slider moves")
     args = parser.parse_args()
+    if args.whatif:
+        return whatif_only(args.whatif, args.moves)
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
@@ -154,6 +196,32 @@ def main() -> None:
     a, d = statistics.median(attached), statistics.median(detached)
     print(f"| an ADMM epoch of the digits MLP, page open (redrawing) / closed, medians of epochs 3-{2 + len(attached)} "
           f"of two runs | {a:.3f} s / {d:.3f} s: {a / d:.2f}x | within 1.10x |")
+
+
+def whatif_only(networks: list[str], moves: int) -> None:
+    """The what-if of each network (DATA/MODEL), each on a fresh page of one server."""
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        server, url = serve(Path(tmp))
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            for network in networks:
+                data, model = network.split("/")
+                page = browser.new_page(viewport={"width": 1500, "height": 2000})
+                rows.append((network, *network_whatif(page, url, data, model, moves)))
+                page.close()
+        finally:
+            browser.close()
+            server.terminate()
+            server.wait(20)
+    print(f"Machine: {machine()}\n")
+    print("| network | dense start | picking it -> its first what-if | slider move -> new what-if, median (worst) |")
+    print("|---|---|---|---|")
+    for network, first, start, latency in rows:
+        print(f"| {network} | {start} | {first:.1f} s | {statistics.median(latency):.2f} s ({max(latency):.2f} s), "
+              f"{len(latency)} moves |")
 
 
 if __name__ == "__main__":
