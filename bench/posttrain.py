@@ -49,21 +49,13 @@ def uniform_allocation(model_name: str, data_name: str, weights: str, target: st
     model, data = load_start(model_name, data_name, pretrained=weights)
     comp = Compressor(model.eval(), target, method="posttrain", evaluate=lambda m: accuracy(m, data))
     comp.calibrate(calibration_inputs(data, EngineConfig.calibration, seed, torch.device("cpu")))
-    method, projector = comp.method, comp.projector
     budget = Budget(comp.target_bits, comp.density)
     best = None
     for b in BIT_CHOICES:
-        bits = projector.clamp_bits(torch.full((len(comp.params),), b))
-        unit, room = projector.room(bits, budget)
-        density = min(1.0, room / float((unit * projector.numel).sum()))
-        if density <= 0:
+        found = comp.method.uniform(b, budget)
+        if found is None:
             continue
-        masks = []
-        for score in method.scaled:
-            mask = torch.zeros(score.numel(), dtype=torch.bool)
-            mask[score.abs().flatten().topk(max(1, int(density * score.numel()))).indices] = True
-            masks.append(mask.view(score.shape))
-        alloc, distance = method.reconstruct(masks, bits, budget)
+        alloc, distance = comp.method.reconstruct(*found, budget)
         if alloc.size_bits <= budget.bits and (best is None or distance < best[1]):
             best = alloc, distance
     return comp.score(best[0])

@@ -489,7 +489,7 @@ class Compressor:
         alloc = self.method.allocate(Budget(bits, self.density))
         if self.batchnorm_inputs and not alloc.state:
             model = copy.deepcopy(self.model)
-            _assign(model, [dict(model.named_parameters())[n] for n in self.names], alloc.values, {})
+            _assign(model, [dict(model.named_parameters(remove_duplicate=False))[n] for n in self.names], alloc.values, {})
             alloc.state = remeasured_batchnorm(model, self.batchnorm_inputs)
         return alloc
 

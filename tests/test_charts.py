@@ -94,7 +94,8 @@ def test_a_live_chart_keeps_its_data_whichever_data_transformer_altair_has_activ
 
 def test_a_bops_run_draws_bit_operations_not_kilobytes():
     """In the bops budget mode a record's size and target are bit-operations: the size chart draws them in
-    MBOPs without a .jcz line (bytes on the same axis would mean nothing), and the trade-off's axis says so."""
+    MBOPs without a .jcz line (bytes on the same axis would mean nothing); the trade-off's axis says so, and the
+    multipliers price a bit-operation, not a bit."""
     epochs = pd.DataFrame([{"epoch": e, "phase": "admm", "accuracy": 0.9, "size_bits": 2.0e6, "target_bits": 2.5e6,
                             "file_bytes": 9000} for e in range(3)])
     spec = charts.size_over_epochs(epochs, "bops").to_dict()
@@ -107,3 +108,6 @@ def test_a_bops_run_draws_bit_operations_not_kilobytes():
     curve = pd.DataFrame([{"epoch": 0, "phase": "admm", "size_bits": 1.0e6, "file_bytes": 9000, "accuracy": 0.9}])
     axis = charts.tradeoff(curve, epochs, budget_mode="bops").to_dict()["layer"][0]["encoding"]["x"]["title"]
     assert axis == "bit-operations (MBOPs, log scale)"
+    lambdas = epochs.assign(lambda_prune=1e-3, lambda_quant=2e-3)
+    assert charts.multipliers(lambdas, "bops").to_dict()["encoding"]["y"]["title"] == "squared error per bit-operation (log)"
+    assert charts.multipliers(lambdas, "file").to_dict()["encoding"]["y"]["title"] == "squared error per bit (log)"

@@ -51,6 +51,41 @@ def test_posttrain_compresses_every_kind_of_model_to_its_target(name, tmp_path):
                 assert (ours - reloaded(data.val_x[:100])).abs().max().item() <= 1e-4
 
 
+class TiedLanguageModel(nn.Module):
+    """A token embedding read out again by the head with the same tensor (a GPT's tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 24)
+        self.mix = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.embed(tokens))))
+
+
+def test_a_tied_embedding_and_head_compress_once_without_training(tmp_path):
+    """A user's language model through the Python API, from a list of token batches: the tied tensor
+    is one compressed layer (counted once), the model fits its target, and the file reloads into a
+    model whose embedding and head are still one tensor giving the same outputs."""
+    torch.manual_seed(0)
+    model = TiedLanguageModel()
+    batches = [torch.randint(32, (16, 12)) for _ in range(4)]
+    comp = jointcomp.Compressor(model, "8x", method="posttrain")
+    assert comp.names == ["mix.weight", "head.weight"]
+    comp.calibrate(batches)
+    final = comp.finish()
+    assert final.size_bits <= comp.target_bits == 32 * (24 * 24 + 32 * 24) / 8
+    comp.convert_()
+    path = tmp_path / "tied.jcz"
+    comp.export(str(path))
+    reloaded = jointcomp.load_compressed(str(path), model=TiedLanguageModel())
+    assert reloaded.head.weight is reloaded.embed.weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(batches[0]), model(batches[0]))
+
+
 def test_calibrated_options_beat_magnitude_on_inputs_far_from_isotropic():
     """One linear layer whose input features have scales from 0.01 to 10: magnitude (admm's
     untrained projection) keeps the large weights of quiet inputs; posttrain prices each option

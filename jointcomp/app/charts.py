@@ -25,6 +25,7 @@ LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
 LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
 AXIS_UNITS = {"b": (8000, "KB"), "bops": (1e6, "MBOPs")}  # by an accounting's unit: bits per axis unit, its name
+PRICED = {"b": "bit", "bops": "bit-operation"}  # by an accounting's unit: what one unit of budget is, in words
 LOSS_POINTS = 500  # the most points the loss chart draws: a long run's steps are thinned evenly
 
 
@@ -173,10 +174,12 @@ def _log_lines(epochs: pd.DataFrame, names: dict[str, str], y_title: str, title:
     ).properties(title=title, width=WIDTH, height=HEIGHT)
 
 
-def multipliers(epochs: pd.DataFrame) -> alt.Chart:
-    """The multipliers of the size constraint per epoch (log scale), in plain words."""
-    return _log_lines(epochs, MULTIPLIERS, "squared error per bit (log)",
-                      alt.Title("Multipliers", subtitle="Lagrange multipliers of the size budget"))
+def multipliers(epochs: pd.DataFrame, budget_mode: str = "paper") -> alt.Chart:
+    """The multipliers of the budget per epoch (log scale), in plain words: the squared error one unit
+    of the budget (a bit, or a bit-operation in the bops mode) is worth."""
+    priced = PRICED[BUDGET_MODES[budget_mode].unit]
+    return _log_lines(epochs, MULTIPLIERS, f"squared error per {priced} (log)",
+                      alt.Title("Multipliers", subtitle=f"Lagrange multipliers of the {budget_mode} budget"))
 
 
 def residuals(epochs: pd.DataFrame) -> alt.Chart:
@@ -234,7 +237,7 @@ def live(epochs: pd.DataFrame, layers: pd.DataFrame, steps: pd.DataFrame, curve:
     return {
         "accuracy": accuracy_over_epochs(epochs, dense_accuracy), "size": size_over_epochs(epochs, budget_mode),
         "tradeoff": tradeoff(curve, epochs, subset, budget_mode), "loss": loss_over_steps(steps),
-        "multipliers": multipliers(epochs), "residuals": residuals(epochs), "layers": fit_width(layer_bars(layers)),
+        "multipliers": multipliers(epochs, budget_mode), "residuals": residuals(epochs), "layers": fit_width(layer_bars(layers)),
         "density": fit_width(layer_heatmap(layers, "density")), "bits": fit_width(layer_heatmap(layers, "bits")),
     }
 

@@ -14,7 +14,9 @@ removing weight w of input column i after the columns before it were corrected c
   target.
 * `allocate(budget)`: the multiple-choice knapsack over those tables (the one admm's joint
   projection uses) picks each layer's bits and kept count, the pruning knapsack on (w / d)^2 fills
-  what is left of the budget exactly; each layer's kept weights are reconstructed column by column
+  what is left of the budget exactly (and two more candidates: admm's magnitude projection, one
+  bitwidth for every layer; the one whose outputs are closest to the dense network's is kept); each
+  layer's kept weights are reconstructed column by column
   with the inverse of its H onto its codebook (GPTQ with a mask and a non-uniform codebook), the
   codebook refitted to the corrected weights; then BatchNorm statistics either moved by the shift
   compression made in their inputs or measured anew, whichever brings the outputs closer to the
@@ -46,7 +48,7 @@ LADDER_POINTS = 12  # kept counts per layer in an option table: a geometric ladd
 LINEAR_POINTS = 20  # and evenly spaced fractions of all (every 5 %), where most allocations fall
 TABLE_ROWS = 16  # rows of a layer reconstructed for real to price each of its options
 BLOCK = 128  # columns reconstructed together (GPTQ's lazy batch)
-RECONSTRUCTIONS_KEPT = 4  # reconstructions a method remembers (two candidates, twice)
+RECONSTRUCTIONS_KEPT = 6  # reconstructions a method remembers (three candidates, twice)
 SENSITIVITY_NOISE = 0.01  # relative output error of the random change that measures a layer's sensitivity
 SENSITIVITY_BATCHES = 2  # calibration batches it is measured on
 
@@ -101,11 +103,11 @@ class PostTrain(Method):
     # --- per target -------------------------------------------------------------------
     @torch.no_grad()
     def allocate(self, budget: Budget) -> Allocation:
-        """Two candidates for `budget`, each reconstructed (kept weights onto their codebooks, layer by
+        """Three candidates for `budget`, each reconstructed (kept weights onto their codebooks, layer by
         layer, and the BatchNorm statistics for them, `Allocation.state`); the one whose outputs on
-        the calibration inputs are closer to the dense network's. The first: bits and kept counts from
+        the calibration inputs are closest to the dense network's. The first: bits and kept counts from
         the option tables, masks by (w / d)^2. The second: admm's joint projection of the dense weights
-        (magnitude). The tables price each layer alone, its error in the network's unit measured with
+        (magnitude). The third: one bitwidth and one density for every layer (`uniform`). The tables price each layer alone, its error in the network's unit measured with
         a small change; at high ratios on networks without BatchNorm errors compound beyond that
         (LeNet-5 at 537x: 31 % against 69 %, BENCHMARKS.md), and the measured outputs say which holds."""
         if self.tables is None:
@@ -116,11 +118,50 @@ class PostTrain(Method):
         magnitude = self.projector.joint([p.detach().float() for p in self.params], budget)
         candidates = [(masks, bits, lam_prune, lam_quant),
                       (magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant)]
+        uniform = self._uniform_candidate(budget)
+        if uniform is not None:
+            candidates.append((*uniform, math.nan, math.nan))  # no multiplier prices a uniform choice
         found = [(*self.reconstruct(masks, bits, budget), lam_p, lam_q) for masks, bits, lam_p, lam_q in candidates]
         best, _, lam_prune, lam_quant = min(found, key=lambda f: f[1])
         alloc = copy.copy(best)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
+
+    def uniform(self, b: int, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Uniform allocation at `b` bits: one bitwidth and the one density that fills `budget` for
+        every layer, each layer's weights of largest (w / d)^2 kept; None when it does not fit."""
+        bits = self.projector.clamp_bits(torch.full((len(self.params),), b))
+        numel = self.projector.numel
+        unit, room = self.projector.room(bits, budget)
+        density = min(1.0, room / float((unit * numel).sum()))
+        if density <= 0:
+            return None
+        keep = [min(int(n), max(low, int(density * n))) for n, low in zip(numel.tolist(), self.projector.min_keep)]
+        size = self.projector.accounting.size_bits(bits, torch.tensor(keep, dtype=torch.float64), numel, budget.density)
+        if size + self.projector.reserved_bits > budget.bits:
+            return None
+        masks = []
+        for score, k in zip(self.scaled, keep):
+            mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+            mask[score.abs().flatten().topk(k).indices] = True
+            masks.append(mask.view(score.shape))
+        return masks, bits
+
+    def _uniform_candidate(self, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Of the uniform allocations that fit, the one whose summed option-table error is least.
+        Where every option is cheap (8x, 16x on ResNet-20) one bitwidth everywhere reconstructs as well
+        as the joint choice or better: the tables price layers alone, and how errors compound decides."""
+        best, least = None, math.inf
+        for b in BIT_CHOICES:
+            found = self.uniform(b, budget)
+            if found is None:
+                continue
+            masks, bits = found
+            error = sum(_table_error(keeps, errors, int(m.sum()), int(layer_bits))
+                        for (keeps, errors), m, layer_bits in zip(self.tables.layers, masks, bits))
+            if error < least:
+                best, least = found, error
+        return best
 
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget) -> tuple[Allocation, float]:
         """These masks and bits with the kept weights reconstructed (and the BatchNorm statistics for
@@ -151,7 +192,7 @@ class PostTrain(Method):
             codes.append(assign(torch.masked_select(q, mask), book))
             values.append(q)
         model = copy.deepcopy(self.layers.model)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name, q in zip(self.layers.names, values):
             params[name].copy_(q)
         state = _batchnorm_statistics(self.layers.model, model, self.inputs)
@@ -159,7 +200,9 @@ class PostTrain(Method):
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
 
     def _modules(self) -> list[list[nn.Module]]:
-        """Per compressed weight, the modules of the model that use it."""
+        """Per compressed weight, the Conv2d and Linear modules of the model that use it. A weight an
+        embedding also looks up (a GPT's head tied to its token embedding) is priced and reconstructed
+        on the head's inputs: a lookup has no inputs to compensate on."""
         model = self.layers.model
         by_weight: dict[int, list[nn.Module]] = {}
         for module in model.modules():
@@ -168,11 +211,12 @@ class PostTrain(Method):
                 by_weight.setdefault(id(weight), []).append(module)
         params = dict(model.named_parameters(remove_duplicate=False))
         found = [by_weight.get(id(params[name]), []) for name in self.layers.names]
-        for name, users in zip(self.layers.names, found):
-            if not users or not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m in users):
+        layers = [[m for m in users if isinstance(m, (nn.Linear, nn.Conv2d))] for users in found]
+        for name, users, used in zip(self.layers.names, found, layers):
+            if not used or not all(isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) for m in users):
                 raise ValueError(f"post-training compression handles Conv2d and Linear layers; {name} is used by "
                                  f"{', '.join(type(m).__name__ for m in users) or 'no module'}")
-        return found
+        return layers
 
 
 def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -317,6 +361,16 @@ def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score:
     error = torch.einsum("grd,gde,gre->r", delta, h, delta).view(len(options), len(sample))
     errors = error.sum(1).view(len(keeps), len(choices)) * (rows / len(sample))
     return keeps.cpu(), (errors * unit).cpu()
+
+
+def _table_error(keeps: torch.Tensor, errors: torch.Tensor, kept: int, bits: int) -> float:
+    """A layer's option-table error at `kept` weights and `bits`, linear between the table's kept counts."""
+    column = errors[:, bits - BIT_CHOICES[0]]
+    if len(keeps) == 1:
+        return float(column[0])
+    i = min(max(1, int(torch.searchsorted(keeps, torch.tensor(kept)))), len(keeps) - 1)
+    t = min(1.0, max(0.0, (kept - int(keeps[i - 1])) / max(1, int(keeps[i] - keeps[i - 1]))))
+    return float(column[i - 1] + t * (column[i] - column[i - 1]))
 
 
 def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int
