@@ -133,10 +133,13 @@ def best_peer(peers: pd.DataFrame, size: float) -> str:
 
 def grid_table(rows: pd.DataFrame) -> str:
     """A BENCHMARKS table of stored runs: per target, budget mode, method and start, the seeds' accuracy
-    mean (min-max), loss to dense, sizes, bit-operations, minutes and the first seed's command."""
-    lines = ["| target | budget | method | start | epochs | seeds | accuracy mean (min-max) | loss to dense, points | "
+    mean (min-max), the baselines measured beside it (BASELINES, where the rows have them), loss to dense,
+    sizes, bit-operations, minutes and the first seed's command."""
+    beside = [column for column in BASELINES if column in rows and rows[column].notna().any()]
+    lines = ["| target | budget | method | start | epochs | seeds | accuracy mean (min-max) | " +
+             "".join(f"{BASELINES[column]} | " for column in beside) + "loss to dense, points | "
              "paper bits | .jcz bytes | BOPs (x fewer than dense) | minutes per run | commit | command (seed "
-             f"{rows['seed'].min()}) |", "|---" * 14 + "|"]
+             f"{rows['seed'].min()}) |", "|---" * (14 + len(beside)) + "|"]
     keys = ["target", "budget_mode", "method", "start", "epochs"]
     for (target, mode, method, start, epochs), g in rows.fillna({"start": "—"}).groupby(keys, sort=False):
         g = g.sort_values("seed")
@@ -144,7 +147,8 @@ def grid_table(rows: pd.DataFrame) -> str:
         bops = f"{format_bops(g['bops'].mean())} ({g['bops_ratio'].mean():.0f}x)" if counted else "—"
         lines.append(
             f"| {target} | {mode} | {method} | {start} | {epochs} | {', '.join(map(str, g['seed']))} | "
-            f"{g['accuracy'].mean():.4f} ({g['accuracy'].min():.4f}-{g['accuracy'].max():.4f}) | "
+            f"{g['accuracy'].mean():.4f} ({g['accuracy'].min():.4f}-{g['accuracy'].max():.4f}) | " +
+            "".join(f"{g[column].mean():.4f} | " for column in beside) +
             f"{100 * (g['dense_accuracy'] - g['accuracy']).mean():.2f} | {g['paper_bits'].mean():,.0f} | "
             f"{g['file_bytes'].mean():,.0f} | {bops} | "
             f"{g['minutes'].mean():.1f} | {', '.join(dict.fromkeys(g['commit']))} | `{g.iloc[0]['command']}` |")

@@ -210,10 +210,11 @@ def _user_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> 
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save a model's state dict as safetensors, atomically."""
+    """Save a model's state dict as safetensors, atomically. Tied weights (a GPT's embedding and head)
+    are written under each name: safetensors refuses tensors that share memory."""
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, save(state))
 
 

@@ -72,3 +72,21 @@ def test_resnet20_and_torchvision_and_user_factory():
     assert build_model("torchvision:resnet18", (3, 32, 32), 7)(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     model = build_model("jointcomp.models:mlp", (1, 8, 8), 10)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_tied_weights_save_and_load_as_one_tensor(tmp_path):
+    """A model whose head reads out with its embedding's tensor (a GPT's) saves to safetensors, which
+    refuses shared memory, and loads back with the two still one tensor."""
+    from jointcomp.models import load_weights, save_weights
+
+    def tied() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    torch.manual_seed(0)
+    model = tied()
+    save_weights(model, tmp_path / "tied.safetensors")
+    loaded = load_weights(tied(), tmp_path / "tied.safetensors")
+    assert loaded[1].weight is loaded[0].weight
+    assert torch.equal(loaded[0].weight, model[0].weight)
