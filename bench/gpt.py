@@ -168,7 +168,7 @@ def main() -> None:
                   f"{file_bytes:,} | {seconds:.0f} |", flush=True)
             rows.append({"network": "chargpt", "data": "python-stdlib-text", "method": "posttrain", "target": target,
                          "budget_mode": "paper", "seed": seed, "validation_loss": loss, "dense_validation_loss": dense_loss,
-                         "ratio": final.ratio, "file_bytes": file_bytes, "epochs": 0, "minutes": seconds / 60,
+                         "ratio": final.ratio, "paper_bits": final.size_bits, "file_bytes": file_bytes, "epochs": 0, "minutes": seconds / 60,
                          "command": "python bench/gpt.py", "commit": commit(), "machine": machine()})
     store_rows("gpt", rows)
 

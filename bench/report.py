@@ -31,8 +31,6 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 ROWS_BLOCK = re.compile(r"(<!-- rows: (\w+)((?: \w+=\S+)*) -->\n).*?(<!-- end of rows -->)", re.S)
 BEGIN = "<!-- results: written by `make plots` from bench/results/*.jsonl -->"
 END = "<!-- end of results -->"
-SECTIONS = {"posttrain": "compression-without-training-issue-38", "quality": "every-run-starts-from-the-calibrated-model-issue-41",
-            "bops": "bit-operations-admm-against-sequential-at-equal-bops-issue-39"}  # a grid's, or a budget mode's
 PEER_MODE = "its own"  # the budget mode of a peer tool's row (bench/peers.py): its setting, in its own terms
 README_GRIDS = ("posttrain", "quality")  # the grids whose runs are README's rows (peers.py's are its best-peer column)
 BASELINES = {"untrained_projection": "untrained projection", "uniform_allocation": "uniform allocation, post-training"}
@@ -96,9 +94,35 @@ def epochs_plot(rows: pd.DataFrame, title: str) -> alt.LayerChart:
     return (area + line).properties(width=520, height=300, title=title)
 
 
-def table(points: pd.DataFrame) -> str:
+def block_sections() -> list[tuple[str, dict[str, str], str]]:
+    """Every rows block of BENCHMARKS.md, in order: its grid, its conditions and the anchor of the
+    section ("## " heading) it stands in."""
+    found, anchor = [], ""
+    for line in BENCHMARKS.read_text().splitlines():
+        if line.startswith("## "):
+            anchor = re.sub(r"[^\w\- ]", "", line[3:].strip().lower()).replace(" ", "-")
+        block = re.match(r"<!-- rows: (\w+)((?: \w+=\S+)*) -->", line)
+        if block:
+            found.append((block.group(1), dict(c.split("=", 1) for c in block.group(2).split()), anchor))
+    return found
+
+
+def section_of(runs: pd.DataFrame, grid: str, blocks: list[tuple[str, dict[str, str], str]]) -> str:
+    """The anchor of the first BENCHMARKS section whose table of `grid` holds one of `runs`."""
+    for block_grid, conditions, anchor in blocks:
+        chosen = runs[runs["grid"] == grid] if block_grid == grid else runs.iloc[:0]
+        for key, value in conditions.items():
+            chosen = chosen[chosen[key].astype(str) == value] if key in chosen else chosen.iloc[:0]
+        if len(chosen):
+            return anchor
+    raise SystemExit(f"BENCHMARKS.md has no table of {grid} rows for {runs.iloc[0]['network']} at "
+                     f"{runs.iloc[0]['target']}: add a `<!-- rows: {grid} ... -->` block")
+
+
+def table(points: pd.DataFrame, rows: pd.DataFrame) -> str:
     """README's table: per network, data and target, jointcomp trained and post-training, the best
-    baseline, each linked to the BENCHMARKS section that made it."""
+    baseline and the best peer, each linked to the BENCHMARKS section whose table holds its runs."""
+    blocks = block_sections()
     lines = ["| network / data | dense | target | jointcomp, trained | jointcomp, post-training | best baseline | "
              "best peer at no more bytes | file bytes | section |", "|---|---|---|---|---|---|---|---|---|"]
     peers = points[points["grid"] == "peers"]
@@ -115,8 +139,10 @@ def table(points: pd.DataFrame) -> str:
         others = group[~jointcomp].sort_values("accuracy", ascending=False)
         best = f"{others.iloc[0]['accuracy']:.4f} ({others.iloc[0]['method']})" if len(others) else "—"
         cell = lambda rows: "—" if rows.empty else f"{rows.iloc[0]['accuracy']:.4f}"  # noqa: E731
-        sections = [SECTIONS.get(target.partition(" ")[2], SECTIONS[grid]) for grid in dict.fromkeys(ours["grid"])]
-        links = ", ".join(f"[{grid}](BENCHMARKS.md#{section})" for grid, section in zip(dict.fromkeys(ours["grid"]), sections))
+        plain, _, mode = target.partition(" ")  # "200x bops": a target in another budget mode than the paper's
+        runs = rows[(rows["network"] == network) & (rows["data"] == data) & (rows["target"] == plain) &
+                    (rows["budget_mode"] == (mode or "paper"))]
+        links = ", ".join(f"[{grid}](BENCHMARKS.md#{section_of(runs, grid, blocks)})" for grid in dict.fromkeys(ours["grid"]))
         size = ours.iloc[0]["file_bytes"]
         lines.append(f"| {network} / {data} | {ours.iloc[0]['dense']:.4f} | {target} | {cell(trained)} | {cell(post)} | "
                      f"{best} | {best_peer(peers[(peers['network'] == network) & (peers['data'] == data)], size)} | "
@@ -137,26 +163,38 @@ def best_peer(peers: pd.DataFrame, size: float) -> str:
 
 def grid_table(rows: pd.DataFrame) -> str:
     """A BENCHMARKS table of stored runs: per target, budget mode, method and start, the seeds' accuracy
-    mean (min-max), the baselines measured beside it (BASELINES, where the rows have them), loss to dense,
-    sizes, bit-operations, minutes and the first seed's command."""
+    (or validation loss, for a language model) mean (min-max), the baselines measured beside it
+    (BASELINES, where the rows have them), the change from dense, sizes, bit-operations, minutes and the
+    first seed's command."""
+    metric = "accuracy" if "accuracy" in rows and rows["accuracy"].notna().any() else "validation_loss"
     beside = [column for column in BASELINES if column in rows and rows[column].notna().any()]
-    lines = ["| target | budget | method | start | epochs | seeds | accuracy mean (min-max) | " +
-             "".join(f"{BASELINES[column]} | " for column in beside) + "loss to dense, points | "
-             "paper bits | .jcz bytes | BOPs (x fewer than dense) | minutes per run | commit | command (seed "
-             f"{rows['seed'].min()}) |", "|---" * (14 + len(beside)) + "|"]
+    change = "loss to dense, points" if metric == "accuracy" else "above dense, %"
+    peers = "nominal_bytes" in rows and bool(rows["nominal_bytes"].notna().any())
+    lines = [f"| target | budget | method | start | epochs | seeds | {metric.replace('_', ' ')} mean (min-max) | " +
+             "".join(f"{BASELINES[column]} | " for column in beside) + f"{change} | "
+             "paper bits | .jcz bytes (a peer's: its exported file) | " + ("a peer's own size count, B | " if peers else "") +
+             f"BOPs (x fewer than dense) | minutes per run | commit | command (seed {rows['seed'].min()}) |",
+             "|---" * (14 + len(beside) + peers) + "|"]
     keys = ["target", "budget_mode", "method", "start", "epochs"]
     for (target, mode, method, start, epochs), g in rows.fillna({"start": "—"}).groupby(keys, sort=False):
         g = g.sort_values("seed")
         counted = "bops" in g and g["bops"].notna().all() and (g["bops"] > 0).all()  # runs before BOPs: not
         bops = f"{format_bops(g['bops'].mean())} ({g['bops_ratio'].mean():.0f}x)" if counted else "—"
+        dense = g[f"dense_{metric}"]
+        moved = 100 * (dense - g[metric]) if metric == "accuracy" else 100 * (g[metric] / dense - 1)
         lines.append(
             f"| {target} | {mode} | {method} | {start} | {epochs} | {', '.join(map(str, g['seed']))} | "
-            f"{g['accuracy'].mean():.4f} ({g['accuracy'].min():.4f}-{g['accuracy'].max():.4f}) | " +
+            f"{g[metric].mean():.4f} ({g[metric].min():.4f}-{g[metric].max():.4f}) | " +
             "".join(f"{g[column].mean():.4f} | " for column in beside) +
-            f"{100 * (g['dense_accuracy'] - g['accuracy']).mean():.2f} | {g['paper_bits'].mean():,.0f} | "
-            f"{g['file_bytes'].mean():,.0f} | {bops} | "
+            f"{moved.mean():.2f} | {_mean(g, 'paper_bits')} | {_mean(g, 'file_bytes')} | " +
+            (f"{_mean(g, 'nominal_bytes')} | " if peers else "") + f"{bops} | "
             f"{g['minutes'].mean():.1f} | {', '.join(dict.fromkeys(g['commit']))} | `{g.iloc[0]['command']}` |")
     return "\n".join(lines)
+
+
+def _mean(rows: pd.DataFrame, column: str) -> str:
+    """The mean of a size column, or a dash where these runs do not have it."""
+    return f"{rows[column].mean():,.0f}" if column in rows and rows[column].notna().any() else "—"
 
 
 def write_grid_tables(rows: pd.DataFrame) -> int:
@@ -180,7 +218,7 @@ def write_grid_tables(rows: pd.DataFrame) -> int:
 
 def main() -> None:
     rows = load_rows()
-    points = series(rows)
+    points = series(rows[rows["accuracy"].notna()])  # a language model's rows (validation loss) are a table only
     PLOTS.mkdir(exist_ok=True)
     images = []
     trained = rows[rows["grid"] == "quality"] if "epoch_accuracy" in rows else rows.iloc[:0]
@@ -198,7 +236,7 @@ def main() -> None:
     text = README.read_text()
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    section = (f"{BEGIN}\n{table(points)}\n\nMean over the seeds (two per row); every run's command and commit are in "
+    section = (f"{BEGIN}\n{table(points, rows)}\n\nMean over the seeds (two per row); every run's command and commit are in "
                f"`bench/results/*.jsonl`.\n\n" + "\n".join(images) + f"\n{END}")
     README.write_text(head + section + tail)
     tables = write_grid_tables(rows)
