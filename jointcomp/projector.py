@@ -85,6 +85,13 @@ class Projector:
         unit = self.accounting.weight_bits(bits, self.numel, budget.density)
         return unit, budget.bits - self.reserved_bits - float(self.accounting.layer_bits(bits, self.numel).sum())
 
+    def uniform_density(self, b: int, budget: Budget) -> tuple[torch.Tensor, float]:
+        """Every layer at `b` bits (within its bounds), and the one kept fraction that fills the
+        budget left at those bits (0 or less: nothing fits)."""
+        bits = self.clamp_bits(torch.full((len(self.specs),), b))
+        unit, room = self.room(bits, budget)
+        return bits, room / float((unit * self.numel).sum())
+
     def fits(self, bits: torch.Tensor, budget: Budget) -> bool:
         """Whether every layer can keep its fewest weights at these bitwidths."""
         unit, room = self.room(bits, budget)
@@ -221,3 +228,10 @@ class Projector:
                 best, best_err = bits, err
         assert best is not None
         return best
+
+
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` entries of largest |score| kept."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    mask[score.detach().flatten().abs().topk(k).indices] = True
+    return mask.view(score.shape)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..budget import BIT_CHOICES, Budget
 from ..solvers import OptionTables, assign, fit_codebooks_many, knapsack_prune
-from ..projector import Allocation, fingerprint
+from ..projector import Allocation, fingerprint, top_k_mask
 from .base import Layers, Method, MethodConfig
 
 MIN_CALIBRATION = 16  # fewer inputs than this cannot say how a layer's inputs are spread
@@ -130,22 +130,15 @@ class PostTrain(Method):
     def uniform(self, b: int, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """Uniform allocation at `b` bits: one bitwidth and the one density that fills `budget` for
         every layer, each layer's weights of largest (w / d)^2 kept; None when it does not fit."""
-        bits = self.projector.clamp_bits(torch.full((len(self.params),), b))
-        numel = self.projector.numel
-        unit, room = self.projector.room(bits, budget)
-        density = min(1.0, room / float((unit * numel).sum()))
+        bits, density = self.projector.uniform_density(b, budget)
         if density <= 0:
             return None
+        numel = self.projector.numel
         keep = [min(int(n), max(low, int(density * n))) for n, low in zip(numel.tolist(), self.projector.min_keep)]
         size = self.projector.accounting.size_bits(bits, torch.tensor(keep, dtype=torch.float64), numel, budget.density)
         if size + self.projector.reserved_bits > budget.bits:
             return None
-        masks = []
-        for score, k in zip(self.scaled, keep):
-            mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-            mask[score.abs().flatten().topk(k).indices] = True
-            masks.append(mask.view(score.shape))
-        return masks, bits
+        return [top_k_mask(score, k) for score, k in zip(self.scaled, keep)], bits
 
     def _uniform_candidate(self, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """Of the uniform allocations that fit, the one whose summed option-table error is least.

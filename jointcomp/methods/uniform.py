@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import BIT_CHOICES, Budget
+from ..projector import top_k_mask
 from .base import PruneFirst
 
 
@@ -15,13 +16,11 @@ class Uniform(PruneFirst):
         numel = self.projector.numel
         best, best_err = None, float("inf")
         for b in BIT_CHOICES:
-            bits = self.projector.clamp_bits(torch.full((len(weights),), b))
-            unit, room = self.projector.room(bits, budget)
-            density = room / float((unit * numel).sum())
+            bits, density = self.projector.uniform_density(b, budget)
             if density <= 0:
                 continue
             keep = [max(1, min(int(n), int(density * n))) for n in numel.tolist()]
-            masks = [_top_k_mask(w, k) for w, k in zip(weights, keep)]
+            masks = [top_k_mask(w, k) for w, k in zip(weights, keep)]
             alloc = self.projector.quantize(weights, masks, budget, bits=bits)
             if alloc.size_bits > budget.bits:
                 continue
@@ -32,8 +31,3 @@ class Uniform(PruneFirst):
             raise ValueError("no uniform density and bitwidth fits this target; try a larger one")
         return best
 
-
-def _top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[w.detach().flatten().abs().topk(k).indices] = True
-    return mask.view(w.shape)
