@@ -16,16 +16,19 @@ removing weight w of input column i after the columns before it were corrected c
   projection uses) picks each layer's bits and kept count, the pruning knapsack on (w / d)^2 fills
   what is left of the budget exactly (and two more candidates: admm's magnitude projection, one
   bitwidth for every layer; the one whose outputs are closest to the dense network's is kept); each
-  layer's kept weights are reconstructed column by column
-  with the inverse of its H onto its codebook (GPTQ with a mask and a non-uniform codebook), the
-  codebook refitted to the corrected weights; then BatchNorm statistics either moved by the shift
-  compression made in their inputs or measured anew, whichever brings the outputs closer to the
-  dense network's. The model itself never changes.
+  layer's kept weights are reconstructed column by column with the inverse of its H onto its
+  codebook (GPTQ with a mask and a non-uniform codebook), the codebook refitted to the corrected
+  weights; then BatchNorm statistics either moved by the shift compression made in their inputs or
+  measured anew, whichever brings the outputs closer to the dense network's. The model itself never
+  changes.
 
-Each layer is reconstructed on its inputs in the dense network, H measured once. Calibrating each
-on the inputs the already-compressed layers before it give (GPTQ's order) took twice as long on
-ResNet-20 and scored no better (BENCHMARKS.md), so a new target costs no forward pass but the
-BatchNorm statistics'.
+The candidates are compared reconstructed on each layer's inputs in the dense network (H measured
+once). The one kept is then reconstructed in order: each layer on the inputs Y that the
+already-compressed layers before it give, aimed at the dense layer's outputs on its dense inputs X
+(least squares through the cross moment X^T Y, then GPTQ with Y's H), so that each layer makes up
+for the errors of those before it. That costs a forward pass per layer and, at high ratios, is
+worth it (BENCHMARKS.md); aiming each layer at its own outputs on Y, as GPTQ does, was no better
+than the dense inputs.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ LADDER_POINTS = 12  # kept counts per layer in an option table: a geometric ladd
 LINEAR_POINTS = 20  # and evenly spaced fractions of all (every 5 %), where most allocations fall
 TABLE_ROWS = 16  # rows of a layer reconstructed for real to price each of its options
 BLOCK = 128  # columns reconstructed together (GPTQ's lazy batch)
-RECONSTRUCTIONS_KEPT = 6  # reconstructions a method remembers (three candidates, twice)
+RECONSTRUCTIONS_KEPT = 8  # reconstructions a method remembers (three candidates and the chosen one in order, twice)
 SENSITIVITY_NOISE = 0.01  # relative output error of the random change that measures a layer's sensitivity
 SENSITIVITY_BATCHES = 2  # calibration batches it is measured on
 
@@ -103,13 +106,15 @@ class PostTrain(Method):
     # --- per target -------------------------------------------------------------------
     @torch.no_grad()
     def allocate(self, budget: Budget) -> Allocation:
-        """Three candidates for `budget`, each reconstructed (kept weights onto their codebooks, layer by
-        layer, and the BatchNorm statistics for them, `Allocation.state`); the one whose outputs on
-        the calibration inputs are closest to the dense network's. The first: bits and kept counts from
-        the option tables, masks by (w / d)^2. The second: admm's joint projection of the dense weights
-        (magnitude). The third: one bitwidth and one density for every layer (`uniform`). The tables price each layer alone, its error in the network's unit measured with
-        a small change; at high ratios on networks without BatchNorm errors compound beyond that
-        (LeNet-5 at 537x: 31 % against 69 %, BENCHMARKS.md), and the measured outputs say which holds."""
+        """Three candidates for `budget`, each reconstructed on its dense inputs (kept weights onto their
+        codebooks, and the BatchNorm statistics for them, `Allocation.state`); the one whose outputs on
+        the calibration inputs are closest to the dense network's is reconstructed again, layer after
+        layer on the compressed network's inputs. The first: bits and kept counts from the option
+        tables, masks by (w / d)^2. The second: admm's joint projection of the dense weights
+        (magnitude). The third: one bitwidth and one density for every layer (`uniform`). The tables
+        price each layer alone, its error in the network's unit measured with a small change; at high
+        ratios on networks without BatchNorm errors compound beyond that (LeNet-5 at 537x, BENCHMARKS.md),
+        and the measured outputs say which holds."""
         if self.tables is None:
             raise ValueError("post-training compression needs calibration inputs first: call calibrate(batches)")
         bits, kept, lam_quant = self.projector.joint_bits(self.scaled, budget, self.tables)
@@ -121,9 +126,10 @@ class PostTrain(Method):
         uniform = self._uniform_candidate(budget)
         if uniform is not None:
             candidates.append((*uniform, math.nan, math.nan))  # no multiplier prices a uniform choice
-        found = [(*self.reconstruct(masks, bits, budget), lam_p, lam_q) for masks, bits, lam_p, lam_q in candidates]
+        found = [(*self.reconstruct(masks, bits, budget, in_order=False), lam_p, lam_q)
+                 for masks, bits, lam_p, lam_q in candidates]
         best, _, lam_prune, lam_quant = min(found, key=lambda f: f[1])
-        alloc = copy.copy(best)
+        alloc, _ = self.reconstruct(best.masks, best.bits, budget)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
 
@@ -156,15 +162,19 @@ class PostTrain(Method):
                 best, least = found, error
         return best
 
-    def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget) -> tuple[Allocation, float]:
+    def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True
+                    ) -> tuple[Allocation, float]:
         """These masks and bits with the kept weights reconstructed (and the BatchNorm statistics for
         them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
-        the calibration inputs. Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's
-        what-if and the run's final model ask again for the same)."""
+        the calibration inputs. `in_order`: layer after layer on the compressed network's inputs (a
+        forward pass per layer); else each on its dense inputs (cheaper, to compare candidates).
+        Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
+        model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
+        key = torch.cat([key, torch.full_like(key[:, :1], float(in_order))], 1)
         found = next((result for seen, result in self._kept if torch.equal(seen, key)), None)
         if found is None:
-            found = self._reconstruct(masks, bits)
+            found = self._reconstruct(masks, bits, in_order)
             self._kept = [*self._kept, (key, found)][-RECONSTRUCTIONS_KEPT:]
         alloc, distance = copy.copy(found[0]), found[1]
         alloc.size_bits = self.projector.accounting.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel,
@@ -172,24 +182,31 @@ class PostTrain(Method):
         return alloc, distance
 
     @torch.no_grad()
-    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor) -> tuple[Allocation, float]:
-        """Each layer's kept weights reconstructed onto a codebook; then the BatchNorm statistics
-        of a copy of the model holding them; and that model's output distance from the dense one."""
+    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool) -> tuple[Allocation, float]:
+        """Each layer's kept weights reconstructed onto a codebook: on its inputs in the dense network
+        (H measured once), or, `in_order`, layer after layer on the inputs the already-compressed
+        layers before it give, towards the dense layer's outputs. Then the BatchNorm statistics of
+        that copy of the model, and its output distance from the dense one."""
+        dense, model = self.layers.model, copy.deepcopy(self.layers.model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        names = {id(m): n for n, m in dense.named_modules()}
+        copies = dict(model.named_modules())
         books, codes, values = [], [], []
-        bar = tqdm(list(zip(self.layers.names, self.params, self.hessians, masks, bits.tolist())), desc="reconstructing",
-                   leave=False, disable=None)
-        for name, p, h, mask, b in bar:
+        bar = tqdm(list(zip(self.layers.names, self.params, self._modules(), self.hessians, masks, bits.tolist())),
+                   desc="reconstructing in order" if in_order else "reconstructing", leave=False, disable=None)
+        for name, p, users, h, mask, b in bar:
             bar.set_postfix_str(name)
-            book, q = reconstruct_layer(p.detach().float(), h, mask, int(b))
+            w = p.detach().float()
+            if in_order:
+                cross, h = _paired_moments(dense, model, users, [copies[names[id(m)]] for m in users], self.inputs)
+                w = _towards_dense(w, cross, h)
+            book, q = reconstruct_layer(w, h, mask, int(b))
+            params[name].copy_(q)
             books.append(book)
             codes.append(assign(torch.masked_select(q, mask), book))
             values.append(q)
-        model = copy.deepcopy(self.layers.model)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name, q in zip(self.layers.names, values):
-            params[name].copy_(q)
-        state = _batchnorm_statistics(self.layers.model, model, self.inputs)
-        distance = _output_distance(self.layers.model, model, state, self.inputs)
+        state = _batchnorm_statistics(dense, model, self.inputs)
+        distance = _output_distance(dense, model, state, self.inputs)
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
 
     def _modules(self) -> list[list[nn.Module]]:
@@ -229,13 +246,56 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _hessians(model: nn.Module, modules: list[list[nn.Module]], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """H = X^T X / samples (groups, columns, columns) of each entry of `modules` over `inputs`."""
-    dtype = torch.float64 if inputs[0].device.type == "cpu" else torch.float32
-
     def measure(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        rows = _layer_inputs(module, x).to(dtype)
-        return torch.einsum("gnc,gnd->gcd", rows, rows), rows.shape[1]
+        rows = _layer_inputs(module, x)
+        return _moment(rows, rows), rows.shape[1]
 
     return _accumulate(model, modules, inputs, measure, stop=False)
+
+
+def _moment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b per group (groups, columns, columns) over one batch's rows, in float32 (half the time
+    of float64), returned in float64 on the CPU so that the sum over batches keeps its precision."""
+    return torch.einsum("gnc,gnd->gcd", a.float(), b.float()).to(torch.float64 if a.device.type == "cpu" else torch.float32)
+
+
+@torch.no_grad()
+def _paired_moments(dense: nn.Module, model: nn.Module, dense_users: list[nn.Module], users: list[nn.Module],
+                    inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """X^T Y and Y^T Y / samples of one weight, X its inputs in the dense network and Y in `model`
+    (the same layer, its predecessors compressed), over `inputs` one batch at a time."""
+    cross = gram = None
+    count = 0
+    for x in inputs:
+        rows_dense, rows = _rows(dense, dense_users, x), _rows(model, users, x)
+        c, g = _moment(rows_dense, rows), _moment(rows, rows)
+        cross, gram = (c, g) if cross is None else (cross + c, gram + g)
+        count += rows.shape[1]
+    return cross / count, gram / count
+
+
+def _rows(model: nn.Module, users: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The input rows (groups, samples, columns) of one weight's `users` on batch `x`, the forward
+    pass ended once the last has seen it."""
+    found: list[torch.Tensor] = []
+
+    def collect(module: nn.Module, args: tuple) -> None:
+        found.append(_layer_inputs(module, args[0].detach()))
+        if len(found) == len(users):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(collect) for m in users]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return torch.cat(found, 1)
 
 
 @torch.no_grad()
@@ -276,15 +336,31 @@ def _accumulate(model: nn.Module, modules: list[list[nn.Module]], inputs: list[t
     return [total / count for total, count in zip(sums, counts)]
 
 
-def _damped_inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damping)^-1 per group (GPTQ's), columns no input reached
-    given a unit diagonal so that H stays invertible."""
+def _damped(h: torch.Tensor) -> torch.Tensor:
+    """H + damping per group (GPTQ's), columns no input reached given a unit diagonal so that H
+    stays invertible."""
     h = h.clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0
     diag += DAMPING * diag.mean(-1, keepdim=True)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h
+
+
+def _damped_inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)^-1 per group."""
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(h)))
     return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _towards_dense(weight: torch.Tensor, cross: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The weight W* whose outputs on a layer's inputs Y in the compressed network come closest to
+    the dense layer's outputs on its inputs X: least squares, W* = W (X^T Y + D)(Y^T Y + D)^-1 with
+    the damping D (a ridge towards W, so that W* = W where Y = X). Reconstructing W* with Y's H then
+    compensates the errors of the layers before, not only the layer's own."""
+    w = _grouped(weight, len(h)).to(h.dtype)
+    damped = _damped(h)
+    shift = torch.linalg.solve(damped, w @ (cross - h), left=False)
+    return (w + shift).to(weight.dtype).reshape(weight.shape)
 
 
 def _output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
