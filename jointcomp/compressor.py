@@ -37,7 +37,7 @@ from .budget_modes import BUDGET_MODES, MEASURED_MODES
 from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
 from .links import Links
-from .methods import METHODS, Layers, make_method
+from .methods import METHODS, Layers, Method, make_method
 from .methods.posttrain import remeasured_batchnorm
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
@@ -161,21 +161,35 @@ FIT_SLACK = 1e-3  # a measured size this close below the target uses the budget 
 FIT_GROWTHS = 6  # at most this many tries at a larger budget after one fits
 
 
-def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]) -> Allocation:
+def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float],
+                draft: Callable[[float], Allocation] | None = None) -> Allocation:
     """The allocation `deploy` makes at about the largest budget whose real `size` fits
     `target`. A real size can differ from the estimate the projection spends against: the
     budget shrinks by each overshoot until one fits, then grows by each undershoot (halving
-    back after an overshoot) a few times; the largest allocation that fits is kept."""
+    back after an overshoot) a few times; the largest allocation that fits is kept. `draft`,
+    when given, makes the same masks and bits as `deploy` more cheaply (posttrain's, without its
+    pass per layer): the budget is searched on drafts, then `deploy` runs once, at the budget
+    found (and the search runs again on `deploy` should its values move its real size over)."""
+    found, budget = _search_budget(draft or deploy, target, size)
+    if draft is None:
+        return found
+    alloc = deploy(budget)
+    return alloc if size(alloc) <= target else _search_budget(deploy, target, size)[0]
+
+
+def _search_budget(deploy: Callable[[float], Allocation], target: float, size: Callable[[Allocation], float]
+                   ) -> tuple[Allocation, float]:
+    """trim_to_fit's search: the largest allocation that fits, and the budget that made it."""
     budget, best, best_size, fits_at, growths = target, None, -1.0, None, 0
     for _ in range(50):
         alloc = deploy(budget)
         measured = size(alloc)
         if measured <= target:
             if measured > best_size:
-                best, best_size = alloc, measured
+                best, best_size, best_budget = alloc, measured, budget
             fits_at = budget if fits_at is None else max(fits_at, budget)
         if best is not None and (growths == FIT_GROWTHS or target - best_size <= FIT_SLACK * target):
-            return best
+            return best, best_budget
         if measured <= target:
             budget += target - measured
         elif fits_at is None:
@@ -185,7 +199,7 @@ def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Call
         growths += best is not None
     if best is None:
         raise RuntimeError(f"could not fit the model in {target:.0f} bits; please report this")
-    return best
+    return best, best_budget
 
 
 class Compressor:
@@ -333,7 +347,7 @@ class Compressor:
         start = make_method("posttrain", Layers(self.model, self.names, self.params, self.projector))
         start.calibrate(batches)
         self.batchnorm_inputs = start.inputs
-        alloc = trim_to_fit(lambda bits: start.allocate(Budget(bits, self.density)), self.target_bits, self.measure)
+        alloc = self.allocation(self.target_bits, method=start)
         if self.config.distill and self.teacher is None:  # the teacher stays the model as attached
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         _assign(self.model, self.params, alloc.values, alloc.state)
@@ -362,7 +376,8 @@ class Compressor:
     def end_epoch(self) -> EpochRecord:
         """The record of the deployable model now: score, size, multipliers, residuals and
         per-layer density and bitwidth. Call it once per epoch (or whenever you like)."""
-        record = self._epoch_record(self.method.fixed or self._deployable(self.target_bits), self.phase, self.epoch)
+        record = self._epoch_record(self.method.fixed or self._deployable(self.method, self.density, self.target_bits),
+                                    self.phase, self.epoch)
         self.epoch += 1
         self.lambdas = (float("nan"), float("nan"))
         return self._emit(record)
@@ -391,7 +406,7 @@ class Compressor:
         if fixed is not None and self.measure(fixed) <= target:
             alloc = fixed
         else:
-            alloc = trim_to_fit(self._deployable, target, self.measure)
+            alloc = self.allocation(target)
         self.final, self.final_file_bytes = alloc, len(self.encode(alloc))
         size = self.measure(alloc, self.final_file_bytes)
         residual, dual = self.method.residuals()
@@ -483,10 +498,18 @@ class Compressor:
         bops = self.bops.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel) + self.reserved_bops
         return bops, self.dense_bops / bops
 
-    def _deployable(self, bits: float) -> Allocation:
-        """The method's deployable model at `bits`, positions priced at the last projection's densities;
-        with `batchnorm_inputs` (from `calibrate`), its BatchNorm statistics measured for its own weights."""
-        alloc = self.method.allocate(Budget(bits, self.density))
+    def allocation(self, target: float, density: torch.Tensor | None = None, method: Method | None = None) -> Allocation:
+        """The method's deployable model (or `method`'s) at about the largest budget whose real size
+        fits `target` bits (`trim_to_fit`), positions priced at `density` (default: the last
+        projection's); searched on the method's drafts where it makes them. Changes nothing."""
+        method, density = method or self.method, self.density if density is None else density
+        draft = (lambda bits: method.draft(Budget(bits, density))) if method.drafts else None
+        return trim_to_fit(lambda bits: self._deployable(method, density, bits), target, self.measure, draft)
+
+    def _deployable(self, method: Method, density: torch.Tensor, bits: float) -> Allocation:
+        """`method`'s deployable model at `bits`, positions priced at `density`; with `batchnorm_inputs`
+        (from `calibrate`), its BatchNorm statistics measured for its own weights."""
+        alloc = method.allocate(Budget(bits, density))
         if self.batchnorm_inputs and not alloc.state:
             model = copy.deepcopy(self.model)
             _assign(model, [dict(model.named_parameters(remove_duplicate=False))[n] for n in self.names], alloc.values, {})
@@ -496,7 +519,7 @@ class Compressor:
     def _fix_allocation(self, target: float, retrain: bool) -> None:
         """Fit the current weights to the live target and train in that shape from now on
         (`retrain`: with code assignments still free)."""
-        alloc = trim_to_fit(self._deployable, target, self.measure)
+        alloc = self.allocation(target)
         if self.fixed_target is not None:
             self.note(f"target moved to {target:.0f} bits during the {self.phase} phase: re-projected, "
                               "that phase started again")

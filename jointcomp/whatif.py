@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .budget import Budget, feasible_range
-from .compressor import Compressor, trim_to_fit
+from .compressor import Compressor
 from .projector import Allocation
 from .records import CurvePoint, FinalRecord
 
@@ -46,7 +46,7 @@ def tradeoff(comp: Compressor, target: str | float | None = None, factors: Seque
 def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allocation, int, float]:
     """The method's allocation of the current weights fitted to `bits`, positions priced at
     `density`, with its file bytes and size."""
-    alloc = trim_to_fit(lambda budget: comp.method.allocate(Budget(budget, density)), bits, comp.measure)
+    alloc = comp.allocation(bits, density)
     file_bytes = len(comp.encode(alloc))
     return alloc, file_bytes, comp.measure(alloc, file_bytes)
 

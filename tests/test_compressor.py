@@ -293,6 +293,27 @@ def test_trim_to_fit_uses_the_budget_whichever_way_the_estimate_errs(real_over_e
     assert chosen >= 0.995 * target
 
 
+@pytest.mark.parametrize("final_over_draft", [1.0, 1.002])
+def test_trim_to_fit_searches_on_drafts_and_deploys_once_unless_it_no_longer_fits(final_over_draft):
+    """posttrain's drafts have its final allocations' masks and bits without its pass per layer: the
+    budget is searched on them and the costly allocation made once; where the final one's values
+    move its real size over the target, the search runs again on final allocations, and fits."""
+    from jointcomp.compressor import trim_to_fit
+
+    target = 100_000.0
+    steps = [1.0 * k for k in range(0, 400_001, 37)]
+    draft = lambda budget: max(s for s in steps if s <= budget)  # noqa: E731
+    deployed = []
+
+    def deploy(budget):
+        deployed.append(budget)
+        return draft(budget) * final_over_draft
+
+    chosen = trim_to_fit(deploy, target, lambda size: size, draft)
+    assert chosen <= target and chosen >= 0.99 * target
+    assert (len(deployed) == 1) == (final_over_draft == 1.0)
+
+
 def test_whatifs_follow_the_weights(trained_mlp):
     """What-ifs of unchanged weights share their option tables; weights that moved get new ones,
     so a what-if after training is the one a fresh compressor on those weights gives."""

@@ -81,6 +81,7 @@ class Method:
     first_phase: str  # the records' name of the phase before `fix_allocation` ("admm", "prune")
     trains = True  # False: the method compresses without training (no steps, `calibrate` then `allocate`)
     measured_budgets = False  # whether its allocations can be trimmed to a measured size (the file, flash modes)
+    drafts = False  # whether `draft` is cheaper than `allocate` (a budget that fits is searched on drafts)
 
     def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
         self.config = config or self.Config()
@@ -147,6 +148,11 @@ class Method:
         """The model that would ship now at `budget`: the trained weights allocated to it by
         this method's own rule. Pure: it changes no state of the method or the model."""
         raise NotImplementedError
+
+    def draft(self, budget: Budget) -> Allocation:
+        """The masks and bits `allocate(budget)` gives, made more cheaply where the method can
+        (`drafts`): what a search for the budget that fits a measured size tries."""
+        return self.allocate(budget)
 
     def density(self) -> torch.Tensor:
         """Kept fraction per layer (what the file's positions will cost)."""

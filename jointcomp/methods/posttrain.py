@@ -67,6 +67,7 @@ class PostTrain(Method):
     first_phase = "posttrain"
     trains = False
     measured_budgets = True
+    drafts = True
 
     def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
         super().__init__(layers, config)
@@ -106,11 +107,19 @@ class PostTrain(Method):
     # --- per target -------------------------------------------------------------------
     @torch.no_grad()
     def allocate(self, budget: Budget) -> Allocation:
+        """The draft's masks and bits (`draft`), reconstructed in order: each layer on the inputs the
+        already-compressed layers before it give (a forward pass per layer)."""
+        best = self.draft(budget)
+        alloc, _ = self.reconstruct(best.masks, best.bits, budget)
+        alloc.lambda_prune, alloc.lambda_quant = best.lambda_prune, best.lambda_quant
+        return alloc
+
+    @torch.no_grad()
+    def draft(self, budget: Budget) -> Allocation:
         """Three candidates for `budget`, each reconstructed on its dense inputs (kept weights onto their
         codebooks, and the BatchNorm statistics for them, `Allocation.state`); the one whose outputs on
-        the calibration inputs are closest to the dense network's is reconstructed again, layer after
-        layer on the compressed network's inputs. The first: bits and kept counts from the option
-        tables, masks by (w / d)^2. The second: admm's joint projection of the dense weights
+        the calibration inputs are closest to the dense network's. The first: bits and kept counts from
+        the option tables, masks by (w / d)^2. The second: admm's joint projection of the dense weights
         (magnitude). The third: one bitwidth and one density for every layer (`uniform`). The tables
         price each layer alone, its error in the network's unit measured with a small change; at high
         ratios on networks without BatchNorm errors compound beyond that (LeNet-5 at 537x, BENCHMARKS.md),
@@ -129,7 +138,7 @@ class PostTrain(Method):
         found = [(*self.reconstruct(masks, bits, budget, in_order=False), lam_p, lam_q)
                  for masks, bits, lam_p, lam_q in candidates]
         best, _, lam_prune, lam_quant = min(found, key=lambda f: f[1])
-        alloc, _ = self.reconstruct(best.masks, best.bits, budget)
+        alloc = copy.copy(best)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
 
