@@ -26,9 +26,11 @@ The candidates are compared reconstructed on each layer's inputs in the dense ne
 once). The one kept is then reconstructed in order: each layer on the inputs Y that the
 already-compressed layers before it give, aimed at the dense layer's outputs on its dense inputs X
 (least squares through the cross moment X^T Y, then GPTQ with Y's H), so that each layer makes up
-for the errors of those before it. That costs a forward pass per layer and, at high ratios, is
-worth it (BENCHMARKS.md); aiming each layer at its own outputs on Y, as GPTQ does, was no better
-than the dense inputs.
+for the errors of those before it; the BatchNorms before each layer have their statistics moved
+first, so that its inputs are normalized as they will be (aimed through stale statistics, a
+conv-BN network's outputs ended farther from the dense ones than without the pass). That costs a
+forward pass per layer and is worth it at every ratio measured (BENCHMARKS.md); aiming each layer
+at its own outputs on Y, as GPTQ does, was no better than the dense inputs.
 """
 from __future__ import annotations
 
@@ -200,6 +202,7 @@ class PostTrain(Method):
         params = dict(model.named_parameters(remove_duplicate=False))
         names = {id(m): n for n, m in dense.named_modules()}
         copies = dict(model.named_modules())
+        shifts = _BatchnormShifts(dense, model, self.inputs) if in_order and _batchnorms(model) else None
         books, codes, values = [], [], []
         bar = tqdm(list(zip(self.layers.names, self.params, self._modules(), self.hessians, masks, bits.tolist())),
                    desc="reconstructing in order" if in_order else "reconstructing", leave=False, disable=None)
@@ -207,14 +210,17 @@ class PostTrain(Method):
             bar.set_postfix_str(name)
             w = p.detach().float()
             if in_order:
-                cross, h = _paired_moments(dense, model, users, [copies[names[id(m)]] for m in users], self.inputs)
+                own = [copies[names[id(m)]] for m in users]
+                if shifts:
+                    shifts.before(own)  # the layer's inputs normalized as they will be
+                cross, h = _paired_moments(dense, model, users, own, self.inputs)
                 w = _towards_dense(w, cross, h)
             book, q = reconstruct_layer(w, h, mask, int(b))
             params[name].copy_(q)
             books.append(book)
             codes.append(assign(torch.masked_select(q, mask), book))
             values.append(q)
-        state = _batchnorm_statistics(dense, model, self.inputs)
+        state = _batchnorm_statistics(dense, model, self.inputs, shifts)
         distance = _output_distance(dense, model, state, self.inputs)
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
 
@@ -512,38 +518,84 @@ def _channel_moments(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def _batchnorm_statistics(dense: nn.Module, model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _batchnorm_statistics(dense: nn.Module, model: nn.Module, inputs: list[torch.Tensor],
+                          shifts: "_BatchnormShifts | None" = None) -> dict[str, torch.Tensor]:
     """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
     state-dict name: of two candidates, the one whose outputs on the calibration inputs are closer
-    to the dense network's. Moved by the shift compression made in each BatchNorm's input (the
-    mean by the difference, the variance by the ratio, each measured on the same inputs after the
-    BatchNorms before it are moved) keeps the statistics the network was trained with, which a
-    few hundred inputs estimate worse (re-estimating the published ResNet-20's alone costs 1.7
-    points, BENCHMARKS.md); measured anew on the compressed network holds where compression moved
-    the activations too far for a small shift (high ratios)."""
+    to the dense network's. Moved by the shift compression made in each BatchNorm's input
+    (`_BatchnormShifts`; `shifts`: those a reconstruction in order made on the way) keeps the
+    statistics the network was trained with, which a few hundred inputs estimate worse
+    (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
+    on the compressed network holds where compression moved the activations too far for a small
+    shift (high ratios)."""
     found = _batchnorms(model)
     if not found:
         return {}
     names = _statistics_names(found)
     tensors = model.state_dict()
-    original = {k: tensors[k].clone() for k in names}
-    dense_modules = dict(dense.named_modules())
-    reference = _accumulate(dense, [[dense_modules[n]] for n, _ in found], inputs, _channel_moments, stop=False)
-    for (_, norm), (mean_d, square_d) in zip(found, reference):
-        mean_c, square_c = _accumulate(model, [[norm]], inputs, _channel_moments, stop=True)[0]
-        var_d, var_c = square_d - mean_d.square(), square_c - mean_c.square()
-        ratio = torch.where(var_d > 1e-12, var_c / var_d.clamp(min=1e-12), torch.ones_like(var_d))
-        norm.running_mean.add_((mean_c - mean_d).to(norm.running_mean.dtype))
-        norm.running_var.mul_(ratio.to(norm.running_var.dtype))
+    (shifts or _BatchnormShifts(dense, model, inputs)).all()
     shifted = {k: tensors[k].clone() for k in names}
-    for k in names:
-        tensors[k].copy_(original[k])
     _reestimate(model, [m for _, m in found], inputs)
     measured = {k: tensors[k].clone() for k in names}
     best = min((shifted, measured), key=lambda state: _output_distance(dense, model, state, inputs))
     for k in names:
         tensors[k].copy_(best[k])
     return best
+
+
+class _BatchnormShifts:
+    """Moves the running statistics of the compressed `model`'s BatchNorms by the shift compression
+    made in their inputs (the mean by the difference, the variance by the ratio, against the dense
+    network's on the same inputs), each BatchNorm once, in the order the forward pass reaches them:
+    each measured after those before it are moved. A reconstruction in order moves those before a
+    layer (`before`) so that the layer's inputs are normalized as they will be."""
+
+    def __init__(self, dense: nn.Module, model: nn.Module, inputs: list[torch.Tensor]) -> None:
+        self.model, self.inputs = model, inputs
+        found = _batchnorms(model)
+        dense_modules = dict(dense.named_modules())
+        self.reference = _accumulate(dense, [[dense_modules[n]] for n, _ in found], inputs, _channel_moments, stop=False)
+        self.order = _call_order(model, inputs[0][:1])
+        reached = sorted(range(len(found)), key=lambda i: self.order.get(id(found[i][1]), math.inf))
+        self.pending = [(found[i][1], self.reference[i]) for i in reached]
+
+    def before(self, modules: list[nn.Module]) -> None:
+        """Move the BatchNorms the forward pass reaches before the first of `modules`."""
+        first = min(self.order.get(id(m), math.inf) for m in modules)
+        while self.pending and self.order.get(id(self.pending[0][0]), math.inf) < first:
+            self._move(*self.pending.pop(0))
+
+    def all(self) -> None:
+        while self.pending:
+            self._move(*self.pending.pop(0))
+
+    def _move(self, norm: nn.Module, reference: torch.Tensor) -> None:
+        mean_d, square_d = reference
+        mean_c, square_c = _accumulate(self.model, [[norm]], self.inputs, _channel_moments, stop=True)[0]
+        var_d, var_c = square_d - mean_d.square(), square_c - mean_c.square()
+        ratio = torch.where(var_d > 1e-12, var_c / var_d.clamp(min=1e-12), torch.ones_like(var_d))
+        norm.running_mean.add_((mean_c - mean_d).to(norm.running_mean.dtype))
+        norm.running_var.mul_(ratio.to(norm.running_var.dtype))
+
+
+@torch.no_grad()
+def _call_order(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
+    """id(module) -> when the forward pass on `x` first reaches it (0, 1, ...)."""
+    order: dict[int, int] = {}
+
+    def reached(module: nn.Module, args: tuple) -> None:
+        order.setdefault(id(module), len(order))
+
+    handles = [m.register_forward_pre_hook(reached) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order
 
 
 def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
