@@ -34,9 +34,10 @@ at its own outputs on Y, as GPTQ does, was no better than the dense inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -60,6 +61,28 @@ SENSITIVITY_BATCHES = 2  # calibration batches it is measured on
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer it watches has seen its input."""
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """`model` in eval mode with each (module, forward pre-hook) of `hooks` registered; undone after."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> None:
+    """A forward pass that a hook may end early (`_Stop`)."""
+    try:
+        model(x)
+    except _Stop:
+        pass
 
 
 class PostTrain(Method):
@@ -299,17 +322,8 @@ def _rows(model: nn.Module, users: list[nn.Module], x: torch.Tensor) -> torch.Te
         if len(found) == len(users):
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(collect) for m in users]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with _hooked(model, [(m, collect) for m in users]):
+        _forward(model, x)
     return torch.cat(found, 1)
 
 
@@ -331,20 +345,10 @@ def _accumulate(model: nn.Module, modules: list[list[nn.Module]], inputs: list[t
                 raise _Stop
         return collect
 
-    handles = [m.register_forward_pre_hook(hook(j, stop and k == len(users) - 1))
-               for j, users in enumerate(modules) for k, m in enumerate(users)]
-    was_training = model.training
-    model.eval()
-    try:
+    with _hooked(model, [(m, hook(j, stop and k == len(users) - 1)) for j, users in enumerate(modules)
+                         for k, m in enumerate(users)]):
         for x in inputs:
-            try:
-                model(x)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+            _forward(model, x)
     if any(total is None for total in sums):
         raise ValueError("a compressed layer saw no input in the model's forward pass; post-training compression "
                          "needs every compressed layer to be used")
@@ -586,15 +590,8 @@ def _call_order(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
     def reached(module: nn.Module, args: tuple) -> None:
         order.setdefault(id(module), len(order))
 
-    handles = [m.register_forward_pre_hook(reached) for m in model.modules()]
-    was_training = model.training
-    model.eval()
-    try:
+    with _hooked(model, [(m, reached) for m in model.modules()]):
         model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return order
 
 
