@@ -28,9 +28,11 @@ already-compressed layers before it give, aimed at the dense layer's outputs on 
 (least squares through the cross moment X^T Y, then GPTQ with Y's H), so that each layer makes up
 for the errors of those before it; the BatchNorms before each layer have their statistics moved
 first, so that its inputs are normalized as they will be (aimed through stale statistics, a
-conv-BN network's outputs ended farther from the dense ones than without the pass). That costs a
-forward pass per layer and is worth it at every ratio measured (BENCHMARKS.md); aiming each layer
-at its own outputs on Y, as GPTQ does, was no better than the dense inputs.
+conv-BN network's outputs ended farther from the dense ones than without the pass). Of the two
+reconstructions the one whose outputs are closer to the dense network's is kept: in order on the
+convolutional networks measured, on dense inputs for a GPT at 16x (BENCHMARKS.md). The pass costs a
+forward pass per layer; aiming each layer at its own outputs on Y, as GPTQ does, was no better than
+the dense inputs.
 """
 from __future__ import annotations
 
@@ -133,9 +135,13 @@ class PostTrain(Method):
     @torch.no_grad()
     def allocate(self, budget: Budget) -> Allocation:
         """The draft's masks and bits (`draft`), reconstructed in order: each layer on the inputs the
-        already-compressed layers before it give (a forward pass per layer)."""
+        already-compressed layers before it give (a forward pass per layer); the draft itself where
+        its outputs are the closer to the dense network's (a GPT at 16x, BENCHMARKS.md)."""
         best = self.draft(budget)
-        alloc, _ = self.reconstruct(best.masks, best.bits, budget)
+        _, apart = self.reconstruct(best.masks, best.bits, budget, in_order=False)
+        alloc, in_order = self.reconstruct(best.masks, best.bits, budget)
+        if apart < in_order:
+            return best
         alloc.lambda_prune, alloc.lambda_quant = best.lambda_prune, best.lambda_quant
         return alloc
 
