@@ -22,6 +22,7 @@ import pandas as pd
 
 from jointcomp import EngineConfig
 from jointcomp.bops import format_bops
+from jointcomp.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -56,19 +57,20 @@ def series(rows: pd.DataFrame) -> pd.DataFrame:
                        target=runs["target"].where(~other_mode, runs["target"] + " " + runs["budget_mode"]))
     baselines = [rows.dropna(subset=[column]).assign(method=name, accuracy=rows[column]) for column, name in BASELINES.items()
                  if column in rows]
-    keys = ["network", "data", "target", "method"]
+    keys = ["network", "data", "target", "method", "grid"]  # runs of two grids have their own dense starts
     return (pd.concat([runs, *baselines]).groupby(keys, sort=False)
             .agg(accuracy=("accuracy", "mean"), low=("accuracy", "min"), high=("accuracy", "max"),
                  seeds=("seed", "nunique"), file_bytes=("file_bytes", "mean"), dense=("dense_accuracy", "mean"),
-                 grid=("grid", "first"), command=("command", "first"))
+                 command=("command", "first"))
             .reset_index())
 
 
 def plot(points: pd.DataFrame, title: str) -> alt.LayerChart:
     """Accuracy against file bytes (log), one colour per method, the seeds' min-max as bars."""
-    x = alt.X("file_bytes:Q", scale=alt.Scale(type="log", nice=False, padding=24), title=".jcz file (bytes, log scale)")
+    x = alt.X("file_bytes:Q", scale=alt.Scale(type="log", nice=False, padding=24), title=".jcz file (a peer: its own count), bytes, log scale")
     y = alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(zero=False, padding=12), axis=alt.Axis(format="%"))
-    color = alt.Color("method:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=400))
+    color = alt.Color("method:N", title=None, scale=alt.Scale(scheme="category20"),  # up to 20 methods, each its own colour
+                      legend=alt.Legend(orient="bottom", columns=2, labelLimit=400))
     marks = alt.Chart(points).mark_line(point=alt.OverlayMarkDef(filled=True, size=70)).encode(
         x=x, y=y, color=color, order="file_bytes:Q")
     bars = alt.Chart(points).mark_rule(strokeWidth=2).encode(x=x, y="low:Q", y2="high:Q", color=color)
@@ -126,7 +128,7 @@ def table(points: pd.DataFrame, rows: pd.DataFrame) -> str:
     lines = ["| network / data | dense | target | jointcomp, trained | jointcomp, post-training | best baseline | "
              "best peer at no more bytes | file bytes | section |", "|---|---|---|---|---|---|---|---|---|"]
     peers = points[points["grid"] == "peers"]
-    peers = peers[~peers["method"].str.startswith("admm")]
+    peers = peers[~peers["method"].str.split(",").str[0].isin(METHODS)]  # the tools', not jointcomp's runs beside them
     for (network, data, target, _), group in points[points["grid"].isin(README_GRIDS)].groupby(
             ["network", "data", "target", "dense"], sort=False):
         trained = group[group["method"].str.startswith("admm, trained") &
