@@ -25,7 +25,7 @@ from jointcomp import EngineConfig, build_model, projections
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, Accounting, parse_target
 from jointcomp.compressor import compressible_weights
-from jointcomp.links import Links
+from jointcomp.links import find_links
 
 
 MOVE = 0.01  # of each layer's standard deviation, per weight: the move between two projections
@@ -45,7 +45,7 @@ def weights_and_projector(model: torch.nn.Module, device: torch.device) -> tuple
     """The model's compressible weights on `device` and the projector a run of it would use."""
     layers = compressible_weights(model, EngineConfig())
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
-    projector = Projector(specs, Accounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    projector = Projector(specs, Accounting(), links=find_links(model, [n for n, _, _ in layers]))
     return [w.detach().to(device) for _, w, _ in layers], projector
 
 

@@ -25,7 +25,8 @@ from jointcomp import EngineConfig, build_model
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, Accounting, parse_target
 from jointcomp.compressor import compressible_weights
-from jointcomp.links import Links
+from jointcomp.links import find_links
+from jointcomp.solvers import useless_weights
 from jointcomp.models import lenet5
 
 
@@ -44,7 +45,7 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     weights = [w.detach().to(device) for _, w, _ in layers]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w, _ in layers]
     projector = Projector(specs, Accounting())
-    linked = Projector(specs, Accounting(), links=Links.of(model, [n for n, _, _ in layers]))
+    linked = Projector(specs, Accounting(), links=find_links(model, [n for n, _, _ in layers]))
     budget = Budget(parse_target(target, 32 * sum(w.numel() for w in weights)))
     bits = torch.full((len(weights),), 4)
     flat = torch.cat([w.flatten() for w in weights])
@@ -59,10 +60,10 @@ def bench(name: str, model: torch.nn.Module, target: str, device: torch.device, 
     full_s = min(timed(project, device) for _ in range(repeat))
     joint_s = min(timed(lambda: projector.joint(weights, budget), device) for _ in range(repeat))
     linked_s = min(timed(lambda: linked.joint(weights, budget), device) for _ in range(repeat))
-    second = "yes" if any(u.any() for u in linked.links.useless(projector.joint(weights, budget).masks)) else "no"
+    second = "yes" if any(u.any() for u in useless_weights(projector.joint(weights, budget).masks, linked.links)) else "no"
     return (f"| {name} | {flat.numel() / 1e6:.2f} M / {len(weights)} | {target} | {sort_s:.3f} | "
             f"{prune_s:.3f} | {full_s:.3f} | {full_s / sort_s:.2f} | {joint_s:.3f} | {joint_s / sort_s:.2f} | "
-            f"{len(linked.links.links)} | {second} | {linked_s:.3f} | {linked_s / sort_s:.2f} |")
+            f"{len(linked.links)} | {second} | {linked_s:.3f} | {linked_s / sort_s:.2f} |")
 
 
 def main() -> None:

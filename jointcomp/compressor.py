@@ -36,7 +36,7 @@ from .bops import BopsAccounting
 from .budget_modes import BUDGET_MODES, MEASURED_MODES
 from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
-from .links import Links
+from .links import find_links
 from .methods import METHODS, Layers, Method, make_method
 from .methods.posttrain import remeasured_batchnorm
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
@@ -202,6 +202,17 @@ def _search_budget(deploy: Callable[[float], Allocation], target: float, size: C
     return best, best_budget
 
 
+class OneProcess:
+    """What the processes of a run must agree on, when there is one process: nothing.
+    Under torchrun `distributed.ProcessGroup` takes its place."""
+
+    def target(self, bits: float) -> float:
+        return bits
+
+    def check(self, fingerprint: Callable[[], torch.Tensor]) -> None:
+        pass
+
+
 class Compressor:
     """Prune and quantize `model` jointly to `target` over `steps` optimizer steps.
 
@@ -245,14 +256,14 @@ class Compressor:
         self.bops = BopsAccounting(shape)  # reported in every budget mode when the input's shape is known
         self.reserved_bops, self.dense_bops = self.bops.reference_bits(model, layers) if shape else (0.0, 0.0)
         self.fp32_bytes = fp32_bytes(model)
-        self.links = Links.of(model, self.names)
-        self.projector = Projector(self.specs, self.accounting, self.reserved_bits, self.links)
+        self.projector = Projector(self.specs, self.accounting, self.reserved_bits, find_links(model, self.names))
         self.schedule = Schedule.of(self.steps, self.config.project_every, self.config.retrain, self.config.finetune)
         self.method = make_method(self.config.method, Layers(model, self.names, self.params, self.projector),
                                   self.config.settings)
         if self.method.trains and self.steps < 1:
             raise ValueError(f"steps must be at least 1 for method {self.config.method!r}, got {steps}")
         self._lock = threading.Lock()
+        self.agreement = distributed.ProcessGroup() if distributed.active() else OneProcess()
         self._target_bits = self.resolve(self.config.target)
         self.density = self.initial_density(self._target_bits)  # per layer, of the last projection: what positions cost
         self.step_count = 0
@@ -308,8 +319,8 @@ class Compressor:
             raise FloatingPointError(f"step {t}: the weights are not finite (NaN, infinite, or too large to square), so they "
                                      "cannot be projected; training diverged: lower the learning rate and start again from "
                                      "a good state")
-        with self._lock:  # under torchrun every process takes rank 0's target
-            target = self._target_bits = distributed.from_main(self._target_bits)
+        with self._lock:
+            target = self._target_bits = self.agreement.target(self._target_bits)
         decided = t == 0
         if t == 0:
             self.density = self.initial_density(target)
@@ -327,7 +338,7 @@ class Compressor:
             self.method.fix_codes()
         self.method.after_step(lr)
         if decided or projected:
-            distributed.check_same(self.fingerprint(), "allocation after the projection")
+            self.agreement.check(self.fingerprint)
         self.step_count += 1
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -95,3 +96,15 @@ def check_same(digest: torch.Tensor, what: str) -> None:
             f"the processes of this distributed run disagree on the {what} (rank {rank()} of {world_size()}): "
             "their weights would drift apart; make sure every process runs the same code, data and seed"
         )
+
+
+class ProcessGroup:
+    """What a Compressor's processes agree on under torchrun (`compressor.OneProcess` alone):
+    every step every process takes rank 0's target (a slider moves only rank 0's), and after a
+    projection their allocations must be the same."""
+
+    def target(self, bits: float) -> float:
+        return from_main(bits)
+
+    def check(self, fingerprint: Callable[[], torch.Tensor]) -> None:
+        check_same(fingerprint(), "allocation after the projection")

@@ -5,8 +5,8 @@ the unit puts out a constant (its bias, through ReLU, pooling, BatchNorm...). Th
 the next layer that read it then only add a constant: they cost budget and carry nothing.
 At high ratios this is no corner case: the first projection of LeNet-5 at 2000x leaves 292
 of its 500 hidden units without an input, and 1,044 of the 2,160 weights kept in the last
-layer read them. `Links` finds those weights so that the projection can spend their budget
-on weights that matter.
+layer read them. This file finds the links; `solvers.useless_weights` finds, from them and the masks, the
+weights the projection then gives to others.
 
 Links are found by tracing the model (torch.fx): a layer feeds the next compressed layer
 when only unit-wise operations lie between them (activations, BatchNorm, dropout; pooling and
@@ -15,10 +15,10 @@ trace) makes no link, so the projection is then exactly what it was without one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx, nn
+
+from .solvers import Link
 
 ELEMENTWISE_MODULES = (  # a constant unit stays a constant, whatever the layout
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish,
@@ -32,54 +32,24 @@ POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMax
 POOL_FUNCTIONS = (nn.functional.max_pool2d, nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d)
 
 
-@dataclass(frozen=True)
-class Link:
-    """Layer `sink` reads the units of layer `source`: its input feature (Linear) or
-    channel (Conv) i comes from unit i // `block` of the source."""
-
-    source: int
-    sink: int
-    block: int
-
-
-class Links:
-    """The unit-to-unit links between a model's compressed layers."""
-
-    def __init__(self, links: list[Link]) -> None:
-        self.links = links
-
-    @classmethod
-    def of(cls, model: nn.Module, names: list[str]) -> "Links":
-        """The links between the layers whose weights are `names` (as in `named_parameters`)."""
-        layers = {name.removesuffix("weight").removesuffix("."): i for i, name in enumerate(names)}
-        try:
-            graph = fx.symbolic_trace(model).graph
-        except Exception:  # a model fx cannot trace: no links, the plain projection
-            return cls([])
-        modules = dict(model.named_modules())
-        calls = [n for n in graph.nodes if n.op == "call_module" and n.target in layers]
-        once = {t for t in layers if sum(n.target == t for n in calls) == 1}  # a layer read twice reads two things
-        found = []
-        for node in calls:
-            sink, kinds = _next_layer(node, layers, modules)
-            if sink is not None and sink.target in once:
-                block = _block(modules[node.target], modules[sink.target], kinds)
-                if block:
-                    found.append(Link(layers[node.target], layers[sink.target], block))
-        return cls(found)
-
-    def useless(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer, the weights that read a unit left without inputs by `masks` (in model
-        order, so that a unit fed only by useless weights counts as without inputs too)."""
-        useless = [torch.zeros_like(m) for m in masks]
-        for link in sorted(self.links, key=lambda k: k.source):
-            kept = masks[link.source] & ~useless[link.source]
-            dead = ~kept.flatten(1).any(dim=1)  # units (output rows) without a kept input
-            reads_dead = dead.repeat_interleave(link.block)
-            shape = [1] * masks[link.sink].dim()
-            shape[1] = -1
-            useless[link.sink] |= reads_dead.view(shape).expand_as(masks[link.sink])
-        return useless
+def find_links(model: nn.Module, names: list[str]) -> list[Link]:
+    """The links between the layers whose weights are `names` (as in `named_parameters`)."""
+    layers = {name.removesuffix("weight").removesuffix("."): i for i, name in enumerate(names)}
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # a model fx cannot trace: no links, the plain projection
+        return []
+    modules = dict(model.named_modules())
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in layers]
+    once = {t for t in layers if sum(n.target == t for n in calls) == 1}  # a layer read twice reads two things
+    found = []
+    for node in calls:
+        sink, kinds = _next_layer(node, layers, modules)
+        if sink is not None and sink.target in once:
+            block = _block(modules[node.target], modules[sink.target], kinds)
+            if block:
+                found.append(Link(layers[node.target], layers[sink.target], block))
+    return found
 
 
 def _next_layer(node: fx.Node, layers: dict[str, int], modules: dict[str, nn.Module]) -> tuple[fx.Node | None, set[str]]:

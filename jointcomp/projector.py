@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .budget import BIT_CHOICES, Budget, LayerBounds, Accounting
-from .links import Links
-from .solvers import (FIT_SAMPLE, OptionTables, assign, dequantize, solve_mckp_greedy, fit_codebooks_many,
-                          joint_options_many, knapsack_prune)
+from .solvers import (FIT_SAMPLE, Link, OptionTables, assign, dequantize, fit_codebooks_many, joint_options_many,
+                      knapsack_prune, solve_mckp_greedy, useless_weights)
 
 
 TABLES_KEPT = 2  # option tables a projector remembers: an epoch's deployable model's and its what-ifs'
@@ -61,12 +60,12 @@ class Projector:
 
     def __init__(
         self, specs: list[LayerSpec], accounting: Accounting, reserved_bits: float = 0.0,
-        links: Links | None = None,
+        links: list[Link] | None = None,
     ) -> None:
         self.specs = specs
         self.accounting = accounting
         self.reserved_bits = reserved_bits  # layers left dense, and any fixed overhead
-        self.links = links if links is not None else Links([])  # which layer reads which one's units (links.py)
+        self.links = links or []  # which layer reads which one's units (links.py)
         self.numel = torch.tensor([s.numel for s in specs], dtype=torch.float64)
         self.min_keep = [s.bounds.min_keep(s.numel) for s in specs]
         lo = torch.tensor([s.bounds.min_bits for s in specs])
@@ -101,12 +100,12 @@ class Projector:
         self, weights: list[torch.Tensor], bits: torch.Tensor, budget: Budget
     ) -> tuple[list[torch.Tensor], float]:
         """Knapsack masks for these bitwidths; the multiplier at the cut. Weights that read a
-        unit the masks leave without inputs (`Links.useless`) give their budget to others."""
+        unit the masks leave without inputs (`useless_weights`) give their budget to others."""
         if not self.fits(bits, budget):
             raise ValueError("the budget cannot hold one weight per layer at these bitwidths")
         unit, room = self.room(bits, budget)
         masks, lam = knapsack_prune(weights, unit.tolist(), room, self.min_keep)
-        useless = self.links.useless(masks)
+        useless = useless_weights(masks, self.links)
         if any(u.any() for u in useless):
             weights = [w.detach().masked_fill(u, 0) for w, u in zip(weights, useless)]
             masks, lam = knapsack_prune(weights, unit.tolist(), room, self.min_keep)

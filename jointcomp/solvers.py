@@ -2,7 +2,8 @@
 
 * `knapsack_prune`: keep the weights with the largest w^2 / cost until the budget is met
   (0-1 knapsack, greedy by score). Found by a two-pass radix select on the scores' bit
-  patterns instead of a full sort.
+  patterns instead of a full sort. `useless_weights`: the kept weights that read a unit the
+  masks leave without inputs (the links between layers come from links.py).
 * `fit_codebooks`: 1-D k-means with 2^b centres for several b at once, on sorted values
   with prefix sums, so one Lloyd step for every bitwidth is a single searchsorted.
 * `solve_mckp_greedy`: the multiple-choice knapsack over per-layer (cost, distortion)
@@ -60,6 +61,31 @@ def knapsack_prune(
         masks.append(keep.view(w.shape))
     lam = torch.tensor([cut_key], dtype=torch.int32).view(torch.float32).item()
     return masks, lam
+
+
+
+@dataclass(frozen=True)
+class Link:
+    """Layer `sink` reads the units of layer `source`: its input feature (Linear) or
+    channel (Conv) i comes from unit i // `block` of the source."""
+
+    source: int
+    sink: int
+    block: int
+
+
+def useless_weights(masks: list[torch.Tensor], links: list[Link]) -> list[torch.Tensor]:
+    """Per layer, the weights that read a unit left without inputs by `masks` (in model
+    order, so that a unit fed only by useless weights counts as without inputs too)."""
+    useless = [torch.zeros_like(m) for m in masks]
+    for link in sorted(links, key=lambda k: k.source):
+        kept = masks[link.source] & ~useless[link.source]
+        dead = ~kept.flatten(1).any(dim=1)  # units (output rows) without a kept input
+        reads_dead = dead.repeat_interleave(link.block)
+        shape = [1] * masks[link.sink].dim()
+        shape[1] = -1
+        useless[link.sink] |= reads_dead.view(shape).expand_as(masks[link.sink])
+    return useless
 
 
 def _cut_bucket(

@@ -91,3 +91,24 @@ def test_a_killed_process_leaves_a_run_that_resumes(tmp_path):
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["ratio"] >= 50 * (1 - 1e-9)
     epochs = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs if e["kind"] == "epoch"] == list(range(3 + 12))  # no epoch lost or repeated
+
+
+DRIFTING = """
+import torch, torch.distributed as dist, jointcomp
+dist.init_process_group("gloo")
+torch.manual_seed(dist.get_rank())  # each process its own weights, and no DDP to keep them equal
+model = jointcomp.build_model("mlp", (64,), 10)
+comp = jointcomp.Compressor(model, target="40x", steps=10)
+try:
+    comp.step(lr=0.1)  # the first step projects
+except RuntimeError as error:
+    print("STOPPED:", error, flush=True)
+jointcomp.distributed.leave()
+"""
+
+
+def test_processes_whose_allocations_differ_are_stopped(tmp_path):
+    script = tmp_path / "drifting.py"
+    script.write_text(DRIFTING)
+    output = run(TORCHRUN + [str(script)]).stdout
+    assert output.count("STOPPED: the processes of this distributed run disagree on the allocation") == 2

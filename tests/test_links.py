@@ -7,12 +7,13 @@ from jointcomp import build_model
 from jointcomp.projector import LayerSpec, Projector
 from jointcomp.budget import Budget, Accounting
 from jointcomp.compressor import CompressorConfig, compressible_weights
-from jointcomp.links import Link, Links
+from jointcomp.links import find_links
+from jointcomp.solvers import Link, useless_weights
 
 
 def links_of(model):
     names = [name for name, _, _ in compressible_weights(model, CompressorConfig())]
-    return Links.of(model, names).links
+    return find_links(model, names)
 
 
 def test_links_follow_unitwise_operations_and_stop_at_anything_else():
@@ -57,13 +58,13 @@ def test_links_follow_unitwise_operations_and_stop_at_anything_else():
 
 
 def test_useless_weights_read_units_without_inputs_in_cascade():
-    links = Links([Link(0, 1, 1), Link(1, 2, 2)])
+    links = [Link(0, 1, 1), Link(1, 2, 2)]
     first = torch.ones(3, 5, dtype=torch.bool)
     first[1] = False  # unit 1 of layer 0 has no input
     second = torch.ones(2, 3, dtype=torch.bool)
     second[0, 0] = second[0, 2] = False  # unit 0 of layer 1 reads only unit 1 of layer 0
     third = torch.ones(4, 4, dtype=torch.bool)  # reads layer 1's 2 units in blocks of 2 inputs
-    useless = links.useless([first, second, third])
+    useless = useless_weights([first, second, third], links)
     assert not useless[0].any()
     assert useless[1].tolist() == [[False, True, False], [False, True, False]]
     assert useless[2].tolist() == [[True, True, False, False]] * 4  # unit 0 of layer 1 is without inputs too
@@ -73,12 +74,12 @@ def test_pruning_spends_nothing_on_weights_reading_units_without_inputs(trained_
     names = ["1.weight", "3.weight", "5.weight"]  # 64 -> 256 -> 128 -> 10
     weights = [trained_mlp.get_submodule(n[0]).weight.detach() for n in names]
     specs = [LayerSpec(n, tuple(w.shape)) for n, w in zip(names, weights)]
-    links = Links.of(trained_mlp, names)
-    assert links.links == [Link(0, 1, 1), Link(1, 2, 1)]
+    links = find_links(trained_mlp, names)
+    assert links == [Link(0, 1, 1), Link(1, 2, 1)]
     bits, budget = torch.tensor([1, 1, 1]), Budget(400)  # about 1300x: a few hundred weights at one bit
 
     def reading_dead(masks):
-        return sum(int((m & u).sum()) for m, u in zip(masks, links.useless(masks)))
+        return sum(int((m & u).sum()) for m, u in zip(masks, useless_weights(masks, links)))
 
     plain, _ = Projector(specs, Accounting()).prune(weights, bits, budget)
     aware, _ = Projector(specs, Accounting(), links=links).prune(weights, bits, budget)
