@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .codec import CheckpointError, format_report, inspect_file, load_compressed
+from .codec import CheckpointError, Report, inspect_file, load_compressed
 from .budget_modes import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
@@ -340,3 +340,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.leave(finished)
+
+
+def format_report(report: Report) -> str:
+    """The `inspect` table: one line per compressed layer, then labelled totals."""
+    lines = [f"{'layer':<24}{'shape':<18}{'nnz':>9}{'bits':>5}{'codes B':>9}{'positions B':>13} {'(encoding)':<14}{'codebook B':>11}"]
+    for r in report.layers:
+        shape = "x".join(map(str, r.shape))
+        lines.append(f"{r.name:<24}{shape:<18}{r.nnz:>9}{r.bits:>5}{r.codes_bytes:>9}{r.positions_bytes:>13} "
+                     f"{'(' + r.positions_encoding + ')':<14}{r.codebook_bytes:>11}")
+    lines += [
+        f"other parameters and buffers: {report.dense_bytes} B",
+        f"header: {report.header_bytes} B",
+        f"file size: {report.file_bytes} B",
+        f"dense fp32 size: {report.fp32_bytes} B",
+        f"ratio on file bytes: {report.file_ratio:.1f}x",
+        f"paper-accounting size: {report.paper_bits} bits = sum of bits x non-zeros "
+        f"(ratio {report.paper_ratio:.1f}x against fp32 of the compressed weights)",
+    ]
+    return "\n".join(lines)

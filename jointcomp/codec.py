@@ -562,21 +562,3 @@ def _model_from_spec(path, spec: Any, allow_import: bool, shapes: dict[str, tupl
         raise CheckpointError(f"{path}: the tensors do not match model {name!r}")
     return model.to_empty(device="cpu")
 
-
-def format_report(report: Report) -> str:
-    """The `inspect` table: one line per compressed layer, then labelled totals."""
-    lines = [f"{'layer':<24}{'shape':<18}{'nnz':>9}{'bits':>5}{'codes B':>9}{'positions B':>13} {'(encoding)':<14}{'codebook B':>11}"]
-    for r in report.layers:
-        shape = "x".join(map(str, r.shape))
-        lines.append(f"{r.name:<24}{shape:<18}{r.nnz:>9}{r.bits:>5}{r.codes_bytes:>9}{r.positions_bytes:>13} "
-                     f"{'(' + r.positions_encoding + ')':<14}{r.codebook_bytes:>11}")
-    lines += [
-        f"other parameters and buffers: {report.dense_bytes} B",
-        f"header: {report.header_bytes} B",
-        f"file size: {report.file_bytes} B",
-        f"dense fp32 size: {report.fp32_bytes} B",
-        f"ratio on file bytes: {report.file_ratio:.1f}x",
-        f"paper-accounting size: {report.paper_bits} bits = sum of bits x non-zeros "
-        f"(ratio {report.paper_ratio:.1f}x against fp32 of the compressed weights)",
-    ]
-    return "\n".join(lines)
