@@ -519,7 +519,8 @@ class Compressor:
 
     def _deployable(self, method: Method, density: torch.Tensor, bits: float) -> Allocation:
         """`method`'s deployable model at `bits`, positions priced at `density`; with `batchnorm_inputs`
-        (from `calibrate`), its BatchNorm statistics measured for its own weights."""
+        (from `calibrate`, or set: the Engine's calibration inputs), its BatchNorm statistics measured
+        for its own weights."""
         alloc = method.allocate(Budget(bits, density))
         if self.batchnorm_inputs and not alloc.state:
             model = copy.deepcopy(self.model)

@@ -360,9 +360,9 @@ class Engine:
             comp.target_bits, comp.names, str(self.device), done, changes,
         ))
         if not state and cfg.dense_epochs == 0:
-            yield from self._calibrated_start()
-        elif state and (done > cfg.dense_epochs or cfg.dense_epochs == 0) and comp.method.trains and cfg.start == "calibrated":
-            comp.batchnorm_inputs = self._calibration_inputs()  # what its calibrated start measured BatchNorm on
+            yield from self._compression_start()
+        elif state and (done > cfg.dense_epochs or cfg.dense_epochs == 0) and comp.method.trains:
+            comp.batchnorm_inputs = self._calibration_inputs()  # what its start measured BatchNorm on
         opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
         if state and "optimizer" in state:
             opt.load_state_dict(state["optimizer"])
@@ -387,7 +387,7 @@ class Engine:
             dense = epoch < cfg.dense_epochs
             if epoch == cfg.dense_epochs and epoch > 0:  # compression starts from the dense-trained model
                 self._reattach()
-                yield from self._calibrated_start()
+                yield from self._compression_start()
                 opt, sched = self._optimizer(dense=False)
             tic = time.perf_counter()
             first: int | None = 0
@@ -416,11 +416,16 @@ class Engine:
             self.compressor.calibrate(self._calibration_inputs())
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
 
-    def _calibrated_start(self) -> Iterator[Record]:
-        """A training method's start (`start` "calibrated"): the post-training result at the target,
-        from calibration inputs drawn from the training data; its record is the run's first point."""
-        if self.compressor.method.trains and self.config.start == "calibrated":
-            yield self._emit(self._shift(self.compressor.calibrate(self._calibration_inputs())))
+    def _compression_start(self) -> Iterator[Record]:
+        """A training method's start. With `start` "calibrated", the post-training result at the
+        target, from calibration inputs drawn from the training data (its record is the run's
+        first point). From either start, the deployable model's BatchNorm statistics are measured
+        for its own weights on those inputs: the trained ones go stale when masks and codes move."""
+        comp = self.compressor
+        if comp.method.trains and self.config.start == "calibrated":
+            yield self._emit(self._shift(comp.calibrate(self._calibration_inputs())))
+        elif comp.method.trains:
+            comp.batchnorm_inputs = self._calibration_inputs()
 
     def _calibration_inputs(self) -> list[torch.Tensor]:
         return calibration_inputs(self.data, self.config.calibration, self.config.seed, self.device)

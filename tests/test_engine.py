@@ -13,6 +13,7 @@ from torch import nn
 
 from jointcomp import EngineConfig, Engine, FinalRecord, build_model
 from jointcomp.records import EpochRecord, StepRecord
+from jointcomp.trainer import calibration_inputs
 
 
 def evaluate(model: nn.Module, data, weights: dict[str, torch.Tensor] | None = None) -> float:
@@ -181,6 +182,24 @@ def test_pretraining_from_scratch_records_dense_phase(digits):
     phases = [r.phase for r in records if isinstance(r, EpochRecord)]
     assert phases == ["dense", "dense", "retrain", "finetune"]  # ADMM for 40 % of the steps: its epoch ends retraining
     assert records[-1].dense_accuracy > 0.8
+
+
+def test_deployable_batchnorm_statistics_are_those_of_its_own_weights(digits):
+    """From the dense start too, the deployable model's BatchNorm statistics are measured for its
+    projected weights on the calibration inputs: those of training belong to the weights before
+    the projection (a BatchNorm network's accuracy swung by up to 38 points between epochs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    config = EngineConfig(target="50x", epochs=6, dense_epochs=1, device="cpu")
+    engine = Engine(model, digits, config)
+    next(r for r in engine if isinstance(r, EpochRecord) and r.phase == "admm")  # one ADMM epoch, then look
+    comp = engine.compressor
+    alloc = comp.allocation(comp.target_bits)
+    inputs = calibration_inputs(digits, config.calibration, config.seed, torch.device("cpu"))
+    batches = [x.flatten(1) @ alloc.values[0].T for x in inputs]  # the first BatchNorm's inputs
+    assert torch.allclose(alloc.state["2.running_mean"], torch.stack([h.mean(0) for h in batches]).mean(0), atol=1e-5)
+    assert torch.allclose(alloc.state["2.running_var"], torch.stack([h.var(0) for h in batches]).mean(0),
+                          rtol=1e-4, atol=1e-6)
 
 
 def test_model_with_nothing_to_compress(digits):
