@@ -1,4 +1,4 @@
-"""Which compressed layer feeds which, unit by unit, and the weights a pruning makes useless.
+"""Which compressed layer feeds which, unit by unit: what makes weights useless after a pruning.
 
 When every kept weight into a unit (an output feature or channel of a layer) is pruned,
 the unit puts out a constant (its bias, through ReLU, pooling, BatchNorm...). The weights of
