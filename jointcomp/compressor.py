@@ -168,7 +168,7 @@ def trim_to_fit(deploy: Callable[[float], Allocation], target: float, size: Call
     budget shrinks by each overshoot until one fits, then grows by each undershoot (halving
     back after an overshoot) a few times; the largest allocation that fits is kept. `draft`,
     when given, makes the same masks and bits as `deploy` more cheaply (posttrain's, without its
-    pass per layer): the budget is searched on drafts, then `deploy` runs once, at the budget
+    reconstruction in order): the budget is searched on drafts, then `deploy` runs once, at the budget
     found (and the search runs again on `deploy` should its values move its real size over)."""
     found, budget = _search_budget(draft or deploy, target, size)
     if draft is None:

@@ -202,3 +202,17 @@ def test_the_command_compresses_without_training_and_refuses_bad_calibration(tmp
                   "--calibration", value, "--out", tmp_path / f"bad{value}", "--overwrite")
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_calibration_that_would_keep_too_many_layer_inputs_is_refused_in_one_line(trained_mlp, digits, monkeypatch):
+    """The dense network's layer inputs are kept for every calibration input (what each layer is
+    reconstructed towards): past DENSE_RECORD_BOUND bytes the calibration is refused, saying how to
+    fix it, before anything large is allocated."""
+    from jointcomp.methods import posttrain
+    inputs = calibration_inputs(digits, 512, 0, torch.device("cpu"))
+    kept = 512 * 4 * sum(m.in_features for m in trained_mlp.modules() if isinstance(m, nn.Linear))
+    monkeypatch.setattr(posttrain, "DENSE_RECORD_BOUND", kept - 1)
+    with pytest.raises(ValueError, match=r"512 calibration inputs would keep .* give fewer \(--calibration N\)"):
+        jointcomp.Compressor(copy.deepcopy(trained_mlp), "50x", method="posttrain").calibrate(inputs)
+    monkeypatch.setattr(posttrain, "DENSE_RECORD_BOUND", kept)
+    jointcomp.Compressor(copy.deepcopy(trained_mlp), "50x", method="posttrain").calibrate(inputs)

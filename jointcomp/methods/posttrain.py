@@ -6,8 +6,10 @@ OBS, OBC, GPTQ and SparseGPT. With d_i the i-th diagonal entry of the Cholesky f
 removing weight w of input column i after the columns before it were corrected costs about
 (w / d_i)^2 (GPTQ's per-column loss). So:
 
-* `calibrate`: one pass over the calibration inputs collects every layer's H (per batch, never
-  the whole set's activations); each layer's sensitivity (how far the network's outputs move per
+* `calibrate`: one forward pass of the dense network on the whole calibration set records every
+  compressed layer's inputs, every BatchNorm's input moments and the outputs (`_Dense`: what each
+  reconstruction aims at; refused past DENSE_RECORD_BOUND bytes) and gives every layer's H; each
+  layer's sensitivity (how far the network's outputs move per
   unit of its relative output error); then each layer's option table: for every (kept count,
   bits), keep the weights of largest (w / d)^2, fit a k-means codebook to them and reconstruct a
   sample of rows for real; its output error in the network's unit. Nothing here depends on the
@@ -30,14 +32,16 @@ for the errors of those before it; the BatchNorms before each layer have their s
 first, so that its inputs are normalized as they will be (aimed through stale statistics, a
 conv-BN network's outputs ended farther from the dense ones than without the pass). Of the two
 reconstructions the one whose outputs are closer to the dense network's is kept: in order on the
-convolutional networks measured, on dense inputs for a GPT at 16x (BENCHMARKS.md). The pass costs a
-forward pass per layer; aiming each layer at its own outputs on Y, as GPTQ does, was no better than
-the dense inputs.
+convolutional networks measured, on dense inputs for a GPT at 16x (BENCHMARKS.md). The pass is one
+forward pass of the compressed copy on the whole calibration set, each layer reconstructed by a hook
+as the pass reaches it (the dense inputs X come from the record); aiming each layer at its own
+outputs on Y, as GPTQ does, was no better than the dense inputs.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from typing import Callable, Iterable, Iterator
 
@@ -59,10 +63,8 @@ BLOCK = 128  # columns reconstructed together (GPTQ's lazy batch)
 RECONSTRUCTIONS_KEPT = 8  # reconstructions a method remembers (three candidates and the chosen one in order, twice)
 SENSITIVITY_NOISE = 0.01  # relative output error of the random change that measures a layer's sensitivity
 SENSITIVITY_BATCHES = 2  # calibration batches it is measured on
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer it watches has seen its input."""
+CHUNK = 128  # calibration inputs unfolded at a time to measure a layer's moments (as many as a calibration batch)
+DENSE_RECORD_BOUND = 4 << 30  # bytes the dense network's recorded layer inputs may take
 
 
 @contextlib.contextmanager
@@ -79,12 +81,15 @@ def _hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]]) -> Iterat
         model.train(was_training)
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> None:
-    """A forward pass that a hook may end early (`_Stop`)."""
-    try:
-        model(x)
-    except _Stop:
-        pass
+@dataclasses.dataclass
+class _Dense:
+    """The dense network on the whole calibration set, recorded in one forward pass: the input of
+    every module that uses a compressed weight and the per-channel moments of every BatchNorm's
+    input (by module name), and the outputs. What every reconstruction aims at."""
+
+    inputs: dict[str, torch.Tensor]
+    norms: dict[str, torch.Tensor]
+    outputs: torch.Tensor
 
 
 class PostTrain(Method):
@@ -99,6 +104,8 @@ class PostTrain(Method):
     def __init__(self, layers: Layers, config: MethodConfig | None = None) -> None:
         super().__init__(layers, config)
         self.inputs: list[torch.Tensor] = []
+        self.users: list[list[str]] = []  # per layer, the names of the modules that use its weight
+        self.dense: _Dense | None = None
         self.hessians: list[torch.Tensor] = []  # per layer, H of its inputs in the dense network
         self.tables: OptionTables | None = None
         self.scaled: list[torch.Tensor] = []  # w sqrt(unit) / d: the pruning knapsack's scores are their squares
@@ -116,7 +123,12 @@ class PostTrain(Method):
             raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
                              f"{count}; give more (--calibration N)")
         model, modules = self.layers.model, self._modules()
-        self.hessians = hessians = _hessians(model, modules, self.inputs)
+        name_of = {id(m): n for n, m in model.named_modules()}
+        self.users = [[name_of[id(m)] for m in users] for users in modules]
+        self.dense = _record_dense(model, self.users, self.inputs)
+        self.hessians = hessians = [_mean_moment([(m, self.dense.inputs[n], self.dense.inputs[n])
+                                                  for m, n in zip(users, names)])
+                                    for users, names in zip(modules, self.users)]
         sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
         layers, scaled = [], []
         for p, h, low, weight in zip(tqdm(self.params, desc="option tables", leave=False, disable=None), hessians,
@@ -135,7 +147,7 @@ class PostTrain(Method):
     @torch.no_grad()
     def allocate(self, budget: Budget) -> Allocation:
         """The draft's masks and bits (`draft`), reconstructed in order: each layer on the inputs the
-        already-compressed layers before it give (a forward pass per layer); the draft itself where
+        already-compressed layers before it give (one forward pass); the draft itself where
         its outputs are the closer to the dense network's (a GPT at 16x, BENCHMARKS.md)."""
         best = self.draft(budget)
         _, apart = self.reconstruct(best.masks, best.bits, budget, in_order=False)
@@ -206,8 +218,8 @@ class PostTrain(Method):
                     ) -> tuple[Allocation, float]:
         """These masks and bits with the kept weights reconstructed (and the BatchNorm statistics for
         them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
-        the calibration inputs. `in_order`: layer after layer on the compressed network's inputs (a
-        forward pass per layer); else each on its dense inputs (cheaper, to compare candidates).
+        the calibration inputs. `in_order`: layer after layer on the compressed network's inputs (one
+        forward pass); else each on its dense inputs (cheaper, to compare candidates).
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
         model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
@@ -225,33 +237,86 @@ class PostTrain(Method):
     def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool) -> tuple[Allocation, float]:
         """Each layer's kept weights reconstructed onto a codebook: on its inputs in the dense network
         (H measured once), or, `in_order`, layer after layer on the inputs the already-compressed
-        layers before it give, towards the dense layer's outputs. Then the BatchNorm statistics of
-        that copy of the model, and its output distance from the dense one."""
-        dense, model = self.layers.model, copy.deepcopy(self.layers.model)
+        layers before it give, towards the dense layer's outputs: one forward pass on the whole
+        calibration set, each layer reconstructed as the pass reaches it and each BatchNorm's
+        statistics moved before it runs. Then the BatchNorm statistics of that copy of the model,
+        and its output distance from the dense one."""
+        model = copy.deepcopy(self.layers.model)
         params = dict(model.named_parameters(remove_duplicate=False))
-        names = {id(m): n for n, m in dense.named_modules()}
-        copies = dict(model.named_modules())
-        shifts = _BatchnormShifts(dense, model, self.inputs) if in_order and _batchnorms(model) else None
-        books, codes, values = [], [], []
-        bar = tqdm(list(zip(self.layers.names, self.params, self._modules(), self.hessians, masks, bits.tolist())),
-                   desc="reconstructing in order" if in_order else "reconstructing", leave=False, disable=None)
-        for name, p, users, h, mask, b in bar:
+        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook and weight
+        bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
+                   disable=None)
+
+        def rebuild(j: int, w: torch.Tensor, h: torch.Tensor) -> None:
+            name = self.layers.names[j]
             bar.set_postfix_str(name)
-            w = p.detach().float()
-            if in_order:
-                own = [copies[names[id(m)]] for m in users]
-                if shifts:
-                    shifts.before(own)  # the layer's inputs normalized as they will be
-                cross, h = _paired_moments(dense, model, users, own, self.inputs)
-                w = _towards_dense(w, cross, h)
-            book, q = reconstruct_layer(w, h, mask, int(b))
+            found[j] = book, q = reconstruct_layer(w, h, masks[j], int(bits[j]))
             params[name].copy_(q)
-            books.append(book)
-            codes.append(assign(torch.masked_select(q, mask), book))
-            values.append(q)
-        state = _batchnorm_statistics(dense, model, self.inputs, shifts)
-        distance = _output_distance(dense, model, state, self.inputs)
+            bar.update()
+
+        def aim(j: int, name: str) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:
+                if j not in found:  # a weight several modules use: on the inputs of the first the pass reaches
+                    x, y = self.dense.inputs[name], args[0].detach()
+                    h = _mean_moment([(module, y, y)])
+                    rebuild(j, _towards_dense(self.params[j].detach().float(), _mean_moment([(module, x, y)]), h), h)
+            return hook
+
+        if in_order:
+            modules = dict(model.named_modules())
+            self._outputs(model, self._shifts(model) + [(modules[n], aim(j, n)) for j, names in enumerate(self.users)
+                                                        for n in names])
+        else:
+            for j, (p, h) in enumerate(zip(self.params, self.hessians)):
+                rebuild(j, p.detach().float(), h)
+        bar.close()
+        state, distance = self._statistics(model, moved=in_order)
+        books, values = [found[j][0] for j in range(len(masks))], [found[j][1] for j in range(len(masks))]
+        codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, masks, books)]
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
+
+    def _outputs(self, model: nn.Module, hooks: list[tuple[nn.Module, Callable]] = ()) -> torch.Tensor:
+        """`model`'s outputs on the whole calibration set in eval mode: with `hooks`, in one pass (a
+        hook sees every input at once); without, batch by batch (a CIFAR ResNet's forward pass on
+        512 inputs at once took 3x as long as on four batches of 128)."""
+        with _hooked(model, list(hooks)):
+            return model(torch.cat(self.inputs)) if hooks else torch.cat([model(x) for x in self.inputs])
+
+    def _shifts(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+        """Hooks that move each BatchNorm's statistics by the shift compression made in its input."""
+        return [(m, _shift_to(self.dense.norms[n])) for n, m in _batchnorms(model) if n in self.dense.norms]
+
+    def _distance(self, model: nn.Module, state: dict[str, torch.Tensor]) -> float:
+        """Summed squared distance between the outputs of `model` with these tensors and the dense network's."""
+        tensors = model.state_dict()
+        for k, v in state.items():
+            tensors[k].copy_(v)
+        return float((self._outputs(model) - self.dense.outputs).double().square().sum())
+
+    def _statistics(self, model: nn.Module, moved: bool) -> tuple[dict[str, torch.Tensor], float]:
+        """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
+        state-dict name, and the distance of its outputs from the dense network's with them: of two
+        candidates, the one whose outputs are the closer. Moved by the shift compression made in each
+        BatchNorm's input (`_shift_to`; `moved`: a reconstruction in order did on the way) keeps the
+        statistics the network was trained with, which a few hundred inputs estimate worse
+        (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
+        on the compressed network holds where compression moved the activations too far for a small
+        shift (high ratios)."""
+        found = _batchnorms(model)
+        if not found:
+            return {}, self._distance(model, {})
+        if not moved:
+            self._outputs(model, self._shifts(model))
+        names = _statistics_names(found)
+        tensors = model.state_dict()
+        shifted = {k: tensors[k].clone() for k in names}
+        _reestimate(model, [m for _, m in found], self.inputs)
+        measured = {k: tensors[k].clone() for k in names}
+        distance, best = min(((self._distance(model, state), state) for state in (shifted, measured)),
+                             key=lambda scored: scored[0])
+        for k in names:
+            tensors[k].copy_(best[k])
+        return best, distance
 
     def _modules(self) -> list[list[nn.Module]]:
         """Per compressed weight, the Conv2d and Linear modules of the model that use it. A weight an
@@ -288,77 +353,22 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.view(n, g, cols // g, positions).permute(1, 0, 3, 2).reshape(g, n * positions, cols // g)
 
 
-def _hessians(model: nn.Module, modules: list[list[nn.Module]], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """H = X^T X / samples (groups, columns, columns) of each entry of `modules` over `inputs`."""
-    def measure(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        rows = _layer_inputs(module, x)
-        return _moment(rows, rows), rows.shape[1]
-
-    return _accumulate(model, modules, inputs, measure, stop=False)
-
-
 def _moment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a^T b per group (groups, columns, columns) over one batch's rows, in float32 (half the time
     of float64), returned in float64 on the CPU so that the sum over batches keeps its precision."""
     return torch.einsum("gnc,gnd->gcd", a.float(), b.float()).to(torch.float64 if a.device.type == "cpu" else torch.float32)
 
 
-@torch.no_grad()
-def _paired_moments(dense: nn.Module, model: nn.Module, dense_users: list[nn.Module], users: list[nn.Module],
-                    inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """X^T Y and Y^T Y / samples of one weight, X its inputs in the dense network and Y in `model`
-    (the same layer, its predecessors compressed), over `inputs` one batch at a time."""
-    cross = gram = None
-    count = 0
-    for x in inputs:
-        rows_dense, rows = _rows(dense, dense_users, x), _rows(model, users, x)
-        c, g = _moment(rows_dense, rows), _moment(rows, rows)
-        cross, gram = (c, g) if cross is None else (cross + c, gram + g)
-        count += rows.shape[1]
-    return cross / count, gram / count
-
-
-def _rows(model: nn.Module, users: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The input rows (groups, samples, columns) of one weight's `users` on batch `x`, the forward
-    pass ended once the last has seen it."""
-    found: list[torch.Tensor] = []
-
-    def collect(module: nn.Module, args: tuple) -> None:
-        found.append(_layer_inputs(module, args[0].detach()))
-        if len(found) == len(users):
-            raise _Stop
-
-    with _hooked(model, [(m, collect) for m in users]):
-        _forward(model, x)
-    return torch.cat(found, 1)
-
-
-@torch.no_grad()
-def _accumulate(model: nn.Module, modules: list[list[nn.Module]], inputs: list[torch.Tensor],
-                measure: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, int]], stop: bool) -> list[torch.Tensor]:
-    """The mean of `measure(module, its input) -> (sum, count)` of each entry of `modules` over
-    `inputs`, one batch at a time (never the whole set's activations), the model in eval mode.
-    `stop`: one entry, whose forward pass ends once its modules have seen the batch."""
-    sums: list[torch.Tensor | None] = [None] * len(modules)
-    counts = [0] * len(modules)
-
-    def hook(j: int, last: bool):
-        def collect(module: nn.Module, args: tuple) -> None:
-            total, count = measure(module, args[0].detach())
-            sums[j] = total if sums[j] is None else sums[j] + total
-            counts[j] += count
-            if last:
-                raise _Stop
-        return collect
-
-    with _hooked(model, [(m, hook(j, stop and k == len(users) - 1)) for j, users in enumerate(modules)
-                         for k, m in enumerate(users)]):
-        for x in inputs:
-            _forward(model, x)
-    if any(total is None for total in sums):
-        raise ValueError("a compressed layer saw no input in the model's forward pass; post-training compression "
-                         "needs every compressed layer to be used")
-    return [total / count for total, count in zip(sums, counts)]
+def _mean_moment(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The mean of a^T b over the input rows of each (module, a, b) of `pairs` (a and b: inputs of
+    that module on the same samples; a b that is a gives H), CHUNK samples unfolded at a time."""
+    total, count = 0.0, 0
+    for module, a, b in pairs:
+        for a_chunk, b_chunk in zip(a.split(CHUNK), b.split(CHUNK)):
+            rows = _layer_inputs(module, a_chunk)
+            total = total + _moment(rows, rows if b is a else _layer_inputs(module, b_chunk))
+            count += rows.shape[1]
+    return total / count
 
 
 def _damped(h: torch.Tensor) -> torch.Tensor:
@@ -520,85 +530,58 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     return q, before
 
 
-def _channel_moments(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per channel (dimension 1): the sum and the sum of squares of a BatchNorm's input."""
+def _channel_moments(x: torch.Tensor) -> torch.Tensor:
+    """Per channel (dimension 1): the mean and the mean of squares of a BatchNorm's input (2, channels)."""
     dims = [d for d in range(x.dim()) if d != 1]
     x = x.double()
-    return torch.stack([x.sum(dims), x.square().sum(dims)]), x.numel() // x.shape[1]
+    return torch.stack([x.mean(dims), x.square().mean(dims)])
 
 
-@torch.no_grad()
-def _batchnorm_statistics(dense: nn.Module, model: nn.Module, inputs: list[torch.Tensor],
-                          shifts: "_BatchnormShifts | None" = None) -> dict[str, torch.Tensor]:
-    """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
-    state-dict name: of two candidates, the one whose outputs on the calibration inputs are closer
-    to the dense network's. Moved by the shift compression made in each BatchNorm's input
-    (`_BatchnormShifts`; `shifts`: those a reconstruction in order made on the way) keeps the
-    statistics the network was trained with, which a few hundred inputs estimate worse
-    (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
-    on the compressed network holds where compression moved the activations too far for a small
-    shift (high ratios)."""
-    found = _batchnorms(model)
-    if not found:
-        return {}
-    names = _statistics_names(found)
-    tensors = model.state_dict()
-    (shifts or _BatchnormShifts(dense, model, inputs)).all()
-    shifted = {k: tensors[k].clone() for k in names}
-    _reestimate(model, [m for _, m in found], inputs)
-    measured = {k: tensors[k].clone() for k in names}
-    best = min((shifted, measured), key=lambda state: _output_distance(dense, model, state, inputs))
-    for k in names:
-        tensors[k].copy_(best[k])
-    return best
-
-
-class _BatchnormShifts:
-    """Moves the running statistics of the compressed `model`'s BatchNorms by the shift compression
-    made in their inputs (the mean by the difference, the variance by the ratio, against the dense
-    network's on the same inputs), each BatchNorm once, in the order the forward pass reaches them:
-    each measured after those before it are moved. A reconstruction in order moves those before a
-    layer (`before`) so that the layer's inputs are normalized as they will be."""
-
-    def __init__(self, dense: nn.Module, model: nn.Module, inputs: list[torch.Tensor]) -> None:
-        self.model, self.inputs = model, inputs
-        found = _batchnorms(model)
-        dense_modules = dict(dense.named_modules())
-        self.reference = _accumulate(dense, [[dense_modules[n]] for n, _ in found], inputs, _channel_moments, stop=False)
-        self.order = _call_order(model, inputs[0][:1])
-        reached = sorted(range(len(found)), key=lambda i: self.order.get(id(found[i][1]), math.inf))
-        self.pending = [(found[i][1], self.reference[i]) for i in reached]
-
-    def before(self, modules: list[nn.Module]) -> None:
-        """Move the BatchNorms the forward pass reaches before the first of `modules`."""
-        first = min(self.order.get(id(m), math.inf) for m in modules)
-        while self.pending and self.order.get(id(self.pending[0][0]), math.inf) < first:
-            self._move(*self.pending.pop(0))
-
-    def all(self) -> None:
-        while self.pending:
-            self._move(*self.pending.pop(0))
-
-    def _move(self, norm: nn.Module, reference: torch.Tensor) -> None:
-        mean_d, square_d = reference
-        mean_c, square_c = _accumulate(self.model, [[norm]], self.inputs, _channel_moments, stop=True)[0]
+def _shift_to(reference: torch.Tensor) -> Callable:
+    """A forward pre-hook that moves a BatchNorm's running statistics by the shift compression made
+    in its input, against the dense network's `reference` moments on the same inputs: the mean by
+    the difference, the variance by the ratio."""
+    def move(norm: nn.Module, args: tuple) -> None:
+        (mean_d, square_d), (mean_c, square_c) = reference, _channel_moments(args[0])
         var_d, var_c = square_d - mean_d.square(), square_c - mean_c.square()
         ratio = torch.where(var_d > 1e-12, var_c / var_d.clamp(min=1e-12), torch.ones_like(var_d))
         norm.running_mean.add_((mean_c - mean_d).to(norm.running_mean.dtype))
         norm.running_var.mul_(ratio.to(norm.running_var.dtype))
+    return move
 
 
 @torch.no_grad()
-def _call_order(model: nn.Module, x: torch.Tensor) -> dict[int, int]:
-    """id(module) -> when the forward pass on `x` first reaches it (0, 1, ...)."""
-    order: dict[int, int] = {}
+def _record_dense(model: nn.Module, users: list[list[str]], inputs: list[torch.Tensor]) -> _Dense:
+    """One forward pass of the dense `model` on all of `inputs` at once, recorded (`_Dense`); refused
+    when the layer inputs it keeps would take more than DENSE_RECORD_BOUND bytes."""
+    modules = dict(model.named_modules())
+    watched = sorted({n for names in users for n in names})
 
-    def reached(module: nn.Module, args: tuple) -> None:
-        order.setdefault(id(module), len(order))
+    def run(x: torch.Tensor) -> _Dense:
+        record = _Dense({}, {}, torch.empty(0))
 
-    with _hooked(model, [(m, reached) for m in model.modules()]):
-        model(x)
-    return order
+        def keep(found: dict, name: str, measure: Callable) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:  # (a pre-hook that returned a value would replace the input)
+                if name not in found:
+                    found[name] = measure(args[0].detach())
+            return hook
+
+        hooks = [(modules[n], keep(record.inputs, n, lambda t: t)) for n in watched]
+        hooks += [(m, keep(record.norms, n, _channel_moments)) for n, m in _batchnorms(model)]
+        with _hooked(model, hooks):
+            record.outputs = model(x)
+        return record
+
+    whole = torch.cat(inputs)
+    need = len(whole) * sum(t.numel() * t.element_size() for t in run(whole[:1]).inputs.values())
+    if need > DENSE_RECORD_BOUND:
+        raise ValueError(f"{len(whole)} calibration inputs would keep {need / 2**30:.1f} GiB of this network's layer "
+                         f"inputs (at most {DENSE_RECORD_BOUND / 2**30:.0f}); give fewer (--calibration N)")
+    record = run(whole)
+    if set(watched) - record.inputs.keys():
+        raise ValueError("a compressed layer saw no input in the model's forward pass; post-training compression "
+                         "needs every compressed layer to be used")
+    return record
 
 
 def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -639,15 +622,3 @@ def _reestimate(model: nn.Module, norms: list[nn.Module], inputs: list[torch.Ten
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
         model.train(was_training)
-
-
-def _output_distance(dense: nn.Module, model: nn.Module, state: dict[str, torch.Tensor], inputs: list[torch.Tensor]) -> float:
-    """Mean squared distance between the outputs of `model` with these tensors and the dense network's."""
-    tensors = model.state_dict()
-    for k, v in state.items():
-        tensors[k].copy_(v)
-    was = dense.training, model.training
-    dense.eval(), model.eval()
-    distance = sum(float((model(x) - dense(x)).double().square().sum()) for x in inputs)
-    dense.train(was[0]), model.train(was[1])
-    return distance
