@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .budget import Budget, feasible_range
+from .budget import feasible_range
 from .compressor import Compressor
 from .projector import Allocation
 from .records import CurvePoint, FinalRecord
@@ -16,14 +16,16 @@ from .records import CurvePoint, FinalRecord
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
-def plan(comp: Compressor, target: str | float | None = None) -> FinalRecord:
+def plan(comp: Compressor, target: str | float | None = None, dense_accuracy: float | None = None) -> FinalRecord:
     """What the compressor's method would start from at `target` (default: the live one): its
-    allocation of the current weights, scored and sized as a final record would be."""
+    allocation of the current weights, scored and sized as a final record would be.
+    `dense_accuracy`: the current weights' score where the caller has it (the app's slider asks
+    for many targets of one model; each score of a CIFAR ResNet is seconds)."""
     bits = comp.resolve(target) if target is not None else comp.target_bits
     alloc, file_bytes, size = _project(comp, bits, comp.initial_density(bits))
     nan = torch.full((len(comp.specs),), float("nan"), dtype=torch.float64)
     return FinalRecord(
-        comp.score(alloc), comp.score(None), size, bits, comp.dense_bits / size, 0, 0.0, False,
+        comp.score(alloc), comp.score(None) if dense_accuracy is None else dense_accuracy, size, bits, comp.dense_bits / size, 0, 0.0, False,
         file_bytes, comp.fp32_bytes / file_bytes, comp.layer_records(alloc, nan, nan), *comp.count_bops(alloc),
     )
 

@@ -11,7 +11,7 @@ from jointcomp import Compressor, whatif
 from jointcomp.app import charts
 from jointcomp.bops import format_bops
 from jointcomp.budget_modes import format_amount
-from jointcomp.app.runner import Runner, new_run_dir, subset_accuracy, what_if
+from jointcomp.app.runner import Runner, new_run_dir, what_if
 from jointcomp.trainer import TRADEOFF_SUBSET
 
 CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redraws every second
@@ -31,6 +31,7 @@ key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, c
 if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
     st.session_state.preview = what_if(model, data, choices.config, choices.model)
     st.session_state.preview_key = key
+    st.session_state.whatif_plans = {}  # its what-ifs by target, each computed once
 preview: Compressor = st.session_state.preview
 preview_inputs = choices.config.calibration
 
@@ -72,7 +73,10 @@ if not running:
                    "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
                    "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
                    "training run improves on it. Accuracy on the whole validation set.")
-        plan = whatif.plan(preview, target)
+        plans = st.session_state.whatif_plans
+        if target not in plans:
+            plans[target] = whatif.plan(preview, target, dense_accuracy)
+        plan = plans[target]
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)
         c1.metric(f"Size ({mode} budget)", format_amount(plan.size_bits, mode), f"{plan.ratio:.1f}x smaller", delta_color="off")
@@ -82,9 +86,10 @@ if not running:
                    "its weights at 8 bits, the most a codebook offers.")
         left, right = st.columns(2)
         left.container(key="whatif_allocation").altair_chart(charts.fit_width(charts.allocation(pd.DataFrame(layers))))
-        curve = pd.DataFrame([{"epoch": -1, "phase": "what-if", **vars(point)}
-                              for point in whatif.tradeoff(preview, target, evaluate=subset_accuracy(data))])
-        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, subset=TRADEOFF_SUBSET, budget_mode=mode))
+        curve = pd.DataFrame([{"epoch": -1, "size_bits": size, "accuracy": score} for size, score in
+                              [(preview.dense_bits, dense_accuracy), *((p.size_bits, p.accuracy) for p in plans.values())]])
+        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, budget_mode=mode))
+        right.caption("The dense network and every target looked at so far: each new target adds its point.")
 
 
 CAPTIONS = {

@@ -1,6 +1,7 @@
 """The Streamlit pages through streamlit.testing.v1.AppTest: widgets, defaults, a real run."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -39,9 +40,23 @@ def test_defaults_and_what_if():
     assert [b.label for b in at.button] == ["Start", "Compress without training", "Stop"]
     labels = [m.label for m in at.metric]
     assert "Size (paper budget)" in labels and ".jcz file" in labels
-    size_50 = at.metric[0].value
+    size_50, accuracy_50 = at.metric[0].value, at.metric[1].value
+    assert len(tradeoff_points(at)) == 2  # the dense network and this target
     at.select_slider(key="target_ratio").set_value(500).run()  # the what-if follows the slider
     assert at.metric[0].value != size_50
+    at.select_slider(key="target_ratio").set_value(50).run()
+    assert (at.metric[0].value, at.metric[1].value) == (size_50, accuracy_50)
+    points = tradeoff_points(at).sort_values("size_bits")  # every target looked at, once each
+    assert len(points) == 3 and points["size_bits"].iloc[0] < points["size_bits"].iloc[1] / 5
+    assert f"{points['accuracy'].iloc[1]:.2%}" == accuracy_50
+
+
+def tradeoff_points(at: AppTest):
+    """The rows the what-if's trade-off chart draws."""
+    import pyarrow
+
+    chart = next(c for c in at.get("vega_lite_chart") if json.loads(c.proto.spec)["title"]["text"] == "Trade-off")
+    return pyarrow.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas()
 
 
 def test_start_run_to_the_end_then_download():

@@ -19,6 +19,7 @@ PHASES = {"dense": "dense", "posttrain": "calibrated start", "admm": "ADMM", "pr
 MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
+ACCURACY_AXIS = alt.Axis(format=".1%", tickCount=5, tickMinStep=0.001)  # ticks 0.1 % apart at least: no two read the same
 # One row above the chart, so its labels are short: longer rows ran past its right edge in the page's columns.
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
@@ -77,7 +78,7 @@ def accuracy_over_epochs(epochs: pd.DataFrame, dense_accuracy: float | None = No
     df = epochs.assign(epoch_no=epochs["epoch"] + 1, stage=epochs["phase"].map(PHASES))
     line = alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("stage:N", title="phase", legend=LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("stage:N", title="phase"),
                  alt.Tooltip("accuracy:Q", format=".2%")],
@@ -141,7 +142,8 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
     df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("size:Q", title=axis, scale=alt.Scale(type="log")),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False),
+                axis=ACCURACY_AXIS),
         detail="epoch_no:O",
         color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["latest", "earlier epochs"],
                                                                 range=["#1f77b4", "#cfd8e3"]),
@@ -155,7 +157,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
         layers.append(alt.Chart(run).mark_point(shape="diamond", size=90, filled=True, color="black").encode(
             x="size:Q", y="accuracy:Q",
             tooltip=[alt.Tooltip("epoch_no:Q", title="run, epoch"), alt.Tooltip("accuracy:Q", format=".2%")]))
-    where = f" on the first {subset:,} validation examples" if subset else ""
+    where = f" on the first {subset:,} validation examples" if subset else " on the whole validation set"
     return alt.layer(*layers).properties(
         title=alt.Title("Trade-off", subtitle=["accuracy at other sizes, without training", f"scored{where}"]),
         width=WIDTH, height=HEIGHT)
@@ -252,7 +254,7 @@ def sweep(results: pd.DataFrame) -> alt.Chart:
     """Accuracy against size for each method of a sweep."""
     return alt.Chart(results).mark_line(point=True).encode(
         x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%", tickCount=5)),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"),
         tooltip=["target:N", "method:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("ratio:Q", format=".1f")],
     ).properties(title="Accuracy against size", width=2 * WIDTH, height=280)
@@ -262,7 +264,7 @@ def runs(frame: pd.DataFrame) -> alt.Chart:
     """Finished runs side by side: accuracy against paper size, by method."""
     return alt.Chart(frame).mark_point(filled=True, size=80).encode(
         x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=alt.Axis(format=".1%")),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"), shape=alt.Shape("model:N", title="model"),
         tooltip=["run:N", "model:N", "data:N", "method:N", "target:N", alt.Tooltip("accuracy:Q", format=".2%"),
                  alt.Tooltip("size_kb:Q", format=".2f", title="KB"), alt.Tooltip("file_bytes:Q", title="file B")],

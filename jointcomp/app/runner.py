@@ -24,7 +24,7 @@ from ..budget import parse_target
 from ..compressor import Compressor
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from ..trainer import (TRADEOFF_SUBSET, EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
+from ..trainer import (EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
                        train_dense)
 from ..models import load_start
 from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
@@ -214,11 +214,6 @@ class Runner(_Worker):
         if self.final is None:
             raise ValueError("the run has not finished yet")
         return self.engine.checkpoint()
-
-
-def subset_accuracy(data: Dataset) -> Callable[[nn.Module], float]:
-    """Accuracy on the first TRADEOFF_SUBSET validation examples (what trade-off curves use)."""
-    return lambda m: accuracy(m, data, TRADEOFF_SUBSET)
 
 
 def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str) -> Compressor:
