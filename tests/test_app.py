@@ -40,6 +40,7 @@ def test_defaults_and_what_if():
     assert [b.label for b in at.button] == ["Start", "Compress without training", "Stop"]
     labels = [m.label for m in at.metric]
     assert "Size (paper budget)" in labels and ".jcz file" in labels
+    assert any("(method posttrain)" in c.value for c in at.caption)  # the what-if names the method it shows
     size_50, accuracy_50 = at.metric[0].value, at.metric[1].value
     assert len(tradeoff_points(at)) == 2  # the dense network and this target
     at.select_slider(key="target_ratio").set_value(500).run()  # the what-if follows the slider
