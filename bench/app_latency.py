@@ -155,9 +155,10 @@ def main() -> None:
                         help="run Chromium at the lowest CPU priority, as if it were on another machine")
     parser.add_argument("--whatif", action="append", default=[], metavar="DATA/MODEL",
                         help="only the what-if of these networks: seconds to the first, then the slider moves")
+    parser.add_argument("--screenshots", type=Path, help="with --whatif: a folder for a screenshot of each what-if")
     args = parser.parse_args()
     if args.whatif:
-        return whatif_only(args.whatif, args.moves)
+        return whatif_only(args.whatif, args.moves, args.screenshots)
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
@@ -201,8 +202,9 @@ def main() -> None:
           f"of two runs | {a:.3f} s / {d:.3f} s: {a / d:.2f}x | within 1.10x |")
 
 
-def whatif_only(networks: list[str], moves: int) -> None:
-    """The what-if of each network (DATA/MODEL), each on a fresh page of one server."""
+def whatif_only(networks: list[str], moves: int, screenshots: Path | None) -> None:
+    """The what-if of each network (DATA/MODEL), each on a fresh page of one server; a full-page
+    screenshot of each after its last move into `screenshots` when given."""
     from playwright.sync_api import sync_playwright
 
     rows = []
@@ -214,6 +216,10 @@ def whatif_only(networks: list[str], moves: int) -> None:
                 data, model = network.split("/")
                 page = browser.new_page(viewport={"width": 1500, "height": 2000})
                 rows.append((network, *network_whatif(page, url, data, model, moves)))
+                if screenshots:
+                    screenshots.mkdir(parents=True, exist_ok=True)
+                    page.wait_for_timeout(1000)  # vega draws asynchronously
+                    page.screenshot(path=screenshots / f"what-if-{data}-{model}.png", full_page=True)
                 page.close()
         finally:
             browser.close()

@@ -126,8 +126,8 @@ class PostTrain(Method):
         name_of = {id(m): n for n, m in model.named_modules()}
         self.users = [[name_of[id(m)] for m in users] for users in modules]
         self.dense = _record_dense(model, self.users, self.inputs)
-        self.hessians = hessians = [_mean_moment([(m, self.dense.inputs[n], self.dense.inputs[n])
-                                                  for m, n in zip(users, names)])
+        self.hessians = hessians = [_mean_moments([(m, self.dense.inputs[n], self.dense.inputs[n])
+                                                   for m, n in zip(users, names)])[1]
                                     for users, names in zip(modules, self.users)]
         sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
         layers, scaled = [], []
@@ -257,9 +257,8 @@ class PostTrain(Method):
         def aim(j: int, name: str) -> Callable:
             def hook(module: nn.Module, args: tuple) -> None:
                 if j not in found:  # a weight several modules use: on the inputs of the first the pass reaches
-                    x, y = self.dense.inputs[name], args[0].detach()
-                    h = _mean_moment([(module, y, y)])
-                    rebuild(j, _towards_dense(self.params[j].detach().float(), _mean_moment([(module, x, y)]), h), h)
+                    cross, h = _mean_moments([(module, self.dense.inputs[name], args[0].detach())])
+                    rebuild(j, _towards_dense(self.params[j].detach().float(), cross, h), h)
             return hook
 
         if in_order:
@@ -359,16 +358,19 @@ def _moment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("gnc,gnd->gcd", a.float(), b.float()).to(torch.float64 if a.device.type == "cpu" else torch.float32)
 
 
-def _mean_moment(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The mean of a^T b over the input rows of each (module, a, b) of `pairs` (a and b: inputs of
-    that module on the same samples; a b that is a gives H), CHUNK samples unfolded at a time."""
-    total, count = 0.0, 0
-    for module, a, b in pairs:
-        for a_chunk, b_chunk in zip(a.split(CHUNK), b.split(CHUNK)):
-            rows = _layer_inputs(module, a_chunk)
-            total = total + _moment(rows, rows if b is a else _layer_inputs(module, b_chunk))
+def _mean_moments(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means of X^T Y and of Y^T Y over the input rows of each (module, x, y) of `pairs` (x and y:
+    that module's inputs on the same samples in the dense network and in a compressed copy; with
+    y = x both are H), CHUNK samples unfolded at a time, each once."""
+    cross, gram, count = 0.0, 0.0, 0
+    for module, x, y in pairs:
+        for x_chunk, y_chunk in zip(x.split(CHUNK), y.split(CHUNK)):
+            rows = _layer_inputs(module, y_chunk)
+            square = _moment(rows, rows)
+            gram = gram + square
+            cross = cross + (square if x is y else _moment(_layer_inputs(module, x_chunk), rows))
             count += rows.shape[1]
-    return total / count
+    return cross / count, gram / count
 
 
 def _damped(h: torch.Tensor) -> torch.Tensor:
