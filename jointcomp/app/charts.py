@@ -198,7 +198,8 @@ def _named(layers: pd.DataFrame) -> pd.DataFrame:
 
 def layer_bars(layers: pd.DataFrame) -> alt.Chart:
     """Each layer's density now (the latest epoch), coloured by its bitwidth."""
-    now = _named(layers[layers["epoch"] == layers["epoch"].max()]).assign(text=lambda d: d["bits"].astype(str) + " bits")
+    now = _named(layers[layers["epoch"] == layers["epoch"].max()]).assign(
+        text=lambda d: d["bits"].astype(str) + d["bits"].map(lambda b: " bit" if b == 1 else " bits"))
     tooltip = [alt.Tooltip("layer:N", title="layer"), alt.Tooltip("numel:Q", title="weights"),
                alt.Tooltip("nnz:Q", title="kept"), alt.Tooltip("density:Q", format=".3f"), "bits:Q"]
     y = alt.Y("layer:N", sort=None, title=None, axis=alt.Axis(labelLimit=220, labelOverlap=False, labelFontSize=10))
