@@ -37,6 +37,7 @@ from .schedule import every_for_epoch
 
 Data = Dataset | Loaders
 TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
+VAL_BATCH = 64  # validation examples scored at a time: a CIFAR ResNet on a CPU 3-4x faster than 1,000 (BENCHMARKS.md)
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
 STARTS = ("dense", "calibrated")  # where a training method starts (EngineConfig.start)
 RECOVERIES = 3  # roll-backs after a diverging loss before a run gives up
@@ -155,7 +156,7 @@ def calibration_inputs(data: Data, count: int, seed: int, device: torch.device, 
     return [data.train_x[i].to(device) for i in order.split(size)]
 
 
-def val_batches(data: Data, device: torch.device, size: int = 1000):
+def val_batches(data: Data, device: torch.device, size: int = VAL_BATCH):
     if isinstance(data, Loaders):
         for x, y in data.val:
             yield x.to(device), y.to(device)
