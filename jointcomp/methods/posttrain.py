@@ -107,6 +107,7 @@ class PostTrain(Method):
         self.users: list[list[str]] = []  # per layer, the names of the modules that use its weight
         self.dense: _Dense | None = None
         self.hessians: list[torch.Tensor] = []  # per layer, H of its inputs in the dense network
+        self.factors: list[torch.Tensor] = []  # per layer, the Cholesky factor of its (H + damping)^-1
         self.tables: OptionTables | None = None
         self.scaled: list[torch.Tensor] = []  # w sqrt(unit) / d: the pruning knapsack's scores are their squares
         self._kept: list[tuple[torch.Tensor, tuple[Allocation, float]]] = []  # recent reconstructions, by key
@@ -130,11 +131,12 @@ class PostTrain(Method):
                                                    for m, n in zip(users, names)])[1]
                                     for users, names in zip(modules, self.users)]
         sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
-        layers, scaled = [], []
+        layers, scaled, self.factors = [], [], []
         for p, h, low, weight in zip(tqdm(self.params, desc="option tables", leave=False, disable=None), hessians,
                                      self.projector.min_keep, sensitivity):
             w = _grouped(p.detach().float(), len(h))
             factor = _damped_inverse_factor(h).to(w.dtype)
+            self.factors.append(factor)
             d = factor.diagonal(dim1=-2, dim2=-1)[:, None, :]  # removing w costs about (w / d)^2 of output
             live = (h.diagonal(dim1=-2, dim2=-1) > 0)[:, None, :]  # a weight whose input never moved is worth nothing
             w_live = w * live
@@ -247,10 +249,10 @@ class PostTrain(Method):
         bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
                    disable=None)
 
-        def rebuild(j: int, w: torch.Tensor, h: torch.Tensor) -> None:
+        def rebuild(j: int, w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor | None = None) -> None:
             name = self.layers.names[j]
             bar.set_postfix_str(name)
-            found[j] = book, q = reconstruct_layer(w, h, masks[j], int(bits[j]))
+            found[j] = book, q = reconstruct_layer(w, h, masks[j], int(bits[j]), factor)
             params[name].copy_(q)
             bar.update()
 
@@ -266,8 +268,8 @@ class PostTrain(Method):
             self._outputs(model, self._shifts(model) + [(modules[n], aim(j, n)) for j, names in enumerate(self.users)
                                                         for n in names])
         else:
-            for j, (p, h) in enumerate(zip(self.params, self.hessians)):
-                rebuild(j, p.detach().float(), h)
+            for j, (p, h, factor) in enumerate(zip(self.params, self.hessians, self.factors)):
+                rebuild(j, p.detach().float(), h, factor)
         bar.close()
         state, distance = self._statistics(model, moved=in_order)
         books, values = [found[j][0] for j in range(len(masks))], [found[j][1] for j in range(len(masks))]
@@ -479,16 +481,17 @@ def _table_error(keeps: torch.Tensor, errors: torch.Tensor, kept: int, bits: int
     return float(column[i - 1] + t * (column[i] - column[i - 1]))
 
 
-def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int,
+                      factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's codebook (2^bits sorted values, fitted to its kept dense weights) and its
     reconstructed weight: pruned weights exactly zero, kept ones codebook values, chosen column by
     column so that the output on the calibration inputs stays close to the dense layer's. (A
     codebook refitted to the corrected weights the columns were rounded from, kept where it made
-    the layer's own output error smaller, left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)"""
+    the layer's own output error smaller, left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)
+    `factor`: the Cholesky factor of (H + damping)^-1 where the caller has it (`_damped_inverse_factor`)."""
     groups = h.shape[0]
     w = _grouped(weight, groups)
-    factor = _damped_inverse_factor(h).to(w.dtype)
+    factor = (_damped_inverse_factor(h) if factor is None else factor).to(w.dtype)
     book = fit_codebooks_many([torch.masked_select(weight, mask)], torch.tensor([[bits]]))[0][0][0].to(w.device)
     return book, _round_columns(w, _grouped(mask, groups), factor, book[None].expand(w.shape[1], -1)).reshape(weight.shape)
 
