@@ -348,7 +348,8 @@ def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X (groups, samples, columns) whose product with the weight's rows is the output: for
     a convolution, each output position's patch ((channel, kernel row, kernel column) as the weight's
     columns), copied once out of strided windows on the padded input. (nn.functional.unfold's
-    intermediate made the same rows take 5x as long, on ResNet-20's 32x32 layers.)"""
+    intermediate made the same rows take several times as long on ResNet-20's 32x32 layers: 0.2-0.5 s
+    against 0.03-0.1 s for 128 inputs.)"""
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
     (kh, kw), (dh, dw), (sh, sw), (ph, pw) = module.kernel_size, module.dilation, module.stride, module.padding
