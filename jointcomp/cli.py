@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .allocator import keep_freed_blocks
 from .codec import CheckpointError, Report, inspect_file, load_compressed
 from .budget_modes import BUDGET_MODES, budget_modes_help
 from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
@@ -315,6 +316,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    keep_freed_blocks()
     log = logging.getLogger("jointcomp")  # notes such as an adapted first layer, one line each
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
