@@ -274,6 +274,10 @@ def assert_drawn(chart, rows: int = 0) -> None:
     assert coloured >= 150, f"{coloured} coloured pixels below the title: no marks drawn"
 
 
+SETTLED = """() => !document.querySelector('[data-testid="stStatusWidgetRunningIcon"]')
+                 && !document.querySelector('[data-stale="true"]')"""  # no script run going, nothing left from an earlier one
+
+
 @pytest.mark.parametrize("data,model,layers", [("digits", "mlp", 3), ("fashion-mnist", "lenet5", 4), ("digits", "resnet20", 20)])
 def test_every_chart_is_drawn_for_3_4_and_20_layers(app_url, browser, tmp_path, data, model, layers):
     """The what-if's allocation and trade-off, then the result of Compress without training, for
@@ -297,6 +301,8 @@ def test_every_chart_is_drawn_for_3_4_and_20_layers(app_url, browser, tmp_path, 
         shape = (1, 28, 28) if data == "fashion-mnist" else (1, 8, 8)
         torch.save(build_model(model, shape, 10).state_dict(), tmp_path / f"{model}.pt")
         page.locator('input[type="file"]').set_input_files(str(tmp_path / f"{model}.pt"))
+    page.get_by_text(f"{model} on {data}").wait_for(timeout=300_000)  # the status line of this model's run,
+    page.wait_for_function(SETTLED, timeout=300_000)  # and that run over: the charts of the one before are gone
     allocation, tradeoff = (page.locator(f".st-key-whatif_{name} .vega-embed") for name in ("allocation", "tradeoff"))
     allocation.wait_for(timeout=300_000)
     tradeoff.wait_for(timeout=300_000)
