@@ -20,8 +20,8 @@ removing weight w of input column i after the columns before it were corrected c
   bitwidth for every layer; the one whose outputs are closest to the dense network's is kept); each
   layer's kept weights are reconstructed column by column with the inverse of its H onto its
   codebook, fitted to its kept dense weights (GPTQ with a mask and a non-uniform codebook); then
-  BatchNorm statistics either moved by the shift compression made in their inputs or measured anew, whichever brings the outputs closer to the dense network's. The model itself never
-  changes.
+  BatchNorm statistics either moved by the shift compression made in their inputs or measured
+  anew, whichever brings the outputs closer to the dense network's. The model itself never changes.
 
 The candidates are compared reconstructed on each layer's inputs in the dense network (H measured
 once). The one kept is then reconstructed in order: each layer on the inputs Y that the
