@@ -13,7 +13,7 @@ from torch import nn
 
 from jointcomp import EngineConfig, Engine, FinalRecord, build_model
 from jointcomp.records import EpochRecord, StepRecord
-from jointcomp.trainer import calibration_inputs
+from jointcomp.trainer import accuracy, calibration_inputs
 
 
 def evaluate(model: nn.Module, data, weights: dict[str, torch.Tensor] | None = None) -> float:
@@ -302,3 +302,23 @@ def test_a_tradeoff_curve_prices_no_options_again(trained_mlp, digits, monkeypat
     for record in admm:
         at_target = [p for p in record.curve if p.size_bits == pytest.approx(record.target_bits, rel=0.01)]
         assert [p.file_bytes for p in at_target] == [record.file_bytes]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_convolutional_model_is_scored_in_channels_last_and_left_as_it_was(digits, layout):
+    """Scores are the same whatever layout a model is in (a file loads contiguous, training runs
+    channels_last): every convolution sees channels_last inputs, and every tensor is laid out as
+    before after (a 1x1 kernel is contiguous in both layouts, but its strides still pick a kernel)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(512, 10))
+    model.to(memory_format=layout)
+    strides = [p.stride() for p in model.parameters()]
+    seen = []
+    for conv in (model[0], model[2]):
+        conv.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    score = accuracy(model, digits)
+    assert seen and all(seen)
+    assert [p.stride() for p in model.parameters()] == strides
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last if layout == torch.contiguous_format
+                                    else torch.contiguous_format)
+    assert accuracy(other, digits) == score
