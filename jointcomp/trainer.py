@@ -195,8 +195,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
     """Validation accuracy (top-1) of `model` on `data` (its first `limit` examples if given).
     On a CPU a model with convolutions is scored in channels_last whatever layout it is in, and
-    put back after: LeNet-5 scores 2.6x faster than in the layout a loaded file has, a CIFAR
-    ResNet 1.2x (BENCHMARKS.md), and the same weights always score the same."""
+    put back after: LeNet-5 scores 2.9x faster than in the layout a loaded file has, a CIFAR
+    ResNet 1.15-1.26x (BENCHMARKS.md), and the same weights always score the same."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
