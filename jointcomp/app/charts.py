@@ -19,6 +19,7 @@ PHASES = {"dense": "dense", "posttrain": "calibrated start", "admm": "ADMM", "pr
 MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
+SIZE_SCALE = alt.Scale(type="log", nice=False, padding=16)  # the sizes shown, not out to the next power of 10
 ACCURACY_AXIS = alt.Axis(format=".1%", tickCount=5, tickMinStep=0.001)  # ticks 0.1 % apart at least: no two read the same
 # One row above the chart, so its labels are short: longer rows ran past its right edge in the page's columns.
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
@@ -141,7 +142,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
     latest = df["epoch"].max() if len(df) else 0
     df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("size:Q", title=axis, scale=alt.Scale(type="log")),
+        x=alt.X("size:Q", title=axis, scale=SIZE_SCALE),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False),
                 axis=ACCURACY_AXIS),
         detail="epoch_no:O",
@@ -254,7 +255,7 @@ def allocation(layers: pd.DataFrame, title: str = "The allocation at this target
 def sweep(results: pd.DataFrame) -> alt.Chart:
     """Accuracy against size for each method of a sweep."""
     return alt.Chart(results).mark_line(point=True).encode(
-        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=SIZE_SCALE),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"),
         tooltip=["target:N", "method:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("ratio:Q", format=".1f")],
@@ -264,7 +265,7 @@ def sweep(results: pd.DataFrame) -> alt.Chart:
 def runs(frame: pd.DataFrame) -> alt.Chart:
     """Finished runs side by side: accuracy against paper size, by method."""
     return alt.Chart(frame).mark_point(filled=True, size=80).encode(
-        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=alt.Scale(type="log")),
+        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=SIZE_SCALE),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"), shape=alt.Shape("model:N", title="model"),
         tooltip=["run:N", "model:N", "data:N", "method:N", "target:N", alt.Tooltip("accuracy:Q", format=".2%"),
