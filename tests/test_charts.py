@@ -111,3 +111,14 @@ def test_a_bops_run_draws_bit_operations_not_kilobytes():
     lambdas = epochs.assign(lambda_prune=1e-3, lambda_quant=2e-3)
     assert charts.multipliers(lambdas, "bops").to_dict()["encoding"]["y"]["title"] == "squared error per bit-operation (log)"
     assert charts.multipliers(lambdas, "file").to_dict()["encoding"]["y"]["title"] == "squared error per bit (log)"
+
+
+@pytest.mark.parametrize("chart", [charts.sweep, charts.runs])
+def test_a_size_axis_ends_at_the_sizes_shown(chart):
+    """Vega rounds a log domain out to powers of ten: sizes of 1-10.1 KB were drawn on an axis to
+    100 KB, their lines squashed into the left half of the chart."""
+    frame = pd.DataFrame({"size_kb": [1.0086, 2.017, 4.034, 10.086], "accuracy": [0.96, 0.965, 0.97, 0.972],
+                          "method": "admm", "target": ["200x", "100x", "50x", "20x"], "ratio": [200, 100, 50, 20],
+                          "run": "r", "model": "mlp", "data": "digits", "file_bytes": 1000})
+    scale = chart(frame).to_dict()["encoding"]["x"]["scale"]
+    assert scale["type"] == "log" and scale.get("nice") is False
