@@ -216,8 +216,8 @@ def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
             if limit is not None and total >= limit:
                 break
     finally:
-        for tensor, data in laid_out:  # the very tensors it had: .to() would leave a 1x1 kernel's strides changed
-            tensor.data = data
+        for tensor, original in laid_out:  # the very tensors it had: .to() would leave a 1x1 kernel's strides changed
+            tensor.data = original
         model.train(was_training)
     return correct / max(total, 1)
 
