@@ -219,7 +219,8 @@ class Compressor:
     Options are `CompressorConfig` fields (or pass `config=`). `evaluate(model) -> float`,
     when given, scores the deployable model in the records (e.g. validation accuracy);
     `callback(record)` receives every record; `meta` describes the model in the file
-    header (`data.model_description`) so that it reloads by name.
+    header (`data.model_description`) so that it reloads by name; `dense_metric` is `evaluate`
+    of the model as attached where the caller has it already (a CIFAR ResNet's score is seconds).
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class Compressor:
         evaluate: Callable[[nn.Module], float] | None = None,
         callback: Callable[[Record], None] | None = None,
         meta: dict | None = None,
+        dense_metric: float | None = None,
         **options,
     ) -> None:
         if target is not None:
@@ -273,7 +275,7 @@ class Compressor:
         self.notes: list[str] = []  # events for the next epoch record
         self.teacher: nn.Module | None = None  # the model as attached, copied by the first `distill()`
         self.batchnorm_inputs: list[torch.Tensor] = []  # a deployable model's BatchNorm statistics are measured on these
-        self.dense_metric = self.score(None)  # of the model as attached
+        self.dense_metric = self.score(None) if dense_metric is None else dense_metric  # of the model as attached
         self.final: Allocation | None = None
         self.final_file_bytes = 0
         self.converted = False

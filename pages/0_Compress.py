@@ -29,7 +29,7 @@ model, data, dense_accuracy = ui.start_or_stop(choices)
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode,
        choices.checkpoint)
 if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
-    st.session_state.preview = what_if(model, data, choices.config, choices.model)
+    st.session_state.preview = what_if(model, data, choices.config, choices.model, dense_accuracy)
     st.session_state.preview_key = key
     st.session_state.whatif_plans = {}  # its what-ifs by target, each computed once
 preview: Compressor = st.session_state.preview

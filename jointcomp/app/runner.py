@@ -216,14 +216,16 @@ class Runner(_Worker):
         return self.engine.checkpoint()
 
 
-def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str) -> Compressor:
+def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
+            dense_accuracy: float | None = None) -> Compressor:
     """A compressor on a copy of `model` that compresses without training (method posttrain),
     calibrated once on `config.calibration` training inputs, for what-ifs (`whatif.plan`): each
     target then costs one knapsack and the chosen layers' reconstruction. The caller's model is
-    never touched."""
+    never touched; `dense_accuracy`: its score where the caller has it (not scored again)."""
     evaluate = lambda m: accuracy(m, data)  # noqa: E731
     config = config.with_method("posttrain")
-    comp = Compressor(copy.deepcopy(model), config=config, evaluate=evaluate, meta=model_description(model_name, data))
+    comp = Compressor(copy.deepcopy(model), config=config, evaluate=evaluate, meta=model_description(model_name, data),
+                      dense_metric=dense_accuracy)
     comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
     return comp
 
