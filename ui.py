@@ -12,7 +12,7 @@ from jointcomp import EngineConfig
 from jointcomp.methods import METHODS, AdmmConfig
 from jointcomp.budget_modes import BUDGET_MODES, MEASURED_MODES, budget_modes_help, format_amount
 from jointcomp.data import available, cache_dir
-from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, published_checkpoints
+from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, load_start, published_checkpoints
 from jointcomp.rundir import atomic_write
 from jointcomp.trainer import STARTS
 from jointcomp.app.runner import prepare
@@ -56,10 +56,10 @@ def sidebar(with_method: bool = True) -> Choices:
                              help="torchvision's ImageFolder layout: train/<class>/*.png and val/<class>/*.png, one image size")
         data = f"folder:{path.strip()}"
     model = sb.selectbox("Model", MODELS_FOR.get(data, ["mlp", "lenet5"]), key=f"model_{data}")
-    shared = {p.name: str(p) for p in published_checkpoints(model)}
-    start = sb.selectbox("Start from", [TRAIN_HERE, *shared, UPLOAD], key=f"start_{model}",
-                         help="a dense model trained here, a published checkpoint ($JOINTCOMP_MODELS), or your own "
-                              "file (.pt, .pth, .th, .safetensors)")
+    shared = published_starts(model, data)
+    start = sb.selectbox("Start from", [*shared, TRAIN_HERE, UPLOAD], key=f"start_{model}_{data}",
+                         help="a published checkpoint ($JOINTCOMP_MODELS) where one fits, a dense model trained here, "
+                              "or your own file (.pt, .pth, .th, .safetensors)")
     checkpoint = shared.get(start)
     if start == UPLOAD:
         upload = sb.file_uploader("Checkpoint", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES], key="checkpoint")
@@ -120,6 +120,21 @@ def keep_choices() -> None:
             kept[key] = st.session_state[key]
     for key, value in kept.items():
         st.session_state[key] = value
+
+
+@st.cache_data(show_spinner=False)
+def published_starts(model: str, data: str) -> dict[str, str]:
+    """The published checkpoints ($JOINTCOMP_MODELS) whose weights fit `model` on `data`, path by file
+    name (the CIFAR ResNets fit CIFAR-10 only). The first is the default start: picking CIFAR-10 on
+    two CPU cores must not begin by training a ResNet for an hour."""
+    found = {}
+    for path in published_checkpoints(model):
+        try:
+            load_start(model, data, pretrained=str(path))
+        except (ValueError, OSError):
+            continue
+        found[path.name] = str(path)
+    return found
 
 
 def saved_upload(name: str, content: bytes) -> Path:

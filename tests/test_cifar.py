@@ -166,3 +166,25 @@ def test_the_app_can_start_from_a_published_checkpoint_instead_of_training(small
     assert published_checkpoints("resnet32", SHARED / "models") == []
     model, data, dense_accuracy = prepare("resnet20", "cifar10", 30, data_dir=str(small_cifar), checkpoint=str(RESNET20))
     assert dense_accuracy == accuracy(model, data) > 0.7  # loaded, not trained: 30 epochs would take minutes
+
+
+@needs_shared
+def test_picking_cifar10_in_the_app_starts_from_the_published_resnet20(small_cifar, cache, monkeypatch):
+    """The default start is a published checkpoint that fits, not a dense ResNet trained for an hour
+    on the CPU; one that does not fit (the CIFAR ResNet-20 on the 8x8 digits) is not offered."""
+    from streamlit.testing.v1 import AppTest
+
+    import ui
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("JOINTCOMP_DATA", str(small_cifar))
+    monkeypatch.setenv("JOINTCOMP_MODELS", str(SHARED / "models"))
+    monkeypatch.setenv("JOINTCOMP_RUNS", str(cache / "runs"))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600).run()
+    at.selectbox(key="data").set_value("cifar10").run()
+    assert not at.exception
+    assert at.selectbox(key="model_cifar10").value == "resnet20"
+    start = at.selectbox(key="start_resnet20_cifar10")
+    assert start.value == RESNET20.name and start.options[1:] == ["train a dense model here", "upload a checkpoint…"]
+    assert not [t.value for t in at.markdown if "training the dense" in t.value]
+    assert ui.published_starts("resnet20", "digits") == {}
