@@ -267,11 +267,14 @@ class PostTrain(Method):
             modules = dict(model.named_modules())
             self._outputs(model, self._shifts(model) + [(modules[n], aim(j, n)) for j, names in enumerate(self.users)
                                                         for n in names])
+            # a pass of its own: in the one above, an embedding sharing a weight read it before its reconstruction
+            outputs = self._outputs(model)
         else:
             for j, (p, h, factor) in enumerate(zip(self.params, self.hessians, self.factors)):
                 rebuild(j, p.detach().float(), h, factor)
+            outputs = self._outputs(model, self._shifts(model))
         bar.close()
-        state, distance = self._statistics(model, moved=in_order)
+        state, distance = self._statistics(model, outputs)
         books, values = [found[j][0] for j in range(len(masks))], [found[j][1] for j in range(len(masks))]
         codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, masks, books)]
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
@@ -288,37 +291,32 @@ class PostTrain(Method):
         """Hooks that move each BatchNorm's statistics by the shift compression made in its input."""
         return [(m, _shift_to(self.dense.norms[n])) for n, m in _batchnorms(model) if n in self.dense.norms]
 
-    def _distance(self, model: nn.Module, state: dict[str, torch.Tensor]) -> float:
-        """Summed squared distance between the outputs of `model` with these tensors and the dense network's."""
-        tensors = model.state_dict()
-        for k, v in state.items():
-            tensors[k].copy_(v)
-        return float((self._outputs(model) - self.dense.outputs).double().square().sum())
+    def _distance(self, outputs: torch.Tensor) -> float:
+        """Summed squared distance between these outputs on the calibration set and the dense network's."""
+        return float((outputs - self.dense.outputs).double().square().sum())
 
-    def _statistics(self, model: nn.Module, moved: bool) -> tuple[dict[str, torch.Tensor], float]:
+    def _statistics(self, model: nn.Module, outputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
         state-dict name, and the distance of its outputs from the dense network's with them: of two
         candidates, the one whose outputs are the closer. Moved by the shift compression made in each
-        BatchNorm's input (`_shift_to`; `moved`: a reconstruction in order did on the way) keeps the
+        BatchNorm's input (`_shift_to`, on a pass before; `outputs`: the model's with them) keeps the
         statistics the network was trained with, which a few hundred inputs estimate worse
         (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
         on the compressed network holds where compression moved the activations too far for a small
         shift (high ratios)."""
-        found = _batchnorms(model)
+        shifted_distance, found = self._distance(outputs), _batchnorms(model)
         if not found:
-            return {}, self._distance(model, {})
-        if not moved:
-            self._outputs(model, self._shifts(model))
+            return {}, shifted_distance
         names = _statistics_names(found)
         tensors = model.state_dict()
         shifted = {k: tensors[k].clone() for k in names}
         _reestimate(model, [m for _, m in found], self.inputs)
-        measured = {k: tensors[k].clone() for k in names}
-        distance, best = min(((self._distance(model, state), state) for state in (shifted, measured)),
-                             key=lambda scored: scored[0])
+        measured_distance = self._distance(self._outputs(model))
+        if measured_distance < shifted_distance:
+            return {k: tensors[k].clone() for k in names}, measured_distance
         for k in names:
-            tensors[k].copy_(best[k])
-        return best, distance
+            tensors[k].copy_(shifted[k])
+        return shifted, shifted_distance
 
     def _modules(self) -> list[list[nn.Module]]:
         """Per compressed weight, the Conv2d and Linear modules of the model that use it. A weight an
