@@ -19,13 +19,14 @@ PHASES = {"dense": "dense", "posttrain": "calibrated start", "admm": "ADMM", "pr
 MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
-SIZE_SCALE = alt.Scale(type="log", nice=False, padding=16)  # the sizes shown, not out to the next power of 10
 ACCURACY_AXIS = alt.Axis(format=".1%", tickCount=5, tickMinStep=0.001)  # ticks 0.1 % apart at least: no two read the same
 # One row above the chart, so its labels are short: longer rows ran past its right edge in the page's columns.
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
 LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
+# the eight bitwidths in two rows: in one, 6, 7 and 8 ran past the edge of a chart in a third of the page
+BITS_LEGEND = alt.Legend(orient="top", direction="horizontal", columns=4)
 AXIS_UNITS = {"b": (8000, "KB"), "bops": (1e6, "MBOPs")}  # by an accounting's unit: bits per axis unit, its name
 PRICED = {"b": "bit", "bops": "bit-operation"}  # by an accounting's unit: what one unit of budget is, in words
 LOSS_POINTS = 500  # the most points the loss chart draws: a long run's steps are thinned evenly
@@ -142,7 +143,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
     latest = df["epoch"].max() if len(df) else 0
     df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("size:Q", title=axis, scale=SIZE_SCALE),
+        x=_size_x("size:Q", axis),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False),
                 axis=ACCURACY_AXIS),
         detail="epoch_no:O",
@@ -191,6 +192,12 @@ def residuals(epochs: pd.DataFrame) -> alt.Chart:
     return _log_lines(epochs, names, "value (log)", alt.Title("Residuals", subtitle="of ADMM, all layers together"))
 
 
+def _size_x(field: str, title: str) -> alt.X:
+    """A log-scale size axis over the sizes shown (not out to the next power of 10), ticks in three
+    significant digits (a lone size was labelled 4.0345; ~g wrote 1e+3)."""
+    return alt.X(field, title=title, scale=alt.Scale(type="log", nice=False, padding=16), axis=alt.Axis(format=",.3~r"))
+
+
 def _named(layers: pd.DataFrame) -> pd.DataFrame:
     """Layer rows named for people: the weight's name and what the layer is."""
     label = layers["label"] if "label" in layers else pd.Series("", index=layers.index)
@@ -207,7 +214,7 @@ def layer_bars(layers: pd.DataFrame) -> alt.Chart:
     bars = alt.Chart(now).mark_bar().encode(
         x=alt.X("density:Q", scale=alt.Scale(domain=[0, 1]), title="density (kept fraction)"), y=y,
         color=alt.Color("bits:O", title="bits", scale=alt.Scale(scheme="viridis", domain=list(range(1, 9))),
-                        legend=LAYER_LEGEND),
+                        legend=BITS_LEGEND),
         tooltip=tooltip,
     )
     text = alt.Chart(now).mark_text(align="left", dx=3, fontSize=10).encode(
@@ -255,7 +262,7 @@ def allocation(layers: pd.DataFrame, title: str = "The allocation at this target
 def sweep(results: pd.DataFrame) -> alt.Chart:
     """Accuracy against size for each method of a sweep."""
     return alt.Chart(results).mark_line(point=True).encode(
-        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=SIZE_SCALE),
+        x=_size_x("size_kb:Q", "size (KB, paper accounting, log scale)"),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"),
         tooltip=["target:N", "method:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("ratio:Q", format=".1f")],
@@ -265,7 +272,7 @@ def sweep(results: pd.DataFrame) -> alt.Chart:
 def runs(frame: pd.DataFrame) -> alt.Chart:
     """Finished runs side by side: accuracy against paper size, by method."""
     return alt.Chart(frame).mark_point(filled=True, size=80).encode(
-        x=alt.X("size_kb:Q", title="size (KB, paper accounting, log scale)", scale=SIZE_SCALE),
+        x=_size_x("size_kb:Q", "size (KB, paper accounting, log scale)"),
         y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"), shape=alt.Shape("model:N", title="model"),
         tooltip=["run:N", "model:N", "data:N", "method:N", "target:N", alt.Tooltip("accuracy:Q", format=".2%"),
