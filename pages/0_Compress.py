@@ -38,7 +38,17 @@ preview_inputs = choices.config.calibration
 mode = choices.config.budget_mode
 ratio = ui.target_slider(preview.dense_bits, mode)
 target = f"{ratio}x"
-runner: Runner | None = st.session_state.get("runner")
+
+
+def shown_runner() -> Runner | None:
+    """The session's run where it is of the network, data and start chosen now, or still running: a
+    finished run of other choices is not shown (nor downloaded) under this one's header; the Runs
+    page keeps it."""
+    r: Runner | None = st.session_state.get("runner")
+    return r if r is not None and (r.running or st.session_state.get("runner_key") == key) else None
+
+
+runner = shown_runner()
 running = runner is not None and runner.running
 
 if running and abs(runner.target_bits - preview.dense_bits / ratio) > 1e-6 * preview.dense_bits:
@@ -53,6 +63,7 @@ without_training = posttrain_col.button("Compress without training", disabled=ru
 if start or without_training:
     config = dataclasses.replace(choices.config.with_method("posttrain") if without_training else choices.config, target=target)
     st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir())
+    st.session_state.runner_key, st.session_state.runner_label = key, f"{choices.model} on {choices.data} at {target}"
     st.rerun()
 if stop_col.button("Stop", disabled=not running, key="stop"):
     runner.stop(wait=2.0)
@@ -67,6 +78,8 @@ SIZES = ("**Size** is what the budget counts (Advanced → Budget counts): by de
          "The **.jcz file** also stores where the non-zeros are, the codebooks, biases and a header: "
          "the Inspect page shows where every byte goes.")
 
+if runner is None and st.session_state.get("runner") is not None:
+    st.caption(f"Your last run ({st.session_state.runner_label}) is on the Runs page.")
 if not running:
     with st.expander("What-if: this target without training", expanded=runner is None):
         st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
@@ -119,7 +132,7 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
 @st.fragment(run_every=1.0 if running else None)
 def progress() -> None:
     """The progress line, its phase and notes, redrawn every second while a run is active."""
-    r: Runner | None = st.session_state.get("runner")
+    r = shown_runner()
     if r is None:
         return
     p = r.progress()
@@ -146,7 +159,7 @@ def live() -> None:
     """The live charts, redrawn every CHART_SECONDS while a run is active: building and sending
     them runs on the server beside the training thread, so they are drawn less often than the
     progress line (bench/app_latency.py measures what they cost the run)."""
-    r: Runner | None = st.session_state.get("runner")
+    r = shown_runner()
     if r is None:
         return
     p = r.progress()

@@ -73,6 +73,24 @@ def test_start_run_to_the_end_then_download():
     assert fits(model_file, f"{at.session_state['target_ratio']}x", restored)  # what the slider asked, from the file
 
 
+def test_a_finished_run_is_shown_only_under_the_choices_it_was_run_with():
+    """Another start chosen after a run (here another seed, so another dense model): the page shows
+    that start's what-if, not the earlier run's result and download under the new header."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    at.slider(key="epochs").set_value(2).run()
+    at.button(key="start").click().run()
+    runner = at.session_state["runner"]
+    wait_until(at, lambda: not runner.running)
+    assert "Accuracy (compressed)" in [m.label for m in at.metric] and at.get("download_button")
+    at.number_input(key="seed").set_value(1).run()
+    assert not at.exception
+    assert "Accuracy (compressed)" not in [m.label for m in at.metric] and not at.get("download_button")
+    assert "Accuracy without training" in [m.label for m in at.metric]
+    assert "Your last run (mlp on digits at 50x) is on the Runs page." in [c.value for c in at.caption]
+    at.number_input(key="seed").set_value(0).run()
+    assert "Accuracy (compressed)" in [m.label for m in at.metric]
+
+
 def test_compress_without_training_ends_in_a_result_and_a_file_that_fits():
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     what_if = [m.value for m in at.metric]
