@@ -41,11 +41,12 @@ target = f"{ratio}x"
 
 
 def shown_runner() -> Runner | None:
-    """The session's run where it is of the network, data and start chosen now, or still running: a
-    finished run of other choices is not shown (nor downloaded) under this one's header; the Runs
-    page keeps it."""
+    """The session's run where it is of the network, data and start chosen now, still running, or
+    opened from the Runs page (no choices recorded): a finished run of other choices is not shown
+    (nor downloaded) under this one's header; the Runs page keeps it."""
     r: Runner | None = st.session_state.get("runner")
-    return r if r is not None and (r.running or st.session_state.get("runner_key") == key) else None
+    ran_with = st.session_state.get("runner_key")
+    return r if r is not None and (r.running or ran_with is None or ran_with == key) else None
 
 
 runner = shown_runner()
@@ -196,6 +197,7 @@ if runner is not None and not running and runner.final is not None:
                       "density": round(l.density, 4), "bits": l.bits} for l in final.layers], hide_index=True)
     chart.container(key="result_allocation").altair_chart(
         charts.fit_width(charts.allocation(pd.DataFrame([vars(l) for l in final.layers]), "The allocation that ships")))
+    ran_on = runner.engine.compressor.meta
     st.download_button("Download compressed checkpoint (.jcz)", runner.checkpoint(),
-                       file_name=f"{choices.model}-{choices.data}-{final.ratio:.0f}x.jcz",
+                       file_name=f"{ran_on.get('model', 'model')}-{ran_on.get('data', 'data')}-{final.ratio:.0f}x.jcz",
                        mime="application/octet-stream", key="download")

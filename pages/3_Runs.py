@@ -28,7 +28,7 @@ for row in running.itertuples():
     if st.button(f"Open the running run {row.run} ({row.model} on {row.data}, target {row.target})",
                  key=f"open_{row.run}"):
         st.session_state.runner = active_runner(row.path)
-        st.session_state.runner_key, st.session_state.runner_label = None, f"{row.model} on {row.data} at {row.target}"
+        st.session_state.runner_key = None  # opened by hand: shown whatever the sidebar holds
         st.switch_page("pages/0_Compress.py")
 
 done = runs[runs["status"].isin(["finished", "stopped"])]
