@@ -86,7 +86,8 @@ if not running:
         st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
                    "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
                    "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
-                   "training run improves on it. Accuracy on the whole validation set.")
+                   "training run gains most at high ratios, and at low ones can end below it (the digits MLP at 50x: "
+                   "BENCHMARKS.md). Accuracy on the whole validation set.")
         plans = st.session_state.whatif_plans
         if target not in plans:
             plans[target] = whatif.plan(preview, target, dense_accuracy)
