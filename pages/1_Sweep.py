@@ -24,6 +24,7 @@ running = sweep is not None and sweep.running
 go, stop = st.columns([1, 5])
 if go.button("Run sweep", type="primary", disabled=running or not targets or not methods, key="run_sweep"):
     st.session_state.sweep = Sweep.compress(model, data, choices.config, choices.model, targets, methods)
+    st.session_state.sweep_label = f"{choices.model} on {choices.data} (dense {dense_accuracy:.2%})"
     st.rerun()
 if stop.button("Stop", disabled=not running, key="stop_sweep"):
     sweep.stop()
@@ -36,7 +37,7 @@ def results() -> None:
     if s is None:
         return
     done = len(s.results)
-    st.progress(done / len(s.jobs), text=f"{done} of {len(s.jobs)} runs done")
+    st.progress(done / len(s.jobs), text=f"{st.session_state.sweep_label}: {done} of {len(s.jobs)} runs done")
     if s.error:
         st.error(f"The sweep failed: {s.error}")
     frame = s.frame()
@@ -47,5 +48,6 @@ def results() -> None:
         st.rerun(scope="app")
 
 
+st.caption(f"Starting model: {choices.model} on {choices.data}, dense accuracy {dense_accuracy:.2%}. A sweep's "
+           "results stay until the next sweep, whatever is picked after it: each names what it ran on.")
 results()
-st.caption(f"Dense accuracy of the starting model: {dense_accuracy:.2%}")

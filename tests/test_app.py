@@ -236,3 +236,17 @@ def test_dense_training_reports_progress():
     assert fractions[-1] > 0.85  # heard until near the end (every 10 of 46 steps)
     assert "epoch 2 of 2" in heard[-1][1] and "s left" in heard[-1][1]
     assert 0.5 < accuracy <= 1
+
+
+def test_a_sweep_runs_from_its_page_and_names_what_it_ran_on():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).switch_page("pages/1_Sweep.py").run()
+    at.multiselect(key="targets").set_value(["50x", "200x"]).run()
+    at.multiselect(key="methods").set_value(["posttrain"]).run()
+    at.button(key="run_sweep").click().run()
+    sweep = at.session_state["sweep"]
+    wait_until(at, lambda: not sweep.running)
+    assert not at.exception and not at.error
+    shown = at.dataframe[0].value
+    assert list(shown["target"]) == ["50x", "200x"] and (shown["method"] == "posttrain").all()
+    progress = [e for e in at.main if e.type == "progress"]
+    assert progress and "mlp on digits" in progress[0].proto.text and "2 of 2 runs done" in progress[0].proto.text

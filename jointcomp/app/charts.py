@@ -19,12 +19,14 @@ PHASES = {"dense": "dense", "posttrain": "calibrated start", "admm": "ADMM", "pr
 MULTIPLIERS = {"lambda_prune": "pruning", "lambda_quant": "joint"}  # what each prices: the caption beside the chart
 EPOCH_AXIS = alt.Axis(tickMinStep=1, format="d")
 LOG_AXIS = alt.Axis(format=".0e", tickCount=4)
+ACCURACY_SCALE = alt.Scale(zero=False, padding=10)  # the best point inside the plot: on its edge it was cut in half
 ACCURACY_AXIS = alt.Axis(format=".1%", tickCount=5, tickMinStep=0.001)  # ticks 0.1 % apart at least: no two read the same
 # One row above the chart, so its labels are short: longer rows ran past its right edge in the page's columns.
 LEGEND = alt.Legend(orient="top", direction="horizontal", title=None, labelLimit=200)
 # Legends of per-layer charts sit above the rows: beside a chart of a few layers, a legend of 8
 # bitwidths (or a colour gradient) is taller than the chart and ran past its bottom edge.
-LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal")
+# a short gradient: beside 20 layer names a 200-pixel one ran past the chart, its last labels cut off
+LAYER_LEGEND = alt.Legend(orient="top", direction="horizontal", gradientLength=100)
 # the eight bitwidths in two rows: in one, 6, 7 and 8 ran past the edge of a chart in a third of the page
 BITS_LEGEND = alt.Legend(orient="top", direction="horizontal", columns=4)
 AXIS_UNITS = {"b": (8000, "KB"), "bops": (1e6, "MBOPs")}  # by an accounting's unit: bits per axis unit, its name
@@ -80,7 +82,7 @@ def accuracy_over_epochs(epochs: pd.DataFrame, dense_accuracy: float | None = No
     df = epochs.assign(epoch_no=epochs["epoch"] + 1, stage=epochs["phase"].map(PHASES))
     line = alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("epoch_no:Q", title="epoch", axis=EPOCH_AXIS),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=ACCURACY_SCALE, axis=ACCURACY_AXIS),
         color=alt.Color("stage:N", title="phase", legend=LEGEND),
         tooltip=[alt.Tooltip("epoch_no:Q", title="epoch"), alt.Tooltip("stage:N", title="phase"),
                  alt.Tooltip("accuracy:Q", format=".2%")],
@@ -144,7 +146,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
     df["curve"] = df["epoch"].map(lambda e: "latest" if e == latest else "earlier epochs")
     lines = alt.Chart(df).mark_line(point=True).encode(
         x=_size_x("size:Q", axis),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=ACCURACY_SCALE,
                 axis=ACCURACY_AXIS),
         detail="epoch_no:O",
         color=alt.Color("curve:N", title=None, scale=alt.Scale(domain=["latest", "earlier epochs"],
@@ -263,7 +265,7 @@ def sweep(results: pd.DataFrame) -> alt.Chart:
     """Accuracy against size for each method of a sweep."""
     return alt.Chart(results).mark_line(point=True).encode(
         x=_size_x("size_kb:Q", "size (KB, paper accounting, log scale)"),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=ACCURACY_SCALE, axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"),
         tooltip=["target:N", "method:N", alt.Tooltip("accuracy:Q", format=".4f"), alt.Tooltip("ratio:Q", format=".1f")],
     ).properties(title="Accuracy against size", width=2 * WIDTH, height=280)
@@ -273,7 +275,7 @@ def runs(frame: pd.DataFrame) -> alt.Chart:
     """Finished runs side by side: accuracy against paper size, by method."""
     return alt.Chart(frame).mark_point(filled=True, size=80).encode(
         x=_size_x("size_kb:Q", "size (KB, paper accounting, log scale)"),
-        y=alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False), axis=ACCURACY_AXIS),
+        y=alt.Y("accuracy:Q", title="validation accuracy", scale=ACCURACY_SCALE, axis=ACCURACY_AXIS),
         color=alt.Color("method:N", title="method"), shape=alt.Shape("model:N", title="model"),
         tooltip=["run:N", "model:N", "data:N", "method:N", "target:N", alt.Tooltip("accuracy:Q", format=".2%"),
                  alt.Tooltip("size_kb:Q", format=".2f", title="KB"), alt.Tooltip("file_bytes:Q", title="file B")],
