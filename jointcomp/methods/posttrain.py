@@ -19,8 +19,7 @@ removing weight w of input column i after the columns before it were corrected c
   what is left of the budget exactly (and two more candidates: admm's magnitude projection, one
   bitwidth for every layer; the one whose outputs are closest to the dense network's is kept); each
   layer's kept weights are reconstructed column by column with the inverse of its H onto its
-  codebook, fitted to its kept dense weights (GPTQ with a mask and a non-uniform codebook), and
-  its bias (where it has one) moved by the mean of the error that leaves in its outputs; then
+  codebook, fitted to its kept dense weights (GPTQ with a mask and a non-uniform codebook); then
   BatchNorm statistics either moved by the shift compression made in their inputs or measured
   anew, whichever brings the outputs closer to the dense network's. The model itself never changes.
 
@@ -246,34 +245,26 @@ class PostTrain(Method):
         and its output distance from the dense one."""
         model = copy.deepcopy(self.layers.model)
         params = dict(model.named_parameters(remove_duplicate=False))
-        modules = dict(model.named_modules())
         found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook and weight
-        biases: dict[str, torch.Tensor] = {}  # state-dict name -> the bias corrected for the layer's error
         bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
                    disable=None)
 
-        def rebuild(j: int, w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor | None = None,
-                    inputs: torch.Tensor | None = None) -> None:
+        def rebuild(j: int, w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor | None = None) -> None:
             name = self.layers.names[j]
             bar.set_postfix_str(name)
             found[j] = book, q = reconstruct_layer(w, h, masks[j], int(bits[j]), factor)
             params[name].copy_(q)
-            users = self.users[j]
-            if len(users) == 1 and getattr(modules[users[0]], "bias", None) is not None:
-                user = modules[users[0]]
-                dense = _mean_output(user, self.dense.inputs[users[0]], self.params[j].detach())
-                user.bias.add_(dense - _mean_output(user, self.dense.inputs[users[0]] if inputs is None else inputs, q))
-                biases[f"{users[0]}.bias"] = user.bias.detach().clone()
             bar.update()
 
         def aim(j: int, name: str) -> Callable:
             def hook(module: nn.Module, args: tuple) -> None:
                 if j not in found:  # a weight several modules use: on the inputs of the first the pass reaches
                     cross, h = _mean_moments([(module, self.dense.inputs[name], args[0].detach())])
-                    rebuild(j, _towards_dense(self.params[j].detach().float(), cross, h), h, inputs=args[0].detach())
+                    rebuild(j, _towards_dense(self.params[j].detach().float(), cross, h), h)
             return hook
 
         if in_order:
+            modules = dict(model.named_modules())
             self._outputs(model, self._shifts(model) + [(modules[n], aim(j, n)) for j, names in enumerate(self.users)
                                                         for n in names])
             # a pass of its own: in the one above, an embedding sharing a weight read it before its reconstruction
@@ -284,7 +275,6 @@ class PostTrain(Method):
             outputs = self._outputs(model, self._shifts(model))
         bar.close()
         state, distance = self._statistics(model, outputs)
-        state.update(biases)
         books, values = [found[j][0] for j in range(len(masks))], [found[j][1] for j in range(len(masks))]
         codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, masks, books)]
         return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
@@ -391,23 +381,6 @@ def _mean_moments(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> 
             cross = cross + (square if x is y else _moment(_layer_inputs(module, x_chunk), rows))
             count += rows.shape[1]
     return cross / count, gram / count
-
-
-def _mean_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The mean output per output channel (per feature of a Linear) of `module` with `weight` and no
-    bias on the inputs `x`, CHUNK inputs at a time. Its difference between the dense weight on the
-    dense inputs and the reconstructed one on the inputs it will get is what the layer's bias makes
-    up for (bias correction: an error whose mean is not zero shifts every layer after it, and a
-    network without BatchNorm has nothing else to take it back)."""
-    total, count = 0.0, 0
-    for chunk in x.split(CHUNK):
-        if isinstance(module, nn.Linear):
-            out = nn.functional.linear(chunk, weight.to(chunk.dtype)).flatten(0, -2)
-            total, count = total + out.double().sum(0), count + out.shape[0]
-        else:
-            out = module._conv_forward(chunk, weight.to(chunk.dtype), None).transpose(0, 1).flatten(1)
-            total, count = total + out.double().sum(1), count + out.shape[1]
-    return (total / count).to(module.bias.dtype)
 
 
 def _damped(h: torch.Tensor) -> torch.Tensor:
