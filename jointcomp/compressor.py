@@ -43,7 +43,7 @@ from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
 from .schedule import Schedule
 
-SAVED_VERSION = 5  # of saved settings and states: a resume or export checks it
+SAVED_VERSION = 6  # of saved settings and states: a resume or export checks it
 
 
 @dataclass

@@ -14,6 +14,7 @@ from jointcomp.projector import Allocation
 from jointcomp.schedule import Schedule
 from sizes import fits, paper_bits_in_file
 from jointcomp.methods import snap
+from jointcomp.methods.oscillations import Oscillations
 from jointcomp.records import EpochRecord, StepRecord
 
 META = {"model": "mlp", "data": "digits", "input_shape": [1, 8, 8], "num_classes": 10}
@@ -151,6 +152,44 @@ def test_a_retraining_step_moves_centres_by_their_members_updates_not_by_latent_
     assert torch.allclose(alloc.codebooks[0], torch.tensor([-0.9, 1.1]))
     assert torch.allclose(weight.detach(), torch.tensor([-0.9, -0.9, -0.9, 1.1, -0.9, 1.1]))
     assert torch.allclose(latent[0], torch.tensor([-0.9, -0.9, -0.9, 1.0, -0.2, 1.1]))
+
+
+def retraining_codes(oscillations: Oscillations | None, steps: int) -> list[int]:
+    """The code of a 1-bit weight whose latent value is pushed across the boundary between the
+    centres -1 and 1 and back at every step (the weight stays put: its update is zero), over
+    `steps` retraining steps, with or without freezing."""
+    values = torch.tensor([-1.0, 1.0, -1.0])
+    weight = torch.nn.Parameter(values.clone())
+    latent = [values.clone()]
+    alloc = Allocation([torch.ones(3, dtype=torch.bool)], torch.tensor([1]), [torch.tensor([-1.0, 1.0])],
+                       [torch.tensor([0, 1, 0])], [values.clone()], 3.0, 0.0, 0.0)
+    found = []
+    for t in range(steps):
+        latent[0][2] = 0.01 if t % 2 == 0 else -0.01
+        snap([weight], alloc, latent, oscillations)
+        found.append(int(alloc.codes[0][2]))
+    return found
+
+
+def test_a_code_that_keeps_flipping_back_while_retraining_is_frozen():
+    """Without freezing the weight changes code at every one of 40 steps; with it (oscillations.py)
+    it stops within 20 steps and holds one code for good, while the two weights that did not
+    move keep theirs."""
+    free = retraining_codes(None, 40)
+    assert all(a != b for a, b in zip(free, free[1:]))
+    oscillations = Oscillations([torch.tensor([0, 1, 0])])
+    frozen = retraining_codes(oscillations, 40)
+    assert len(set(frozen[20:])) == 1
+    assert oscillations.frozen[0].tolist() == [False, False, True]
+
+
+def test_a_code_that_moves_one_way_is_never_frozen():
+    """A weight that climbs through every centre of a 2-bit codebook, one code every step, changes
+    direction never: it is not frozen and ends at the top centre."""
+    oscillations = Oscillations([torch.tensor([0])])
+    codes = [int(oscillations.follow(0, torch.tensor([min(t, 3)]))) for t in range(200)]
+    assert codes[:4] == [0, 1, 2, 3] and codes[-1] == 3
+    assert not oscillations.frozen[0].any()
 
 
 @pytest.mark.parametrize("steps, every", [(100, 7), (60, 1), (1000, 250), (9, 10)])

@@ -4,8 +4,8 @@ budget, changing nothing: the what-if, the trade-off curve and the final model a
 training a fixed allocation in its deployed shape.
 
 From `fix_allocation` on (the schedule's `retrain_start`, schedule.py) every method trains its
-allocation the same way: first the kept weights retrain behind their quantized values, then
-(`fix_codes`) only the codebooks train. So the bench compares allocations, not recipes.
+allocation the same way: first the kept weights retrain behind their quantized values (codes
+that keep flipping back frozen, oscillations.py), then (`fix_codes`) only the codebooks train. So the bench compares allocations, not recipes.
 """
 from __future__ import annotations
 
@@ -18,25 +18,33 @@ from torch import nn
 from ..projector import Allocation, Projector
 from ..budget import Budget
 from ..solvers import assign, dequantize
+from .oscillations import Oscillations
 
 
 @torch.no_grad()
-def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tensor] | None = None) -> None:
+def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tensor] | None = None,
+         oscillations: Oscillations | None = None) -> None:
     """Shared-centroid step (Deep Compression): every centre moves by the mean of its members'
     updates since the last step, and every weight becomes its centre (zeros stay zero).
     With `latent` (straight-through retraining) each weight first joins the centre nearest to
     its latent weight, so codes can move; latent weights are held within the codebook's range
-    (as BinaryConnect clips them), so every one stays a few steps from changing its code."""
+    (as BinaryConnect clips them), so every one stays a few steps from changing its code;
+    `oscillations` freezes the codes that keep flipping back (oscillations.py)."""
     for i, (p, mask) in enumerate(zip(params, alloc.masks)):
         update = torch.masked_select(p.detach().float() - alloc.values[i], mask)
         book = alloc.codebooks[i]
         codes = alloc.codes[i] if latent is None else assign(torch.masked_select(latent[i], mask).float(), book)
+        if oscillations is not None:
+            codes = oscillations.follow(i, codes)
         total = torch.zeros_like(book).index_add_(0, codes, update)
         count = torch.zeros_like(book).index_add_(0, codes, torch.ones_like(update))
         book = book + total / count.clamp(min=1)
         if latent is not None:  # keep it sorted for the next assignment
             book, order = book.sort()
-            codes = order.argsort()[codes]
+            new_index = order.argsort()
+            codes = new_index[codes]
+            if oscillations is not None:
+                oscillations.renumber(i, new_index)
             torch.clamp(latent[i], book[0], book[-1], out=latent[i]).mul_(mask)
         alloc.codebooks[i], alloc.codes[i] = book, codes
         value = alloc.values[i] = dequantize(mask, book, codes)
@@ -90,6 +98,7 @@ class Method:
         self.projector = layers.projector
         self.fixed: Allocation | None = None  # the fixed allocation, from `fix_allocation` on
         self.latent: list[torch.Tensor] | None = None  # while retraining: the weights behind the quantized ones
+        self.oscillations: Oscillations | None = None  # while retraining: whose codes flip back and forth
         self.books: torch.Tensor | None = None  # of the last joint projection's option tables: the next one's warm start
 
     def calibrate(self, batches: Iterable) -> None:
@@ -119,17 +128,18 @@ class Method:
         if self.latent is not None:
             for p, w, value, mask in zip(self.params, self.latent, self.fixed.values, self.fixed.masks):
                 w.add_(p.detach().float() - value).mul_(mask)
-        snap(self.params, self.fixed, self.latent)
+        snap(self.params, self.fixed, self.latent, self.oscillations)
 
     @torch.no_grad()
     def fix_allocation(self, alloc: Allocation, retrain: bool = False) -> None:
         """From now on train in the deployed shape: masks and bits fixed, pruned weights
         exactly zero, each centre the mean of its members. `retrain`: the kept weights go
         on training behind their quantized values (straight-through), so code assignments
-        still move, until `fix_codes`."""
+        still move, until `fix_codes`; those that keep flipping back are frozen (oscillations.py)."""
         self.latent = [w * mask for w, mask in zip(self.weights(), alloc.masks)] if retrain else None
+        self.oscillations = Oscillations(alloc.codes) if retrain else None
         self.fixed = alloc
-        snap(self.params, alloc, self.latent)
+        snap(self.params, alloc, self.latent, self.oscillations)
 
     @property
     def retraining(self) -> bool:
@@ -138,7 +148,7 @@ class Method:
 
     def fix_codes(self) -> None:
         """End retraining: from now on code assignments are fixed too (the final phase)."""
-        self.latent = None
+        self.latent = self.oscillations = None
 
     def weights(self) -> list[torch.Tensor]:
         """The trained weights: while retraining, the latent ones behind the quantized weights."""
@@ -164,12 +174,14 @@ class Method:
         return zeros, zeros
 
     def state_dict(self) -> dict:
-        return {"fixed": allocation_state(self.fixed), "latent": self.latent}
+        return {"fixed": allocation_state(self.fixed), "latent": self.latent,
+                "oscillations": None if self.oscillations is None else self.oscillations.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.fixed = allocation_from_state(state["fixed"], self.params)
         device = self.params[0].device
         self.latent = None if state["latent"] is None else [w.to(device) for w in state["latent"]]
+        self.oscillations = None if state["oscillations"] is None else Oscillations.from_state(state["oscillations"], device)
 
 
 class PruneFirst(Method):
