@@ -337,7 +337,8 @@ class Compressor:
             self._fix_allocation(target, retrain=schedule.finetune_start < 0 or t < schedule.finetune_start)
             decided = True
         elif t == schedule.finetune_start and self.phase == "retrain":
-            self.method.fix_codes()
+            frozen = self.method.fix_codes()
+            self.note(f"retraining froze {frozen:,} of {int(self.method.fixed.nnz.sum()):,} codes: they kept flipping back and forth")
         self.method.after_step(lr)
         if decided or projected:
             self.agreement.check(self.fingerprint)

@@ -5,6 +5,7 @@ file, with a target moved during either phase, and with distillation on and off.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -181,6 +182,18 @@ def test_a_code_that_keeps_flipping_back_while_retraining_is_frozen():
     frozen = retraining_codes(oscillations, 40)
     assert len(set(frozen[20:])) == 1
     assert oscillations.frozen[0].tolist() == [False, False, True]
+
+
+def test_a_run_says_how_many_codes_its_retraining_froze(trained_mlp, digits):
+    """At 800x the digits MLP's layers get 1 or 2 bits and some codes flip back and forth while
+    retraining (over the 15 epochs of the CLI's default, about a hundred steps): the record of the epoch in which the final phase starts says how many of the
+    kept weights' codes were frozen, and no other record says it."""
+    engine = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(target="800x", epochs=15, device="cpu"))
+    epochs = [r for r in engine if isinstance(r, EpochRecord)]
+    said = [r for r in epochs if "froze" in r.note]
+    assert len(said) == 1 and said[0].phase == "finetune"
+    frozen, kept = (int(n.replace(",", "")) for n in re.search(r"froze ([\d,]+) of ([\d,]+) codes", said[0].note).groups())
+    assert 0 < frozen < kept == sum(layer.nnz for layer in epochs[-1].layers)
 
 
 def test_a_code_that_moves_one_way_is_never_frozen():

@@ -5,7 +5,8 @@ training a fixed allocation in its deployed shape.
 
 From `fix_allocation` on (the schedule's `retrain_start`, schedule.py) every method trains its
 allocation the same way: first the kept weights retrain behind their quantized values (codes
-that keep flipping back frozen, oscillations.py), then (`fix_codes`) only the codebooks train. So the bench compares allocations, not recipes.
+that keep flipping back frozen, oscillations.py), then (`fix_codes`) only the codebooks train.
+So the bench compares allocations, not recipes.
 """
 from __future__ import annotations
 
@@ -146,9 +147,12 @@ class Method:
         """Whether code assignments still move (between `fix_allocation(..., retrain=True)` and `fix_codes`)."""
         return self.latent is not None
 
-    def fix_codes(self) -> None:
-        """End retraining: from now on code assignments are fixed too (the final phase)."""
+    def fix_codes(self) -> int:
+        """End retraining: from now on code assignments are fixed too (the final phase). Returns
+        how many codes retraining froze for flipping back and forth."""
+        frozen = 0 if self.oscillations is None else self.oscillations.frozen_count()
         self.latent = self.oscillations = None
+        return frozen
 
     def weights(self) -> list[torch.Tensor]:
         """The trained weights: while retraining, the latent ones behind the quantized weights."""

@@ -52,6 +52,9 @@ class Oscillations:
         if not torch.equal(new_index, torch.arange(len(new_index), device=new_index.device)):
             self.mean[layer] = self.last[layer].float()
 
+    def frozen_count(self) -> int:
+        return sum(int(f.sum()) for f in self.frozen)
+
     def state_dict(self) -> dict:
         return {"last": self.last, "direction": self.direction, "frequency": self.frequency, "mean": self.mean,
                 "frozen": self.frozen}
