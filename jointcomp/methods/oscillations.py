@@ -46,8 +46,8 @@ class Oscillations:
         return codes
 
     def renumber(self, layer: int, new_index: torch.Tensor) -> None:
-        """The layer's centres were re-sorted: centre k is now `new_index[k]`. The average code
-        of a weight whose centres changed places starts again from its code."""
+        """The layer's centres were re-sorted: centre k is now `new_index[k]`. Where the order
+        changed, every weight's average code in the layer starts again from its code."""
         self.last[layer] = new_index[self.last[layer]]
         if not torch.equal(new_index, torch.arange(len(new_index), device=new_index.device)):
             self.mean[layer] = self.last[layer].float()
