@@ -124,15 +124,53 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     h = (x.T @ x)[None].double() / 400
     mask = torch.rand(w.shape) < 0.5
     book = torch.tensor([-1.0, -0.2, 0.3, 1.5])
-    q = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(8, -1))
-    plain = torch.where(mask, book[(w[..., None] - book).abs().argmin(-1)], 0.0)
+    q, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(8, -1))
+    plain = torch.where(kept, book[(w[..., None] - book).abs().argmin(-1)], 0.0)
     assert torch.equal(q[:, :, 0], plain[:, :, 0])
-    assert torch.isin(q[mask], book).all() and (q[~mask] == 0).all()
+    assert torch.isin(q[kept], book).all() and (q[~kept] == 0).all() and int(kept.sum()) == int(mask.sum())
 
     def output_error(v: torch.Tensor) -> float:
         return float(torch.einsum("grd,gde,gre->", (w - v).double(), h, (w - v).double()))
     assert output_error(q) < 0.8 * output_error(plain)
 
+
+
+def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
+    """SparseGPT's adaptive mask: the second block of columns repeats the first block's inputs, so
+    pruning the first block's large weights moves them onto their twins, small in the dense weight.
+    A block keeps as many weights as the mask given, and chooses them when the column loop reaches
+    it: the twins, not the weights the mask given kept there."""
+    torch.manual_seed(0)
+    x = torch.randn(2000, posttrain.BLOCK)
+    x = torch.cat([x, x + 0.01 * torch.randn_like(x)], 1)
+    h = (x.T @ x)[None].double() / len(x)
+    w = 0.05 * torch.randn(1, 4, 2 * posttrain.BLOCK)
+    w[:, :, :32] = 1.0
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    mask[:, :, posttrain.BLOCK + 64:posttrain.BLOCK + 96] = True
+    book = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
+    _, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(4, -1))
+    assert kept[:, :, posttrain.BLOCK:posttrain.BLOCK + 32].all() and int(kept.sum()) == int(mask.sum())
+
+
+def test_moments_of_few_inputs_are_shrunk_towards_the_truth_and_of_many_left_alone():
+    """H of a Linear layer from fewer calibration inputs than it has columns is a noisy estimate of
+    its inputs' true second moments: shrunk (Ledoit-Wolf) it is closer to them than the sample's own;
+    from many inputs it is left as measured. Cross and H are shrunk alike (a ridge towards W)."""
+    torch.manual_seed(0)
+    columns = 200
+    mix = torch.randn(columns, 20) / 20 ** 0.5
+    truth = (mix @ mix.T + 0.1 * torch.eye(columns)).double()
+    layer = nn.Linear(columns, 1)
+    for count in (50, 20000):
+        x = torch.randn(count, 20) @ mix.T + 0.1 ** 0.5 * torch.randn(count, columns)
+        cross, h = posttrain._mean_moments([(layer, x, x)])
+        sample = (x.T.double() @ x.double()) / count
+        assert torch.allclose(cross, h)
+        if count < columns:
+            assert (h[0] - truth).norm() < 0.95 * (sample - truth).norm()
+        else:
+            assert (h[0] - sample).norm() < 0.01 * sample.norm()
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, for the asymmetric case
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 8, 5), nn.Conv2d(8, 12, 3, stride=2, padding=1),

@@ -19,7 +19,9 @@ removing weight w of input column i after the columns before it were corrected c
   what is left of the budget exactly (and two more candidates: admm's magnitude projection, one
   bitwidth for every layer; the one whose outputs are closest to the dense network's is kept); each
   layer's kept weights are reconstructed column by column with the inverse of its H onto its
-  codebook, fitted to its kept dense weights (GPTQ with a mask and a non-uniform codebook); then
+  codebook, fitted to its kept dense weights (GPTQ with a mask and a non-uniform codebook; each
+  block of 128 columns keeps as many weights as the mask, chosen when the loop reaches it, as
+  SparseGPT does); then
   BatchNorm statistics either moved by the shift compression made in their inputs or measured
   anew, whichever brings the outputs closer to the dense network's. The model itself never changes.
 
@@ -218,8 +220,8 @@ class PostTrain(Method):
 
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True
                     ) -> tuple[Allocation, float]:
-        """These masks and bits with the kept weights reconstructed (and the BatchNorm statistics for
-        them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
+        """These bits and as many kept weights as these masks in each block of columns, reconstructed
+        (`reconstruct_layer`, and the BatchNorm statistics for them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
         the calibration inputs. `in_order`: layer after layer on the compressed network's inputs (one
         forward pass); else each on its dense inputs (cheaper, to compare candidates).
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
@@ -245,14 +247,14 @@ class PostTrain(Method):
         and its output distance from the dense one."""
         model = copy.deepcopy(self.layers.model)
         params = dict(model.named_parameters(remove_duplicate=False))
-        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook and weight
+        found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook, weight, mask
         bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
                    disable=None)
 
         def rebuild(j: int, w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor | None = None) -> None:
             name = self.layers.names[j]
             bar.set_postfix_str(name)
-            found[j] = book, q = reconstruct_layer(w, h, masks[j], int(bits[j]), factor)
+            found[j] = book, q, _ = reconstruct_layer(w, h, masks[j], int(bits[j]), factor)
             params[name].copy_(q)
             bar.update()
 
@@ -275,9 +277,9 @@ class PostTrain(Method):
             outputs = self._outputs(model, self._shifts(model))
         bar.close()
         state, distance = self._statistics(model, outputs)
-        books, values = [found[j][0] for j in range(len(masks))], [found[j][1] for j in range(len(masks))]
-        codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, masks, books)]
-        return Allocation(masks, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
+        books, values, kept = (list(layer) for layer in zip(*(found[j] for j in range(len(masks)))))
+        codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, kept, books)]
+        return Allocation(kept, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
 
     def _outputs(self, model: nn.Module, hooks: list[tuple[nn.Module, Callable]] = ()) -> torch.Tensor:
         """`model`'s outputs on the whole calibration set in eval mode: with `hooks`, in one pass (a
@@ -371,16 +373,34 @@ def _moment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _mean_moments(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The means of X^T Y and of Y^T Y over the input rows of each (module, x, y) of `pairs` (x and y:
     that module's inputs on the same samples in the dense network and in a compressed copy; with
-    y = x both are H), CHUNK samples unfolded at a time, each once."""
-    cross, gram, count = 0.0, 0.0, 0
+    y = x both are H), CHUNK samples unfolded at a time, each once; both shrunk as one (`_shrunk`)."""
+    cross, gram, fourth, count = 0.0, 0.0, 0.0, 0
     for module, x, y in pairs:
         for x_chunk, y_chunk in zip(x.split(CHUNK), y.split(CHUNK)):
             rows = _layer_inputs(module, y_chunk)
             square = _moment(rows, rows)
             gram = gram + square
             cross = cross + (square if x is y else _moment(_layer_inputs(module, x_chunk), rows))
+            fourth = fourth + rows.float().square().sum(-1).to(square.dtype).square().sum(-1)
             count += rows.shape[1]
-    return cross / count, gram / count
+    return _shrunk(cross / count, gram / count, fourth / count, count)
+
+
+def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """X^T Y and H shrunk towards their mean diagonal by the Ledoit-Wolf intensity rho of H, per group:
+    (1 - rho) M + rho mean(diag H) I. H is estimated from `count` rows; where they are few for its
+    columns (a Linear layer's 512 calibration inputs for 800 columns), the reconstruction fitted
+    the sample's noise (LeNet-5's posttrain at 537x lost 2 points to it, BENCHMARKS.md). Shrunk alike,
+    the two give a ridge towards the dense weight (`_towards_dense`: W* = W where Y = X). `fourth`: the
+    mean of |row|^4, what the intensity needs besides H; rows are taken as independent, so a
+    convolution's overlapping patches get almost none."""
+    mean = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    spread = (gram - mean[:, None, None] * eye).square().sum((-2, -1))  # |H - mean I|^2
+    noise = (fourth - gram.square().sum((-2, -1))) / count  # of the estimate H, |H_sample - H|^2 expected
+    rho = torch.where(spread > 0, (noise / spread.clamp(min=1e-300)).clamp(0, 1), torch.zeros_like(spread))[:, None, None]
+    ridge = rho * mean[:, None, None] * eye
+    return (1 - rho) * cross + ridge, (1 - rho) * gram + ridge
 
 
 def _damped(h: torch.Tensor) -> torch.Tensor:
@@ -472,7 +492,7 @@ def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score:
     padded = torch.stack([torch.cat([b, b[-1:].expand(widest - b.numel())]) for _, b in options]).to(w.device)
     per_row = padded.repeat_interleave(len(sample), 0)  # each sampled row of each option, its codebook
     w_rows = w[:, sample].repeat(1, len(options), 1)
-    q = _round_columns(w_rows, masks, factor, per_row)
+    q, _ = _round_columns(w_rows, masks, factor, per_row)
     delta = (w_rows - q).double()
     error = torch.einsum("grd,gde,gre->r", delta, h, delta).view(len(options), len(sample))
     errors = error.sum(1).view(len(keeps), len(choices)) * (rows / len(sample))
@@ -490,9 +510,10 @@ def _table_error(keeps: torch.Tensor, errors: torch.Tensor, kept: int, bits: int
 
 
 def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, bits: int,
-                      factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's codebook (2^bits sorted values, fitted to its kept dense weights) and its
-    reconstructed weight: pruned weights exactly zero, kept ones codebook values, chosen column by
+                      factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's codebook (2^bits sorted values, fitted to its kept dense weights), its
+    reconstructed weight and its mask (as many kept weights as `mask`, `_round_columns`): pruned
+    weights exactly zero, kept ones codebook values, chosen column by
     column so that the output on the calibration inputs stays close to the dense layer's. (A
     codebook refitted to the corrected weights the columns were rounded from, kept where it made
     the layer's own output error smaller, left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)
@@ -501,26 +522,36 @@ def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor,
     w = _grouped(weight, groups)
     factor = (_damped_inverse_factor(h) if factor is None else factor).to(w.dtype)
     book = fit_codebooks_many([torch.masked_select(weight, mask)], torch.tensor([[bits]]))[0][0][0].to(w.device)
-    return book, _round_columns(w, _grouped(mask, groups), factor, book[None].expand(w.shape[1], -1)).reshape(weight.shape)
+    q, kept = _round_columns(w, _grouped(mask, groups), factor, book[None].expand(w.shape[1], -1))
+    return book, q.reshape(weight.shape), kept.reshape(weight.shape)
 
 
-def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ with a mask and non-uniform codebooks: each column in turn rounded (kept weights to the
     nearest centre of their row's sorted codebook, `books` (rows, centres), pruned ones to zero)
     and its error spread over the columns not yet rounded through the Cholesky factor of H^-1
-    (`factor`, per group), in blocks: the rounded weights. The column loop is thousands of steps
-    on a few hundred numbers each: it runs in NumPy on the CPU, whose cost per call is a fraction
-    of torch's (the same arithmetic and results; a LeNet-5 what-if in the app's thread spent half
-    its time here in torch), and only the blocks' updates in torch."""
+    (`factor`, per group), in blocks: the rounded weights and the mask they keep. Each block keeps
+    as many weights as `mask` does there, chosen anew when the block is reached: those of largest
+    (w / d)^2 after the corrections of the columns before (SparseGPT's adaptive mask selection; a
+    mask fixed up front left ResNet-20 2 points and LeNet-5 0.6-8 points less accurate at 50x and
+    537x-1000x, BENCHMARKS.md). The column loop is thousands of steps on a few hundred numbers
+    each: it runs in NumPy on the CPU, whose cost per call is a fraction of torch's (the same
+    arithmetic and results; a LeNet-5 what-if in the app's thread spent half its time here in
+    torch), and only the blocks' updates in torch."""
     device, (groups, rows, columns) = w.device, w.shape
     w, factor = w.detach().cpu().clone(), factor.cpu()
     books = books.float()[None].expand(groups, -1, -1).reshape(groups * rows, -1).cpu()
     mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
-    books, kept, every_row = books.numpy(), mask.cpu().numpy(), numpy.arange(groups * rows)
+    books, kept, every_row = books.numpy(), mask.cpu().numpy().copy(), numpy.arange(groups * rows)
     q = torch.zeros_like(w)
     for s in range(0, columns, BLOCK):
         e = min(s + BLOCK, columns)
         block, f = w[:, :, s:e].numpy().copy(), factor[:, s:e, s:e].numpy()
+        score = numpy.square(block / numpy.diagonal(f, axis1=1, axis2=2)[:, None, :]).reshape(groups, -1)
+        rank = numpy.argsort(numpy.argsort(-score, axis=-1, kind="stable"), axis=-1, kind="stable")
+        count = kept[:, :, s:e].reshape(groups, -1).sum(-1, keepdims=True)
+        kept[:, :, s:e] = (rank < count).reshape(block.shape)
         rounded, errors = numpy.zeros_like(block), numpy.zeros_like(block)
         for i in range(e - s):
             col = block[:, :, i]
@@ -530,7 +561,7 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
             block[:, :, i + 1:] -= errors[:, :, i, None] * f[:, i, None, i + 1:]
         q[:, :, s:e] = torch.from_numpy(rounded)
         w[:, :, e:] -= torch.from_numpy(errors) @ factor[:, s:e, e:]
-    return q.to(device)
+    return q.to(device), torch.from_numpy(kept).to(device)
 
 
 def _channel_moments(x: torch.Tensor) -> torch.Tensor:
