@@ -221,9 +221,10 @@ class PostTrain(Method):
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True
                     ) -> tuple[Allocation, float]:
         """These bits and as many kept weights as these masks in each block of columns, reconstructed
-        (`reconstruct_layer`, and the BatchNorm statistics for them), sized in `budget`'s accounting; and its outputs' distance from the dense network's on
-        the calibration inputs. `in_order`: layer after layer on the compressed network's inputs (one
-        forward pass); else each on its dense inputs (cheaper, to compare candidates).
+        (`reconstruct_layer`, and the BatchNorm statistics for them), sized in `budget`'s accounting;
+        and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
+        layer after layer on the compressed network's inputs (one forward pass); else each on its
+        dense inputs (cheaper, to compare candidates).
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
         model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
@@ -386,11 +387,12 @@ def _mean_moments(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> 
     return _shrunk(cross / count, gram / count, fourth / count, count)
 
 
-def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """X^T Y and H shrunk towards their mean diagonal by the Ledoit-Wolf intensity rho of H, per group:
     (1 - rho) M + rho mean(diag H) I. H is estimated from `count` rows; where they are few for its
     columns (a Linear layer's 512 calibration inputs for 800 columns), the reconstruction fitted
-    the sample's noise (LeNet-5's posttrain at 537x lost 2 points to it, BENCHMARKS.md). Shrunk alike,
+    the sample's noise (LeNet-5's posttrain lost 1.1-1.5 points to it at 200x-1000x, BENCHMARKS.md). Shrunk alike,
     the two give a ridge towards the dense weight (`_towards_dense`: W* = W where Y = X). `fourth`: the
     mean of |row|^4, what the intensity needs besides H; rows are taken as independent, so a
     convolution's overlapping patches get almost none."""
@@ -398,7 +400,8 @@ def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     spread = (gram - mean[:, None, None] * eye).square().sum((-2, -1))  # |H - mean I|^2
     noise = (fourth - gram.square().sum((-2, -1))) / count  # of the estimate H, |H_sample - H|^2 expected
-    rho = torch.where(spread > 0, (noise / spread.clamp(min=1e-300)).clamp(0, 1), torch.zeros_like(spread))[:, None, None]
+    rho = torch.where(spread > 0, (noise / spread.clamp(min=1e-300)).clamp(0, 1), torch.zeros_like(spread))
+    rho = rho[:, None, None]
     ridge = rho * mean[:, None, None] * eye
     return (1 - rho) * cross + ridge, (1 - rho) * gram + ridge
 
@@ -513,8 +516,8 @@ def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor,
                       factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's codebook (2^bits sorted values, fitted to its kept dense weights), its
     reconstructed weight and its mask (as many kept weights as `mask`, `_round_columns`): pruned
-    weights exactly zero, kept ones codebook values, chosen column by
-    column so that the output on the calibration inputs stays close to the dense layer's. (A
+    weights exactly zero, kept ones codebook values, chosen column by column so that the output on
+    the calibration inputs stays close to the dense layer's. (A
     codebook refitted to the corrected weights the columns were rounded from, kept where it made
     the layer's own output error smaller, left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)
     `factor`: the Cholesky factor of (H + damping)^-1 where the caller has it (`_damped_inverse_factor`)."""
