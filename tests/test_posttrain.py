@@ -127,7 +127,7 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     q, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(8, -1))
     plain = torch.where(kept, book[(w[..., None] - book).abs().argmin(-1)], 0.0)
     assert torch.equal(q[:, :, 0], plain[:, :, 0])
-    assert torch.isin(q[kept], book).all() and (q[~kept] == 0).all() and int(kept.sum()) == int(mask.sum())
+    assert torch.isin(q[kept], book).all() and (q[~kept] == 0).all() and torch.equal(kept.sum(-1), mask.sum(-1))
 
     def output_error(v: torch.Tensor) -> float:
         return float(torch.einsum("grd,gde,gre->", (w - v).double(), h, (w - v).double()))
@@ -138,8 +138,8 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     """SparseGPT's adaptive mask: the second block of columns repeats the first block's inputs, so
     pruning the first block's large weights moves them onto their twins, small in the dense weight.
-    A block keeps as many weights as the mask given, and chooses them when the column loop reaches
-    it: the twins, not the weights the mask given kept there."""
+    Each row keeps in a block as many weights as the mask given, and chooses them when the column
+    loop reaches it: the twins, not the weights the mask given kept there."""
     torch.manual_seed(0)
     x = torch.randn(2000, posttrain.BLOCK)
     x = torch.cat([x, x + 0.01 * torch.randn_like(x)], 1)
@@ -150,7 +150,7 @@ def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     mask[:, :, posttrain.BLOCK + 64:posttrain.BLOCK + 96] = True
     book = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
     _, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(4, -1))
-    assert kept[:, :, posttrain.BLOCK:posttrain.BLOCK + 32].all() and int(kept.sum()) == int(mask.sum())
+    assert kept[:, :, posttrain.BLOCK:posttrain.BLOCK + 32].all() and torch.equal(kept.sum(-1), mask.sum(-1))
 
 
 def test_moments_of_few_inputs_are_shrunk_towards_the_truth_and_of_many_left_alone():
