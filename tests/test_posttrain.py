@@ -134,7 +134,6 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     assert output_error(q) < 0.8 * output_error(plain)
 
 
-
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     """SparseGPT's adaptive mask: the second block of columns repeats the first block's inputs, so
     pruning the first block's large weights moves them onto their twins, small in the dense weight.
@@ -171,6 +170,7 @@ def test_moments_of_few_inputs_are_shrunk_towards_the_truth_and_of_many_left_alo
             assert (h[0] - truth).norm() < 0.95 * (sample - truth).norm()
         else:
             assert (h[0] - sample).norm() < 0.01 * sample.norm()
+
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, for the asymmetric case
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 8, 5), nn.Conv2d(8, 12, 3, stride=2, padding=1),

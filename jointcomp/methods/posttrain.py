@@ -221,8 +221,8 @@ class PostTrain(Method):
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True
                     ) -> tuple[Allocation, float]:
         """These bits and as many kept weights as these masks in each row of each block of columns,
-        reconstructed (`reconstruct_layer`, and the BatchNorm statistics for them), sized in `budget`'s accounting;
-        and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
+        reconstructed (`reconstruct_layer`, and the BatchNorm statistics for them), sized in
+        `budget`'s accounting; and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
         layer after layer on the compressed network's inputs (one forward pass); else each on its
         dense inputs (cheaper, to compare candidates).
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
@@ -392,10 +392,10 @@ def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count
     """X^T Y and H shrunk towards their mean diagonal by the Ledoit-Wolf intensity rho of H, per group:
     (1 - rho) M + rho mean(diag H) I. H is estimated from `count` rows; where they are few for its
     columns (a Linear layer's 512 calibration inputs for 800 columns), the reconstruction fitted
-    the sample's noise (LeNet-5's posttrain lost 1.1-1.5 points to it at 200x-1000x, BENCHMARKS.md). Shrunk alike,
-    the two give a ridge towards the dense weight (`_towards_dense`: W* = W where Y = X). `fourth`: the
-    mean of |row|^4, what the intensity needs besides H; rows are taken as independent, so a
-    convolution's overlapping patches get almost none."""
+    the sample's noise (LeNet-5's posttrain lost 1.1-1.5 points to it at 200x-1000x, BENCHMARKS.md).
+    Shrunk alike, the two give a ridge towards the dense weight (`_towards_dense`: W* = W where
+    Y = X). `fourth`: the mean of |row|^4, what the intensity needs besides H; rows are taken as
+    independent, so a convolution's overlapping patches get almost none."""
     mean = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     spread = (gram - mean[:, None, None] * eye).square().sum((-2, -1))  # |H - mean I|^2
@@ -472,7 +472,8 @@ def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score:
                   min_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept counts (K,) and the output error of each (kept count, bits) option (K, bits), in the
     network's unit (`unit` per unit of the layer's tr(dW H dW^T)): the weights of largest `score`
-    kept, a k-means codebook fitted to them, and the option's reconstruction run for real on a
+    kept (each row's count per block, chosen anew by `_round_columns` as the reconstruction reaches
+    it), a k-means codebook fitted to them, and the option's reconstruction run for real on a
     sample of TABLE_ROWS rows (rows are reconstructed independently, with the same H), every option
     of the layer in one batched pass; its error scaled up to all rows."""
     groups, rows, _ = w.shape
@@ -517,9 +518,9 @@ def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor,
     """The layer's codebook (2^bits sorted values, fitted to its kept dense weights), its
     reconstructed weight and its mask (as many kept weights as `mask`, `_round_columns`): pruned
     weights exactly zero, kept ones codebook values, chosen column by column so that the output on
-    the calibration inputs stays close to the dense layer's. (A
-    codebook refitted to the corrected weights the columns were rounded from, kept where it made
-    the layer's own output error smaller, left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)
+    the calibration inputs stays close to the dense layer's. (A codebook refitted to the corrected
+    weights the columns were rounded from, kept where it made the layer's own output error smaller,
+    left LeNet-5 0.5-4 points less accurate: BENCHMARKS.md.)
     `factor`: the Cholesky factor of (H + damping)^-1 where the caller has it (`_damped_inverse_factor`)."""
     groups = h.shape[0]
     w = _grouped(weight, groups)
@@ -539,10 +540,10 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     of largest (w / d)^2 after the corrections of the columns before (SparseGPT's adaptive mask
     selection, row by row; a mask fixed up front left ResNet-20 and LeNet-5 up to 1.6 and 4.7 points
     less accurate; chosen across the block's rows, as SparseGPT does, a character-level GPT at 16x
-    ended 23 % above its dense validation loss instead of 9 %, BENCHMARKS.md). The column loop is thousands of steps on a few hundred numbers
-    each: it runs in NumPy on the CPU, whose cost per call is a fraction of torch's (the same
-    arithmetic and results; a LeNet-5 what-if in the app's thread spent half its time here in
-    torch), and only the blocks' updates in torch."""
+    ended 23 % above its dense validation loss instead of 9 %, BENCHMARKS.md). The column loop is
+    thousands of steps on a few hundred numbers each: it runs in NumPy on the CPU, whose cost per
+    call is a fraction of torch's (the same arithmetic and results; a LeNet-5 what-if in the app's
+    thread spent half its time here in torch), and only the blocks' updates in torch."""
     device, (groups, rows, columns) = w.device, w.shape
     w, factor = w.detach().cpu().clone(), factor.cpu()
     books = books.float()[None].expand(groups, -1, -1).reshape(groups * rows, -1).cpu()
