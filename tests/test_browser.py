@@ -3,6 +3,7 @@ Debian's Chromium through Playwright. Screenshots land in test-artifacts/ (not c
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import socket
@@ -13,8 +14,11 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from playwright.sync_api import Error as PlaywrightError
 
 from c_runtime import compile_c, run_c
 from jointcomp import Compressor, load_compressed
@@ -132,6 +136,32 @@ console.warn = (...args) => {{ warn(...args); console.log("{WARNING_STACK}", new
 """
 
 
+def looks_different(a: bytes, b: bytes) -> bool:
+    """Whether two screenshots differ by more than anti-aliasing: vega drawing the same chart again
+    moves a hundred edge pixels by up to ~20 levels; a new curve or point changes dozens outright."""
+    x, y = (np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16) for shot in (a, b))
+    return x.shape != y.shape or int((np.abs(x - y).max(axis=2) > 64).sum()) >= 20
+
+
+def drawn_chart(page, name: str, deadline: float) -> bytes:
+    """A screenshot of the live chart `name` as drawn, not mid-redraw: Streamlit fades a fragment's
+    elements while it reruns (data-stale) and vega draws a new spec asynchronously, so the chart
+    counts as drawn when nothing around or in it is stale and two screenshots half a second apart look alike."""
+    box = page.locator(f".st-key-chart_{name}")
+    stale = "box => Boolean(box.closest('[data-stale=\"true\"]') || box.querySelector('[data-stale=\"true\"]'))"
+    last = None
+    while True:
+        try:
+            shot = box.locator(".vega-embed").screenshot()
+            if last is not None and not looks_different(shot, last) and not box.evaluate(stale):
+                return shot
+        except PlaywrightError:  # the chart was replaced while being read: a redraw, read it again
+            shot = None
+        assert time.monotonic() < deadline, f"the {name} chart did not settle"
+        last = shot
+        page.wait_for_timeout(500)
+
+
 def what_if_values(page) -> list[str]:
     return page.locator('[data-testid="stMetricValue"]').all_inner_texts()
 
@@ -175,12 +205,13 @@ def test_run_steer_stop_download(app_url, browser, tmp_path):
     page.screenshot(path=ARTIFACTS / "2-running.png", full_page=True)
 
     # the trade-off chart moves from one epoch to the next (the run's point every epoch, curves every few)
-    tradeoff = page.locator(".st-key-chart_tradeoff .vega-embed")
-    epoch, before = epoch_shown(page), tradeoff.screenshot()
+    epoch, before = epoch_shown(page), drawn_chart(page, "tradeoff", time.monotonic() + 60)
     deadline = wait_for_epoch(page, epoch + 2, deadline=time.monotonic() + 10 * one_epoch + 60) + 10 * one_epoch + 30
-    while tradeoff.screenshot() == before and time.monotonic() < deadline:  # vega redraws after the new epoch
+    after = drawn_chart(page, "tradeoff", deadline + 60)
+    while not looks_different(after, before) and time.monotonic() < deadline:  # the charts redraw every few seconds
         page.wait_for_timeout(250)
-    assert tradeoff.screenshot() != before, "the trade-off chart did not change between epochs"
+        after = drawn_chart(page, "tradeoff", deadline + 60)
+    assert looks_different(after, before), "the trade-off chart did not change between epochs"
     note(f"the trade-off chart changed after epoch {epoch}")
 
     # a second tab while the run trains: its what-if is the one a lone session sees
@@ -261,14 +292,9 @@ def choose(page, label: str, option: str) -> None:
 def assert_drawn(chart, rows: int = 0) -> None:
     """A chart element whose plot is drawn: tall enough for its rows (12 px each, title, legend and
     axis aside) and with coloured marks in its lower part (bars, lines), not only a title."""
-    from io import BytesIO
-
-    import numpy as np
-    from PIL import Image
-
     box = chart.bounding_box()
     assert box["height"] >= 12 * rows + 100, f"{box['height']:.0f} px for {rows} rows"
-    pixels = np.asarray(Image.open(BytesIO(chart.screenshot())).convert("RGB")).astype(int)
+    pixels = np.asarray(Image.open(io.BytesIO(chart.screenshot())).convert("RGB")).astype(int)
     lower = pixels[int(len(pixels) * 0.4):]
     coloured = int((lower.max(-1) - lower.min(-1) > 60).sum())
     assert coloured >= 150, f"{coloured} coloured pixels below the title: no marks drawn"
