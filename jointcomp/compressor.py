@@ -351,8 +351,10 @@ class Compressor:
         pairs (a DataLoader, a list of tensors). The post-training method prices its options and
         reconstructs the kept weights with them; then `finish()` compresses without training.
         A training method, before its first step, starts from the post-training result at the
-        target instead (its reconstructed weights and BatchNorm statistics, so training has less
-        to recover); the record of that start is returned (epoch -1: before the first epoch)."""
+        target instead: the weights it keeps, reconstructed, and its BatchNorm statistics (so
+        training has less to recover); the weights it prunes keep their trained values, so the
+        method's projections can still revise which to keep (zeroed, they never grew past the
+        kept ones again). The record of that start is returned (epoch -1: before the first epoch)."""
         if not self.method.trains:
             self.method.calibrate(batches)
             return None
@@ -364,7 +366,9 @@ class Compressor:
         alloc = self.allocation(self.target_bits, method=start)
         if self.config.distill and self.teacher is None:  # the teacher stays the model as attached
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        _assign(self.model, self.params, alloc.values, alloc.state)
+        kept_reconstructed = [torch.where(m.view_as(v), v, p.detach().float())
+                              for m, v, p in zip(alloc.masks, alloc.values, self.params)]
+        _assign(self.model, self.params, kept_reconstructed, alloc.state)
         return self._emit(self._epoch_record(alloc, start.first_phase, self.epoch - 1))
 
     def note(self, text: str) -> None:
@@ -403,7 +407,7 @@ class Compressor:
         file_bytes = len(self.encode(alloc))
         size = self.measure(alloc, file_bytes)
         residual, dual = self.method.residuals()
-        if self.step_count == 0:  # the calibrated start: the weights are their own allocation
+        if self.step_count == 0:  # the calibrated start: no projection yet, so no residuals
             residual, dual = torch.zeros_like(residual), torch.zeros_like(dual)
         note, self.notes = "; ".join(self.notes), []
         self._epoch_started = time.perf_counter()

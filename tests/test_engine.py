@@ -141,11 +141,14 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
     next(records)  # what will run
     start = next(records)
     assert isinstance(start, EpochRecord) and (start.phase, start.epoch) == ("posttrain", -1)
-    for name, p, values in zip(engine.compressor.names, engine.compressor.params, posttrain.final.values):
-        assert torch.equal(p.detach(), values), name  # the weights training starts from: the post-training result
-    assert [int((p != 0).sum()) for p in engine.compressor.params] == [layer.nnz for layer in start.layers]
+    final = posttrain.final
+    for name, p, kept, values in zip(engine.compressor.names, engine.compressor.params, final.masks, final.values):
+        kept = kept.view_as(values)  # the weights training starts from: the post-training result where it
+        assert torch.equal(p.detach()[kept], values[kept]), name  # keeps weights, the trained ones where it prunes
+        assert torch.equal(p.detach()[~kept], dense[name][~kept]) and not torch.equal(values, dense[name]), name
+    assert [int(m.sum()) for m in final.masks] == [layer.nnz for layer in start.layers]
     assert sum(layer.bits * layer.nnz for layer in start.layers) <= dense_bits(trained_mlp) / 50
-    assert start.accuracy == pytest.approx(evaluate(trained_mlp, digits))
+    assert start.accuracy == pytest.approx(evaluate(trained_mlp, digits, dict(zip(engine.compressor.names, final.values))))
     rest = list(records)
     assert [r.epoch for r in rest if isinstance(r, EpochRecord)] == [0, 1]
     teacher = engine.compressor.teacher.state_dict()
