@@ -74,8 +74,9 @@ def sidebar(with_method: bool = True) -> Choices:
     with sb.expander("Advanced"):
         pre_epochs = st.number_input("Dense pre-training epochs", 1, 200, dense_epochs(model), key=f"dense_{model}")
         begin = st.radio("Training starts from", STARTS, STARTS.index(EngineConfig.start), key="begin", horizontal=True,
-                         help="dense: the weights as they are; calibrated: the network compressed without training "
-                              "to the target (the what-if's answer)")
+                         help="dense: the weights as they are; calibrated: the weights the network keeps compressed "
+                              "without training to the target (the what-if's answer), the ones it prunes as trained, "
+                              "so training can still revise which to keep")
         batch = st.select_slider("Batch size", [32, 64, 128, 256], value=64, key="batch")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         if with_method:
