@@ -366,8 +366,7 @@ class Compressor:
         alloc = self.allocation(self.target_bits, method=start)
         if self.config.distill and self.teacher is None:  # the teacher stays the model as attached
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        kept_reconstructed = [torch.where(m.view_as(v), v, p.detach().float())
-                              for m, v, p in zip(alloc.masks, alloc.values, self.params)]
+        kept_reconstructed = [torch.where(m, v, p.detach().float()) for m, v, p in zip(alloc.masks, alloc.values, self.params)]
         _assign(self.model, self.params, kept_reconstructed, alloc.state)
         return self._emit(self._epoch_record(alloc, start.first_phase, self.epoch - 1))
 

@@ -136,10 +136,15 @@ console.warn = (...args) => {{ warn(...args); console.log("{WARNING_STACK}", new
 """
 
 
+def pixels(screenshot: bytes) -> np.ndarray:
+    """A PNG screenshot as an (height, width, 3) array of signed integers, to subtract."""
+    return np.asarray(Image.open(io.BytesIO(screenshot)).convert("RGB"), dtype=np.int16)
+
+
 def looks_different(a: bytes, b: bytes) -> bool:
     """Whether two screenshots differ by more than anti-aliasing: vega drawing the same chart again
     moves a hundred edge pixels by up to ~20 levels; a new curve or point changes dozens outright."""
-    x, y = (np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16) for shot in (a, b))
+    x, y = pixels(a), pixels(b)
     return x.shape != y.shape or int((np.abs(x - y).max(axis=2) > 64).sum()) >= 20
 
 
@@ -294,8 +299,8 @@ def assert_drawn(chart, rows: int = 0) -> None:
     axis aside) and with coloured marks in its lower part (bars, lines), not only a title."""
     box = chart.bounding_box()
     assert box["height"] >= 12 * rows + 100, f"{box['height']:.0f} px for {rows} rows"
-    pixels = np.asarray(Image.open(io.BytesIO(chart.screenshot())).convert("RGB")).astype(int)
-    lower = pixels[int(len(pixels) * 0.4):]
+    drawn = pixels(chart.screenshot())
+    lower = drawn[int(len(drawn) * 0.4):]
     coloured = int((lower.max(-1) - lower.min(-1) > 60).sum())
     assert coloured >= 150, f"{coloured} coloured pixels below the title: no marks drawn"
 

@@ -143,8 +143,8 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
     assert isinstance(start, EpochRecord) and (start.phase, start.epoch) == ("posttrain", -1)
     final = posttrain.final
     for name, p, kept, values in zip(engine.compressor.names, engine.compressor.params, final.masks, final.values):
-        kept = kept.view_as(values)  # the weights training starts from: the post-training result where it
-        assert torch.equal(p.detach()[kept], values[kept]), name  # keeps weights, the trained ones where it prunes
+        # the weights training starts from: the post-training result where it keeps weights, the trained ones where it prunes
+        assert torch.equal(p.detach()[kept], values[kept]), name
         assert torch.equal(p.detach()[~kept], dense[name][~kept]) and not torch.equal(values, dense[name]), name
     assert [int(m.sum()) for m in final.masks] == [layer.nnz for layer in start.layers]
     assert sum(layer.bits * layer.nnz for layer in start.layers) <= dense_bits(trained_mlp) / 50
