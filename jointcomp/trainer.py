@@ -36,7 +36,7 @@ from .rundir import MODEL_FILE, STATE_FILE, RunDir
 from .schedule import every_for_epoch
 
 Data = Dataset | Loaders
-TRADEOFF_SUBSET = 1000  # validation examples (the first ones) that score the trade-off curve
+TRADEOFF_SUBSET = 1000  # validation examples (evenly spread, `val_batches`) that score the trade-off curve
 VAL_BATCH = 64  # validation examples scored at a time: a CIFAR ResNet on a CPU 3-4x faster than 1,000 (BENCHMARKS.md)
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
 STARTS = ("dense", "calibrated")  # where a training method starts (EngineConfig.start)
@@ -156,13 +156,27 @@ def calibration_inputs(data: Data, count: int, seed: int, device: torch.device, 
     return [data.train_x[i].to(device) for i in order.split(size)]
 
 
-def val_batches(data: Data, device: torch.device, size: int = VAL_BATCH):
+def val_batches(data: Data, device: torch.device, size: int = VAL_BATCH, limit: int | None = None):
+    """The validation set in batches; `limit`: only that many examples, evenly spread over it (every
+    k-th: a set stored class by class, as CIFAR-10's folders are, is sampled across its classes;
+    its first 1,000 are all airplanes), or a DataLoader's first ones."""
     if isinstance(data, Loaders):
+        taken = 0
         for x, y in data.val:
+            if limit is not None:
+                x, y = x[: limit - taken], y[: limit - taken]
+                taken += len(y)
             yield x.to(device), y.to(device)
+            if limit is not None and taken >= limit:
+                return
         return
-    for i in range(0, len(data.val_y), size):
-        yield data.val_x[i : i + size].to(device), data.val_y[i : i + size].to(device)
+    count = len(data.val_y)
+    if limit is None or limit >= count:
+        for i in range(0, count, size):
+            yield data.val_x[i : i + size].to(device), data.val_y[i : i + size].to(device)
+        return
+    for chunk in torch.linspace(0, count - 1, limit, dtype=torch.float64).round().long().split(size):
+        yield data.val_x[chunk].to(device), data.val_y[chunk].to(device)
 
 
 def set_base_lr(opt: torch.optim.Optimizer, sched, lr: float) -> None:
@@ -193,7 +207,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
-    """Validation accuracy (top-1) of `model` on `data` (its first `limit` examples if given).
+    """Validation accuracy (top-1) of `model` on `data` (on `limit` examples if given, `val_batches`).
     On a CPU a model with convolutions is scored in channels_last whatever layout it is in, and
     put back after: LeNet-5 scores 2.9x faster than in the layout a loaded file has, a CIFAR
     ResNet 1.15-1.26x (BENCHMARKS.md), and the same weights always score the same."""
@@ -206,15 +220,11 @@ def accuracy(model: nn.Module, data: Data, limit: int | None = None) -> float:
         model.to(memory_format=torch.channels_last)
     correct = total = 0
     try:
-        for x, y in val_batches(data, device):
-            if limit is not None:
-                x, y = x[: limit - total], y[: limit - total]
+        for x, y in val_batches(data, device, limit=limit):
             if convolutional and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
-            if limit is not None and total >= limit:
-                break
     finally:
         for tensor, original in laid_out:  # the very tensors it had: .to() would leave a 1x1 kernel's strides changed
             tensor.data = original

@@ -345,3 +345,21 @@ def test_a_convolutional_model_is_scored_in_channels_last_and_left_as_it_was(dig
     other = copy.deepcopy(model).to(memory_format=torch.channels_last if layout == torch.contiguous_format
                                     else torch.contiguous_format)
     assert accuracy(other, digits) == score
+
+
+def test_a_validation_subset_is_spread_over_a_set_stored_class_by_class(trained_mlp, digits):
+    """CIFAR-10's folders store the validation set class by class: its first 1,000 images are all
+    airplanes. A subset that scores a trade-off curve or the app's sketch takes every k-th example,
+    so each class counts as often as in the whole set."""
+    order = digits.val_y.argsort(stable=True)
+    by_class = dataclasses.replace(digits, val_x=digits.val_x[order], val_y=digits.val_y[order])
+    limit = len(order) // 4
+    assert len(by_class.val_y[:limit].unique()) <= 3  # the first quarter: a few of the ten classes
+    first_class = nn.Linear(digits.val_x[0].numel(), digits.num_classes)
+    with torch.no_grad():
+        first_class.weight.zero_()
+        first_class.bias.copy_(torch.arange(digits.num_classes, 0, -1).float())  # always says the first class
+    model = nn.Sequential(nn.Flatten(), first_class)
+    share = float((digits.val_y == by_class.val_y[0]).double().mean())
+    assert accuracy(model, by_class, limit) == pytest.approx(share, abs=0.02)
+    assert accuracy(trained_mlp, by_class, limit) == pytest.approx(accuracy(trained_mlp, digits), abs=0.05)

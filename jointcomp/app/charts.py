@@ -161,7 +161,7 @@ def tradeoff(curve: pd.DataFrame, epochs: pd.DataFrame | None = None, subset: in
         layers.append(alt.Chart(run).mark_point(shape="diamond", size=90, filled=True, color="black").encode(
             x="size:Q", y="accuracy:Q",
             tooltip=[alt.Tooltip("epoch_no:Q", title="run, epoch"), alt.Tooltip("accuracy:Q", format=".2%")]))
-    where = f" on the first {subset:,} validation examples" if subset else " on the whole validation set"
+    where = f" on {subset:,} validation examples spread over the set" if subset else " on the whole validation set"
     return alt.layer(*layers).properties(
         title=alt.Title("Trade-off", subtitle=["accuracy at other sizes, without training", f"scored{where}"]),
         width=WIDTH, height=HEIGHT)
