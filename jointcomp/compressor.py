@@ -517,19 +517,23 @@ class Compressor:
         bops = self.bops.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel) + self.reserved_bops
         return bops, self.dense_bops / bops
 
-    def allocation(self, target: float, density: torch.Tensor | None = None, method: Method | None = None) -> Allocation:
+    def allocation(self, target: float, density: torch.Tensor | None = None, method: Method | None = None,
+                   sketch: bool = False) -> Allocation:
         """The method's deployable model (or `method`'s) at about the largest budget whose real size
         fits `target` bits (`trim_to_fit`), positions priced at `density` (default: the last
-        projection's); searched on the method's drafts where it makes them. Changes nothing."""
+        projection's); searched on the method's drafts where it makes them. `sketch`: the method's
+        quick preview of it instead (`Method.sketch`). Changes nothing."""
         method, density = method or self.method, self.density if density is None else density
+        if sketch:
+            return trim_to_fit(lambda bits: self._deployable(method, density, bits, sketch=True), target, self.measure)
         draft = (lambda bits: method.draft(Budget(bits, density))) if method.drafts else None
         return trim_to_fit(lambda bits: self._deployable(method, density, bits), target, self.measure, draft)
 
-    def _deployable(self, method: Method, density: torch.Tensor, bits: float) -> Allocation:
-        """`method`'s deployable model at `bits`, positions priced at `density`; with `batchnorm_inputs`
-        (from `calibrate`, or set: the Engine's calibration inputs), its BatchNorm statistics measured
-        for its own weights."""
-        alloc = method.allocate(Budget(bits, density))
+    def _deployable(self, method: Method, density: torch.Tensor, bits: float, sketch: bool = False) -> Allocation:
+        """`method`'s deployable model (its `sketch`) at `bits`, positions priced at `density`; with
+        `batchnorm_inputs` (from `calibrate`, or set: the Engine's calibration inputs), its BatchNorm
+        statistics measured for its own weights."""
+        alloc = (method.sketch if sketch else method.allocate)(Budget(bits, density))
         if self.batchnorm_inputs and not alloc.state:
             model = copy.deepcopy(self.model)
             _assign(model, [dict(model.named_parameters(remove_duplicate=False))[n] for n in self.names], alloc.values, {})

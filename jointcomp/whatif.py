@@ -16,16 +16,19 @@ from .records import CurvePoint, FinalRecord
 TRADEOFF_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # sizes of the trade-off curve, times the target
 
 
-def plan(comp: Compressor, target: str | float | None = None, dense_accuracy: float | None = None) -> FinalRecord:
+def plan(comp: Compressor, target: str | float | None = None, dense_accuracy: float | None = None,
+         sketch: bool = False, evaluate: Callable[[nn.Module], float] | None = None) -> FinalRecord:
     """What the compressor's method would start from at `target` (default: the live one): its
-    allocation of the current weights, scored and sized as a final record would be.
-    `dense_accuracy`: the current weights' score where the caller has it (the app's slider asks
-    for many targets of one model; each score of a CIFAR ResNet is seconds)."""
+    allocation of the current weights, scored (`evaluate`, default the compressor's) and sized as a
+    final record would be. `dense_accuracy`: the current weights' score where the caller has it (the
+    app's slider asks for many targets of one model; each score of a CIFAR ResNet is seconds).
+    `sketch`: the method's quick preview of that allocation (`Method.sketch`)."""
     bits = comp.resolve(target) if target is not None else comp.target_bits
-    alloc, file_bytes, size = _project(comp, bits, comp.initial_density(bits))
+    alloc, file_bytes, size = _project(comp, bits, comp.initial_density(bits), sketch)
     nan = torch.full((len(comp.specs),), float("nan"), dtype=torch.float64)
+    dense_accuracy = comp.score(None, evaluate) if dense_accuracy is None else dense_accuracy
     return FinalRecord(
-        comp.score(alloc), comp.score(None) if dense_accuracy is None else dense_accuracy, size, bits, comp.dense_bits / size, 0, 0.0, False,
+        comp.score(alloc, evaluate), dense_accuracy, size, bits, comp.dense_bits / size, 0, 0.0, False,
         file_bytes, comp.fp32_bytes / file_bytes, comp.layer_records(alloc, nan, nan), *comp.count_bops(alloc),
     )
 
@@ -45,10 +48,11 @@ def tradeoff(comp: Compressor, target: str | float | None = None, factors: Seque
     return points
 
 
-def _project(comp: Compressor, bits: float, density: torch.Tensor) -> tuple[Allocation, int, float]:
-    """The method's allocation of the current weights fitted to `bits`, positions priced at
-    `density`, with its file bytes and size."""
-    alloc = comp.allocation(bits, density)
+def _project(comp: Compressor, bits: float, density: torch.Tensor, sketch: bool = False
+             ) -> tuple[Allocation, int, float]:
+    """The method's allocation (or its sketch) of the current weights fitted to `bits`, positions
+    priced at `density`, with its file bytes and size."""
+    alloc = comp.allocation(bits, density, sketch=sketch)
     file_bytes = len(comp.encode(alloc))
     return alloc, file_bytes, comp.measure(alloc, file_bytes)
 

@@ -7,11 +7,10 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from jointcomp import Compressor, whatif
 from jointcomp.app import charts
 from jointcomp.bops import format_bops
 from jointcomp.budget_modes import format_amount
-from jointcomp.app.runner import Runner, new_run_dir, what_if
+from jointcomp.app.runner import SKETCH_EXAMPLES, Runner, WhatIfs, new_run_dir, what_ifs
 from jointcomp.trainer import TRADEOFF_SUBSET
 
 CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redraws every second
@@ -29,14 +28,15 @@ model, data, dense_accuracy = ui.start_or_stop(choices)
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode,
        choices.checkpoint)
 if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
-    st.session_state.preview = what_if(model, data, choices.config, choices.model, dense_accuracy)
+    st.session_state.preview = what_ifs(model, data, choices.config, choices.model, dense_accuracy)
     st.session_state.preview_key = key
     st.session_state.whatif_plans = {}  # its what-ifs by target, each computed once
-preview: Compressor = st.session_state.preview
+preview: WhatIfs = st.session_state.preview
+dense_bits = preview.compressor.dense_bits
 preview_inputs = choices.config.calibration
 
 mode = choices.config.budget_mode
-ratio = ui.target_slider(preview.dense_bits, mode)
+ratio = ui.target_slider(dense_bits, mode)
 target = f"{ratio}x"
 
 
@@ -52,7 +52,7 @@ def shown_runner() -> Runner | None:
 runner = shown_runner()
 running = runner is not None and runner.running
 
-if running and abs(runner.target_bits - preview.dense_bits / ratio) > 1e-6 * preview.dense_bits:
+if running and abs(runner.target_bits - dense_bits / ratio) > 1e-6 * dense_bits:
     runner.set_target(target)  # the running compression follows the slider at its next projection
     st.toast(f"Target of the running compression moved to {target}")
 
@@ -71,7 +71,7 @@ if stop_col.button("Stop", disabled=not running, key="stop"):
     st.rerun()
 status_col.markdown(
     f"**{choices.model}** on **{choices.data}** · dense accuracy {dense_accuracy:.2%} · "
-    f"dense {format_amount(preview.dense_bits, mode)} · target **{target}** = {format_amount(preview.dense_bits / ratio, mode)}"
+    f"dense {format_amount(dense_bits, mode)} · target **{target}** = {format_amount(dense_bits / ratio, mode)}"
 )
 
 SIZES = ("**Size** is what the budget counts (Advanced → Budget counts): by default bits × non-zeros of the "
@@ -83,26 +83,35 @@ if runner is None and st.session_state.get("runner") is not None:
     st.caption(f"Your last run ({st.session_state.runner_label}) is on the Runs page.")
 if not running:
     with st.expander("What-if: this target without training", expanded=runner is None):
-        st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
-                   "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
-                   "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
-                   "training run gains most at high ratios, and at low ones can end below it (the digits MLP at 50x: "
-                   "BENCHMARKS.md). Accuracy on the whole validation set.")
+        if preview.sketches:
+            st.caption(f"A sketch of compression without training (method posttrain) from {preview_inputs} training "
+                       "inputs, drawn at once: each layer's options priced by what they do to its outputs, one knapsack "
+                       "for the target, each layer's kept weights reconstructed on its own dense inputs. Accuracy on "
+                       f"{SKETCH_EXAMPLES:,} validation images spread over the set (the dense network: {preview.dense_accuracy:.2%} on "
+                       "them). *Compress without training* gives the full result: three allocations compared, the "
+                       "layers reconstructed in order, the whole validation set (on a network this large, a minute or "
+                       "more on a CPU).")
+        else:
+            st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
+                       "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
+                       "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
+                       "training run gains most at high ratios, and at low ones can end below it (the digits MLP at 50x: "
+                       "BENCHMARKS.md). Accuracy on the whole validation set.")
         plans = st.session_state.whatif_plans
         if target not in plans:
-            plans[target] = whatif.plan(preview, target, dense_accuracy)
+            plans[target] = preview.plan(target)
         plan = plans[target]
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)
         c1.metric(f"Size ({mode} budget)", format_amount(plan.size_bits, mode), f"{plan.ratio:.1f}x smaller", delta_color="off")
-        c2.metric("Accuracy without training", f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
+        c2.metric("Accuracy without training" + (" (sketch)" if preview.sketches else ""), f"{plan.accuracy:.2%}", f"{plan.accuracy - plan.dense_accuracy:+.2%}")
         c3.metric(".jcz file", f"{plan.file_bytes:,} B", f"{plan.file_ratio:.1f}x smaller", delta_color="off")
         st.caption(SIZES + " Ratios below 4x ask for more than 8 bits per weight: every layer keeps all "
                    "its weights at 8 bits, the most a codebook offers.")
         left, right = st.columns(2)
         left.container(key="whatif_allocation").altair_chart(charts.fit_width(charts.allocation(pd.DataFrame(layers))))
         curve = pd.DataFrame([{"epoch": -1, "size_bits": size, "accuracy": score} for size, score in
-                              [(preview.dense_bits, dense_accuracy), *((p.size_bits, p.accuracy) for p in plans.values())]])
+                              [(dense_bits, preview.dense_accuracy), *((p.size_bits, p.accuracy) for p in plans.values())]])
         right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, budget_mode=mode))
         right.caption("The dense network and every target looked at so far: each new target adds its point.")
 

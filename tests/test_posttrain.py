@@ -216,17 +216,49 @@ def test_reconstructing_in_order_makes_up_for_the_layers_before(network, closer,
     _, apart = comp.method.reconstruct(alloc.masks, alloc.bits, budget, in_order=False)
     _, in_order = comp.method.reconstruct(alloc.masks, alloc.bits, budget, in_order=True)
     assert in_order < closer * apart, (in_order, apart)
-    x = torch.cat(inputs)
-    model.eval()
+    assert _distance(model, comp.names, alloc, torch.cat(inputs)) == pytest.approx(in_order, rel=1e-4)  # what allocate gives
+
+
+def _distance(model: nn.Module, names: list[str], alloc, x: torch.Tensor) -> float:
+    """Summed squared distance of `model`'s outputs on `x` with `alloc`'s weights and BatchNorm
+    statistics from its outputs as it is (a copy takes them)."""
+    model = copy.deepcopy(model).eval()
     with torch.no_grad():
         dense = model(x)
         params = dict(model.named_parameters())
-        for name, value in zip(comp.names, alloc.values):
+        for name, value in zip(names, alloc.values):
             params[name].copy_(value)
         tensors = model.state_dict()
         for name, value in alloc.state.items():
             tensors[name].copy_(value)
-        assert float((model(x) - dense).square().sum()) == pytest.approx(in_order, rel=1e-4)  # what allocate gives
+        return float((model(x) - dense).square().sum())
+
+
+def test_a_sketch_takes_one_pass_and_the_full_result_is_closer(digits):
+    """The app's quick what-if on a large network (`sketch`): the option tables' allocation, each layer
+    reconstructed on its dense inputs, the BatchNorm statistics chosen on one calibration batch: one
+    forward pass of the calibration set and two of a batch, where `allocate` compares three
+    allocations and reconstructs one in order. It fits the same budget, and `allocate`'s outputs
+    are closer to the dense network's."""
+    model = _conv_bn_on_digits(digits)
+    comp = jointcomp.Compressor(model, "200x", method="posttrain")
+    inputs = calibration_inputs(digits, 256, seed=0, device=torch.device("cpu"))
+    comp.calibrate(inputs)
+    budget = Budget(comp.target_bits)
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))  # copies keep it
+    try:
+        sketch = comp.method.sketch(budget)
+        sketch_passes, passes[:] = list(passes), []
+        full = comp.method.allocate(budget)
+    finally:
+        handle.remove()
+    assert sketch_passes == [256, 128, 128] and len(passes) > 9, (sketch_passes, passes)
+    assert sketch.size_bits <= budget.bits and full.size_bits <= budget.bits
+    x = torch.cat(inputs)
+    sketched, allocated = (_distance(model, comp.names, alloc, x) for alloc in (sketch, full))
+    assert allocated <= sketched * (1 + 1e-6), (allocated, sketched)
+    assert set(sketch.state) == set(full.state) and sketch.state  # its BatchNorm statistics go with it
 
 
 def test_the_what_if_is_the_methods_own_allocation(trained_mlp):

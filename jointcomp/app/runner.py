@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..budget import parse_target
+from .. import whatif
+from ..budget import DENSE_BITS, parse_target
 from ..compressor import Compressor
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
@@ -216,18 +217,43 @@ class Runner(_Worker):
         return self.engine.checkpoint()
 
 
-def what_if(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
-            dense_accuracy: float | None = None) -> Compressor:
-    """A compressor on a copy of `model` that compresses without training (method posttrain),
-    calibrated once on `config.calibration` training inputs, for what-ifs (`whatif.plan`): each
-    target then costs one knapsack and the chosen layers' reconstruction. The caller's model is
-    never touched; `dense_accuracy`: its score where the caller has it (not scored again)."""
-    evaluate = lambda m: accuracy(m, data)  # noqa: E731
+SKETCH_ABOVE = 10e6  # multiply-accumulates of one forward pass above which the page's what-ifs are sketches
+SKETCH_EXAMPLES = 2000  # validation examples (evenly spread, `val_batches`) a sketch is scored on
+
+
+@dataclass
+class WhatIfs:
+    """The page's what-ifs of one dense model: a compressor on a copy of it that compresses without
+    training (method posttrain), calibrated once; each target then costs one knapsack and the chosen
+    layers' reconstruction. Where the network's forward pass takes more than SKETCH_ABOVE
+    multiply-accumulates (a CIFAR ResNet-20: 41 M; LeNet-5: 2.3 M), posttrain's full result is tens of
+    seconds a target on a CPU (a ResNet-56: a minute): there a what-if is its sketch (`Method.sketch`),
+    scored on SKETCH_EXAMPLES validation examples spread over the set, and Compress without training gives the
+    full result."""
+
+    compressor: Compressor
+    sketches: bool
+    dense_accuracy: float  # on the examples the what-ifs are scored on
+    evaluate: Callable[[nn.Module], float]
+
+    def plan(self, target: str) -> FinalRecord:
+        """The what-if at `target` (`whatif.plan`)."""
+        return whatif.plan(self.compressor, target, self.dense_accuracy, self.sketches, self.evaluate)
+
+
+def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
+             dense_accuracy: float | None = None) -> WhatIfs:
+    """The what-ifs of `model` (`WhatIfs`), calibrated on `config.calibration` training inputs. The
+    caller's model is never touched; `dense_accuracy`: its score on the whole validation set where
+    the caller has it (not scored again)."""
     config = config.with_method("posttrain")
-    comp = Compressor(copy.deepcopy(model), config=config, evaluate=evaluate, meta=model_description(model_name, data),
-                      dense_metric=dense_accuracy)
+    comp = Compressor(copy.deepcopy(model), config=config, evaluate=lambda m: accuracy(m, data),
+                      meta=model_description(model_name, data), dense_metric=dense_accuracy)
     comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
-    return comp
+    if comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE:
+        evaluate = lambda m: accuracy(m, data, SKETCH_EXAMPLES)  # noqa: E731
+        return WhatIfs(comp, True, comp.score(None, evaluate), evaluate)
+    return WhatIfs(comp, False, comp.dense_metric, comp.evaluate)
 
 
 class Sweep(_Worker):

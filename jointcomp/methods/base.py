@@ -168,6 +168,11 @@ class Method:
         (`drafts`): what a search for the budget that fits a measured size tries."""
         return self.allocate(budget)
 
+    def sketch(self, budget: Budget) -> Allocation:
+        """A quick, rougher `allocate(budget)` for a preview where the method has one (posttrain's);
+        else the draft."""
+        return self.draft(budget)
+
     def density(self) -> torch.Tensor:
         """Kept fraction per layer (what the file's positions will cost)."""
         return torch.tensor([float((p.detach() != 0).double().mean()) for p in self.params], dtype=torch.float64)

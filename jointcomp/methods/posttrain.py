@@ -24,6 +24,9 @@ removing weight w of input column i after the columns before it were corrected c
   reaches it, after SparseGPT); then
   BatchNorm statistics either moved by the shift compression made in their inputs or measured
   anew, whichever brings the outputs closer to the dense network's. The model itself never changes.
+* `sketch(budget)`: the first of those candidates alone, reconstructed on dense inputs, its BatchNorm
+  statistics chosen on one calibration batch: one forward pass of the calibration set and two of a
+  batch, what the app's slider shows at once on a large network.
 
 The candidates are compared reconstructed on each layer's inputs in the dense network (H measured
 once). The one kept is then reconstructed in order: each layer on the inputs Y that the
@@ -171,14 +174,9 @@ class PostTrain(Method):
         price each layer alone, its error in the network's unit measured with a small change; at high
         ratios on networks without BatchNorm errors compound beyond that (LeNet-5 at 537x, BENCHMARKS.md),
         and the measured outputs say which holds."""
-        if self.tables is None:
-            raise ValueError("post-training compression needs calibration inputs first: call calibrate(batches)")
-        bits, kept, lam_quant = self.projector.joint_bits(self.scaled, budget, self.tables)
-        unit, room = self.projector.room(bits, budget)
-        masks, lam_prune = knapsack_prune(self.scaled, unit.tolist(), room, kept.tolist())
+        candidates = [self._tables_candidate(budget)]
         magnitude = self.projector.joint([p.detach().float() for p in self.params], budget)
-        candidates = [(masks, bits, lam_prune, lam_quant),
-                      (magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant)]
+        candidates.append((magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant))
         uniform = self._uniform_candidate(budget)
         if uniform is not None:
             candidates.append((*uniform, math.nan, math.nan))  # no multiplier prices a uniform choice
@@ -188,6 +186,29 @@ class PostTrain(Method):
         alloc = copy.copy(best)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
         return alloc
+
+    @torch.no_grad()
+    def sketch(self, budget: Budget) -> Allocation:
+        """The option tables' candidate alone (`draft`'s first), each layer reconstructed on its dense
+        inputs, its BatchNorm statistics moved by the shift compression made or measured anew, whichever
+        brings the outputs on the first calibration batch closer: one forward pass of the calibration
+        set and two of a batch, no candidates compared, no pass in order. What the app shows at once
+        where `allocate` takes a minute (a CIFAR ResNet-56 on two CPU cores, BENCHMARKS.md), which
+        compares more and ends closer to the dense outputs."""
+        masks, bits, lam_prune, lam_quant = self._tables_candidate(budget)
+        alloc, _ = self.reconstruct(masks, bits, budget, in_order=False, sketch=True)
+        alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
+        return alloc
+
+    def _tables_candidate(self, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor, float, float]:
+        """Bits and kept counts from the option tables' knapsack, masks by (w / d)^2 filling the rest of
+        `budget` exactly; with the two multipliers."""
+        if self.tables is None:
+            raise ValueError("post-training compression needs calibration inputs first: call calibrate(batches)")
+        bits, kept, lam_quant = self.projector.joint_bits(self.scaled, budget, self.tables)
+        unit, room = self.projector.room(bits, budget)
+        masks, lam_prune = knapsack_prune(self.scaled, unit.tolist(), room, kept.tolist())
+        return masks, bits, lam_prune, lam_quant
 
     def uniform(self, b: int, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """Uniform allocation at `b` bits: one bitwidth and the one density that fills `budget` for
@@ -218,20 +239,21 @@ class PostTrain(Method):
                 best, least = found, error
         return best
 
-    def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True
-                    ) -> tuple[Allocation, float]:
+    def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True,
+                    sketch: bool = False) -> tuple[Allocation, float]:
         """These bits and as many kept weights as these masks in each row of each block of columns,
         reconstructed (`reconstruct_layer`, and the BatchNorm statistics for them), sized in
         `budget`'s accounting; and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
         layer after layer on the compressed network's inputs (one forward pass); else each on its
-        dense inputs (cheaper, to compare candidates).
+        dense inputs (cheaper, to compare candidates). `sketch`: the BatchNorm statistics' two
+        candidates measured and compared on the first calibration batch alone (`_statistics`).
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
         model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
-        key = torch.cat([key, torch.full_like(key[:, :1], float(in_order))], 1)
+        key = torch.cat([key, torch.tensor([[float(in_order), float(sketch)]]).expand(len(key), 2)], 1)
         found = next((result for seen, result in self._kept if torch.equal(seen, key)), None)
         if found is None:
-            found = self._reconstruct(masks, bits, in_order)
+            found = self._reconstruct(masks, bits, in_order, sketch)
             self._kept = [*self._kept, (key, found)][-RECONSTRUCTIONS_KEPT:]
         alloc, distance = copy.copy(found[0]), found[1]
         alloc.size_bits = self.projector.accounting.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel,
@@ -239,7 +261,8 @@ class PostTrain(Method):
         return alloc, distance
 
     @torch.no_grad()
-    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool) -> tuple[Allocation, float]:
+    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool, sketch: bool
+                     ) -> tuple[Allocation, float]:
         """Each layer's kept weights reconstructed onto a codebook: on its inputs in the dense network
         (H measured once), or, `in_order`, layer after layer on the inputs the already-compressed
         layers before it give, towards the dense layer's outputs: one forward pass on the whole
@@ -277,44 +300,49 @@ class PostTrain(Method):
                 rebuild(j, p.detach().float(), h, factor)
             outputs = self._outputs(model, self._shifts(model))
         bar.close()
-        state, distance = self._statistics(model, outputs)
+        state, distance = self._statistics(model, outputs, self.inputs[:1] if sketch else self.inputs)
         books, values, kept = (list(layer) for layer in zip(*(found[j] for j in range(len(masks)))))
         codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, kept, books)]
         return Allocation(kept, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
 
-    def _outputs(self, model: nn.Module, hooks: list[tuple[nn.Module, Callable]] = ()) -> torch.Tensor:
-        """`model`'s outputs on the whole calibration set in eval mode: with `hooks`, in one pass (a
-        hook sees every input at once); without, batch by batch (with glibc's default allocator a CIFAR
+    def _outputs(self, model: nn.Module, hooks: list[tuple[nn.Module, Callable]] = (),
+                 inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`model`'s outputs on the whole calibration set (or `inputs`) in eval mode: with `hooks`, in one
+        pass (a hook sees every input at once); without, batch by batch (with glibc's default allocator a CIFAR
         ResNet's forward pass on 512 inputs at once took 3x as long as on four batches of 128: its
         large freed blocks go back to the OS, jointcomp.allocator)."""
+        inputs = self.inputs if inputs is None else inputs
         with _hooked(model, list(hooks)):
-            return model(torch.cat(self.inputs)) if hooks else torch.cat([model(x) for x in self.inputs])
+            return model(torch.cat(inputs)) if hooks else torch.cat([model(x) for x in inputs])
 
     def _shifts(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         """Hooks that move each BatchNorm's statistics by the shift compression made in its input."""
         return [(m, _shift_to(self.dense.norms[n])) for n, m in _batchnorms(model) if n in self.dense.norms]
 
     def _distance(self, outputs: torch.Tensor) -> float:
-        """Summed squared distance between these outputs on the calibration set and the dense network's."""
-        return float((outputs - self.dense.outputs).double().square().sum())
+        """Summed squared distance between these outputs on the first len(outputs) calibration inputs
+        and the dense network's."""
+        return float((outputs - self.dense.outputs[: len(outputs)]).double().square().sum())
 
-    def _statistics(self, model: nn.Module, outputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def _statistics(self, model: nn.Module, outputs: torch.Tensor, inputs: list[torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], float]:
         """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
         state-dict name, and the distance of its outputs from the dense network's with them: of two
-        candidates, the one whose outputs are the closer. Moved by the shift compression made in each
+        candidates, the one whose outputs on `inputs` (the first calibration batches) are the closer. Moved by the shift compression made in each
         BatchNorm's input (`_shift_to`, on a pass before; `outputs`: the model's with them) keeps the
         statistics the network was trained with, which a few hundred inputs estimate worse
         (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
         on the compressed network holds where compression moved the activations too far for a small
-        shift (high ratios)."""
-        shifted_distance, found = self._distance(outputs), _batchnorms(model)
+        shift (high ratios): at 50x, the sketch of a published ResNet-56 scored 78.5 % with the first,
+        80.0 % with the second."""
+        shifted_distance, found = self._distance(outputs[: sum(len(x) for x in inputs)]), _batchnorms(model)
         if not found:
             return {}, shifted_distance
         names = _statistics_names(found)
         tensors = model.state_dict()
         shifted = {k: tensors[k].clone() for k in names}
-        _reestimate(model, [m for _, m in found], self.inputs)
-        measured_distance = self._distance(self._outputs(model))
+        _reestimate(model, [m for _, m in found], inputs)
+        measured_distance = self._distance(self._outputs(model, inputs=inputs))
         if measured_distance < shifted_distance:
             return {k: tensors[k].clone() for k in names}, measured_distance
         for k in names:
