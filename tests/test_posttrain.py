@@ -134,6 +134,26 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     assert output_error(q) < 0.8 * output_error(plain)
 
 
+def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it():
+    """The column loop finds each value's nearest centre among its own row's midpoints with one
+    searchsorted over all rows (float order as integer keys): the same index as counting the
+    midpoints <= the value, for values on a midpoint, at -0.0 and 0.0, and tiny, equal or repeated centres."""
+    import numpy
+
+    rng = numpy.random.default_rng(0)
+    odd = numpy.array([-1.5, -0.3, -0.0, 0.0, 0.2, 0.2, 1e-30, -1e-30, 3.0], dtype=numpy.float32)
+    books = numpy.sort(numpy.concatenate([rng.choice(odd, (300, 12)), rng.standard_normal((300, 4))], 1), 1)
+    books = torch.from_numpy(books.astype(numpy.float32))
+    mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
+    count = posttrain._counter_at_or_below(mids)
+    rows = numpy.arange(len(mids))
+    for _ in range(20):
+        on_mid = mids[rows, rng.integers(0, mids.shape[1], len(rows))]
+        values = numpy.where(rng.random(len(rows)) < 0.5, on_mid, rng.standard_normal(len(rows)))
+        values = numpy.where(rng.random(len(rows)) < 0.1, -0.0, values).astype(numpy.float32)
+        assert numpy.array_equal(count(values), (mids <= values[:, None]).sum(1))
+
+
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     """SparseGPT's adaptive mask: the second block of columns repeats the first block's inputs, so
     pruning the first block's large weights moves them onto their twins, small in the dense weight.

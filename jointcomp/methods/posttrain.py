@@ -573,10 +573,11 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     call is a fraction of torch's (the same arithmetic and results; a LeNet-5 what-if in the app's
     thread spent half its time here in torch), and only the blocks' updates in torch."""
     device, (groups, rows, columns) = w.device, w.shape
-    w, factor = w.detach().cpu().clone(), factor.cpu()
+    w, factor = w.detach().cpu().float().clone(), factor.cpu()
     books = books.float()[None].expand(groups, -1, -1).reshape(groups * rows, -1).cpu()
     mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
     books, kept, every_row = books.numpy(), mask.cpu().numpy().copy(), numpy.arange(groups * rows)
+    nearest_centre = _counter_at_or_below(mids)
     q = torch.zeros_like(w)
     for s in range(0, columns, BLOCK):
         e = min(s + BLOCK, columns)
@@ -587,13 +588,33 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
         rounded, errors = numpy.zeros_like(block), numpy.zeros_like(block)
         for i in range(e - s):
             col = block[:, :, i]
-            nearest = (mids <= col.reshape(-1, 1)).sum(1)  # what searchsorted(mids, col, right=True) gives
+            nearest = nearest_centre(col.reshape(-1))
             rounded[:, :, i] = numpy.where(kept[:, :, s + i], books[every_row, nearest].reshape(groups, rows), 0)
             errors[:, :, i] = (col - rounded[:, :, i]) / f[:, i, i, None]
             block[:, :, i + 1:] -= errors[:, :, i, None] * f[:, i, None, i + 1:]
         q[:, :, s:e] = torch.from_numpy(rounded)
         w[:, :, e:] -= torch.from_numpy(errors) @ factor[:, s:e, e:]
     return q.to(device), torch.from_numpy(kept).to(device)
+
+
+def _counter_at_or_below(mids: numpy.ndarray) -> Callable[[numpy.ndarray], numpy.ndarray]:
+    """For rows of sorted float32 `mids` (rows, k): a function that takes one value per row and says
+    how many of its row's mids are <= it (the index of its nearest centre), exactly
+    (mids <= values[:, None]).sum(1), in log k steps a value instead of k (the option tables round
+    3,840 rows against 255 mids each, a column at a time: 26 s of a ResNet-56's calibration). Every
+    row's mids go in one sorted array of int64 keys, a float's order in its low 32 bits and its row
+    above them, so one searchsorted answers all rows."""
+    rows = numpy.arange(len(mids), dtype=numpy.int64)
+    keys = (_order_key(mids) + (rows[:, None] << 32)).ravel()
+    offsets = rows * mids.shape[1]
+    return lambda values: numpy.searchsorted(keys, _order_key(values) + (rows << 32), side="right") - offsets
+
+
+def _order_key(values: numpy.ndarray) -> numpy.ndarray:
+    """float32 values as int64 keys in [0, 2^32) in the same order (-0.0 equal to 0.0): a non-negative
+    float's bits count up with it, a negative one's count up with its magnitude, so those are flipped."""
+    bits = (numpy.asarray(values, dtype=numpy.float32) + numpy.float32(0)).view(numpy.int32).astype(numpy.int64)
+    return numpy.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
 
 
 def _channel_moments(x: torch.Tensor) -> torch.Tensor:
