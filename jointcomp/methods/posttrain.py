@@ -25,8 +25,8 @@ removing weight w of input column i after the columns before it were corrected c
   BatchNorm statistics either moved by the shift compression made in their inputs or measured
   anew, whichever brings the outputs closer to the dense network's. The model itself never changes.
 * `sketch(budget)`: the first of those candidates alone, reconstructed on dense inputs, its BatchNorm
-  statistics chosen on one calibration batch: one forward pass of the calibration set and two of a
-  batch, what the app's slider shows at once on a large network.
+  statistics chosen on one calibration batch: three forward passes of that batch, what the app's
+  slider shows at once on a large network.
 
 The candidates are compared reconstructed on each layer's inputs in the dense network (H measured
 once). The one kept is then reconstructed in order: each layer on the inputs Y that the
@@ -90,10 +90,12 @@ def _hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]]) -> Iterat
 class _Dense:
     """The dense network on the whole calibration set, recorded in one forward pass: the input of
     every module that uses a compressed weight and the per-channel moments of every BatchNorm's
-    input (by module name), and the outputs. What every reconstruction aims at."""
+    input (by module name; and on the first calibration batch alone, what a sketch is shifted
+    against), and the outputs. What every reconstruction aims at."""
 
     inputs: dict[str, torch.Tensor]
     norms: dict[str, torch.Tensor]
+    first_norms: dict[str, torch.Tensor]
     outputs: torch.Tensor
 
 
@@ -191,8 +193,8 @@ class PostTrain(Method):
     def sketch(self, budget: Budget) -> Allocation:
         """The option tables' candidate alone (`draft`'s first), each layer reconstructed on its dense
         inputs, its BatchNorm statistics moved by the shift compression made or measured anew, whichever
-        brings the outputs on the first calibration batch closer: one forward pass of the calibration
-        set and two of a batch, no candidates compared, no pass in order. What the app shows at once
+        brings the outputs on the first calibration batch closer: three forward passes of that batch,
+        no candidates compared, no pass in order. What the app shows at once
         where `allocate` takes a minute (a CIFAR ResNet-56 on two CPU cores, BENCHMARKS.md), which
         compares more and ends closer to the dense outputs."""
         masks, bits, lam_prune, lam_quant = self._tables_candidate(budget)
@@ -246,7 +248,8 @@ class PostTrain(Method):
         `budget`'s accounting; and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
         layer after layer on the compressed network's inputs (one forward pass); else each on its
         dense inputs (cheaper, to compare candidates). `sketch`: the BatchNorm statistics' two
-        candidates measured and compared on the first calibration batch alone (`_statistics`).
+        candidates measured and compared on the first calibration batch alone (`_statistics`), and
+        the distance on it.
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
         model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
@@ -298,7 +301,7 @@ class PostTrain(Method):
         else:
             for j, (p, h, factor) in enumerate(zip(self.params, self.hessians, self.factors)):
                 rebuild(j, p.detach().float(), h, factor)
-            outputs = self._outputs(model, self._shifts(model))
+            outputs = self._outputs(model, self._shifts(model, sketch), self.inputs[:1] if sketch else None)
         bar.close()
         state, distance = self._statistics(model, outputs, self.inputs[:1] if sketch else self.inputs)
         books, values, kept = (list(layer) for layer in zip(*(found[j] for j in range(len(masks)))))
@@ -315,9 +318,11 @@ class PostTrain(Method):
         with _hooked(model, list(hooks)):
             return model(torch.cat(inputs)) if hooks else torch.cat([model(x) for x in inputs])
 
-    def _shifts(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-        """Hooks that move each BatchNorm's statistics by the shift compression made in its input."""
-        return [(m, _shift_to(self.dense.norms[n])) for n, m in _batchnorms(model) if n in self.dense.norms]
+    def _shifts(self, model: nn.Module, first_batch: bool = False) -> list[tuple[nn.Module, Callable]]:
+        """Hooks that move each BatchNorm's statistics by the shift compression made in its input (on
+        the whole calibration set, or on its `first_batch` alone)."""
+        norms = self.dense.first_norms if first_batch else self.dense.norms
+        return [(m, _shift_to(norms[n])) for n, m in _batchnorms(model) if n in norms]
 
     def _distance(self, outputs: torch.Tensor) -> float:
         """Summed squared distance between these outputs on the first len(outputs) calibration inputs
@@ -645,7 +650,7 @@ def _record_dense(model: nn.Module, users: list[list[str]], inputs: list[torch.T
     watched = sorted({n for names in users for n in names})
 
     def run(x: torch.Tensor) -> _Dense:
-        record = _Dense({}, {}, torch.empty(0))
+        record = _Dense({}, {}, {}, torch.empty(0))
 
         def keep(found: dict, name: str, measure: Callable) -> Callable:
             def hook(module: nn.Module, args: tuple) -> None:  # (a pre-hook that returned a value would replace the input)
@@ -655,11 +660,12 @@ def _record_dense(model: nn.Module, users: list[list[str]], inputs: list[torch.T
 
         hooks = [(modules[n], keep(record.inputs, n, lambda t: t)) for n in watched]
         hooks += [(m, keep(record.norms, n, _channel_moments)) for n, m in _batchnorms(model)]
+        hooks += [(m, keep(record.first_norms, n, lambda t: _channel_moments(t[:first]))) for n, m in _batchnorms(model)]
         with _hooked(model, hooks):
             record.outputs = model(x)
         return record
 
-    whole = torch.cat(inputs)
+    whole, first = torch.cat(inputs), len(inputs[0])
     need = len(whole) * sum(t.numel() * t.element_size() for t in run(whole[:1]).inputs.values())
     if need > DENSE_RECORD_BOUND:
         raise ValueError(f"{len(whole)} calibration inputs would keep {need / 2**30:.1f} GiB of this network's layer "
