@@ -2,7 +2,8 @@
 posttrain` per target and seed (the seed draws the calibration inputs), every other setting the
 CLI's default; beside it, what the untrained projection (the app's what-if before posttrain) gives
 at the same target, the same pipeline with uniform allocation (one density and one bitwidth for
-every layer, `uniform_allocation`), and the time of one dense training epoch of the same network in the same run.
+every layer, `uniform_allocation`), posttrain's sketch (the app's quick what-if, `sketch`), and the time of one
+dense training epoch of the same network in the same run.
 
     python bench/posttrain.py --model resnet20 --data cifar10 --pretrained ../shared/models/resnet20-12fca82f.th
     python bench/posttrain.py --model resnet56 --data cifar10 --pretrained ../shared/models/resnet56-4bfd9763.th \
@@ -26,7 +27,7 @@ from pathlib import Path
 from common import CACHE, commit, jointcomp, machine, paper_bits, store_rows
 import torch
 
-from jointcomp import EngineConfig, Compressor
+from jointcomp import EngineConfig, Compressor, whatif
 from jointcomp.budget import BIT_CHOICES, Budget
 from jointcomp.models import load_start
 from jointcomp.rundir import SUMMARY_FILE
@@ -61,6 +62,16 @@ def uniform_allocation(model_name: str, data_name: str, weights: str, target: st
     return comp.score(best[0])
 
 
+def sketch(model_name: str, data_name: str, weights: str, target: str, seed: int) -> float:
+    """Accuracy on the whole validation set of posttrain's sketch (`Method.sketch`): the what-if the
+    app's slider shows at once on a network whose forward pass is large (a CIFAR ResNet), from the
+    same calibration draw."""
+    model, data = load_start(model_name, data_name, pretrained=weights)
+    comp = Compressor(model.eval(), target, method="posttrain", evaluate=lambda m: accuracy(m, data))
+    comp.calibrate(calibration_inputs(data, EngineConfig.calibration, seed, torch.device("cpu")))
+    return whatif.plan(comp, dense_accuracy=comp.dense_metric, sketch=True).accuracy
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet20")
@@ -90,12 +101,13 @@ def main() -> None:
             seconds = jointcomp(cmd)
             summary = json.loads((out / SUMMARY_FILE).read_text())
             uniform = uniform_allocation(args.model, args.data, weights, target, seed)
+            sketched = sketch(args.model, args.data, weights, target, seed)
             rows.append({
                 "network": args.model, "data": args.data, "method": "posttrain", "target": target, "budget_mode": "paper",
                 "seed": seed, "accuracy": summary["accuracy"], "dense_accuracy": summary["dense_accuracy"],
                 "paper_bits": paper_bits(summary), "file_bytes": summary["file_bytes"], "bops": summary["bops"],
                 "bops_ratio": summary["bops_ratio"], "epochs": 0,
-                "minutes": seconds / 60, "untrained_projection": magnitude, "uniform_allocation": uniform, "dense_epoch_minutes": epoch_seconds / 60,
+                "minutes": seconds / 60, "untrained_projection": magnitude, "uniform_allocation": uniform, "sketch": sketched, "dense_epoch_minutes": epoch_seconds / 60,
                 "command": "python -m jointcomp " + shlex.join(cmd[:-3]).replace(str(Path.cwd()) + "/", ""),
                 "commit": commit(), "machine": machine(),
             })
@@ -106,15 +118,17 @@ def main() -> None:
     print(f"\nMachine: {machine()}; {args.model} on {args.data}, {weights}; seeds {args.seeds} (calibration draws); "
           f"one dense training epoch: {epoch_seconds / 60:.1f} min (`train --epochs 1`, same run).\n")
     print("| target | posttrain accuracy mean (min-max) | dense | untrained projection | uniform allocation mean (min-max) | "
-          "file bytes | minutes per run | share of a dense epoch | command (seed 0) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "sketch mean (min-max) | file bytes | minutes per run | share of a dense epoch | command (seed 0) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         runs = [r for r in rows if r["target"] == target]
         accs = [r["accuracy"] for r in runs]
         uniform = [r["uniform_allocation"] for r in runs]
+        sketched = [r["sketch"] for r in runs]
         minutes = statistics.mean(r["minutes"] for r in runs)
         print(f"| {target} | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f}) | {runs[0]['dense_accuracy']:.4f} | "
               f"{runs[0]['untrained_projection']:.4f} | {statistics.mean(uniform):.4f} ({min(uniform):.4f}-{max(uniform):.4f}) | "
+              f"{statistics.mean(sketched):.4f} ({min(sketched):.4f}-{max(sketched):.4f}) | "
               f"{statistics.mean(r['file_bytes'] for r in runs):,.0f} | {minutes:.2f} | "
               f"{minutes / (epoch_seconds / 60):.2f} | `{runs[0]['command']}` |")
 

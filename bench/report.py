@@ -35,6 +35,7 @@ END = "<!-- end of results -->"
 PEER_MODE = "its own"  # the budget mode of a peer tool's row (bench/peers.py): its setting, in its own terms
 README_GRIDS = ("posttrain", "quality")  # the grids whose runs are README's rows (peers.py's are its best-peer column)
 BASELINES = {"untrained_projection": "untrained projection", "uniform_allocation": "uniform allocation, post-training"}
+BESIDE = {**BASELINES, "sketch": "posttrain's sketch (the app's quick what-if)"}  # measured beside a run: its table's columns
 
 
 def load_rows() -> pd.DataFrame:
@@ -165,15 +166,15 @@ def best_peer(peers: pd.DataFrame, size: float) -> str:
 
 def grid_table(rows: pd.DataFrame) -> str:
     """A BENCHMARKS table of stored runs: per target, budget mode, method and start, the seeds' accuracy
-    (or validation loss, for a language model) mean (min-max), the baselines measured beside it
-    (BASELINES, where the rows have them), the change from dense, sizes, bit-operations, minutes and the
-    first seed's command."""
+    (or validation loss, for a language model) mean (min-max), what was measured beside it (BESIDE:
+    the baselines and posttrain's sketch, where the rows have them), the change from dense, sizes,
+    bit-operations, minutes and the first seed's command."""
     metric = "accuracy" if "accuracy" in rows and rows["accuracy"].notna().any() else "validation_loss"
-    beside = [column for column in BASELINES if column in rows and rows[column].notna().any()]
+    beside = [column for column in BESIDE if column in rows and rows[column].notna().any()]
     change = "loss to dense, points" if metric == "accuracy" else "above dense, %"
     peers = "nominal_bytes" in rows and bool(rows["nominal_bytes"].notna().any())
     lines = [f"| target | budget | method | start | epochs | seeds | {metric.replace('_', ' ')} mean (min-max) | " +
-             "".join(f"{BASELINES[column]} | " for column in beside) + f"{change} | "
+             "".join(f"{BESIDE[column]} | " for column in beside) + f"{change} | "
              "paper bits | .jcz bytes (a peer's: its exported file) | " + ("a peer's own size count, B | " if peers else "") +
              f"BOPs (x fewer than dense) | minutes per run | commit | command (seed {rows['seed'].min()}) |",
              "|---" * (14 + len(beside) + peers) + "|"]
@@ -187,7 +188,7 @@ def grid_table(rows: pd.DataFrame) -> str:
         lines.append(
             f"| {target} | {mode} | {method} | {start} | {epochs} | {', '.join(map(str, g['seed']))} | "
             f"{g[metric].mean():.4f} ({g[metric].min():.4f}-{g[metric].max():.4f}) | " +
-            "".join(f"{g[column].mean():.4f} | " for column in beside) +
+            "".join(f"{g[column].mean():.4f} | " if g[column].notna().any() else "— | " for column in beside) +
             f"{moved.mean():.2f} | {_mean(g, 'paper_bits')} | {_mean(g, 'file_bytes')} | " +
             (f"{_mean(g, 'nominal_bytes')} | " if peers else "") + f"{bops} | "
             f"{g['minutes'].mean():.1f} | {', '.join(dict.fromkeys(g['commit']))} | `{g.iloc[0]['command']}` |")
