@@ -89,8 +89,8 @@ if not running:
                        "for the target, each layer's kept weights reconstructed on its own dense inputs. Accuracy on "
                        f"{SKETCH_EXAMPLES:,} validation images spread over the set (the dense network: {preview.dense_accuracy:.2%} on "
                        "them). *Compress without training* gives the full result: three allocations compared, the "
-                       "layers reconstructed in order, the whole validation set (on a network this large, a minute or "
-                       "more on a CPU).")
+                       "layers reconstructed in order, the whole validation set (a run of its own, which calibrates "
+                       "again: on a network this large, a minute or two on a CPU).")
         else:
             st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
                        "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
@@ -112,7 +112,8 @@ if not running:
         left.container(key="whatif_allocation").altair_chart(charts.fit_width(charts.allocation(pd.DataFrame(layers))))
         curve = pd.DataFrame([{"epoch": -1, "size_bits": size, "accuracy": score} for size, score in
                               [(dense_bits, preview.dense_accuracy), *((p.size_bits, p.accuracy) for p in plans.values())]])
-        right.container(key="whatif_tradeoff").altair_chart(charts.tradeoff(curve, budget_mode=mode))
+        right.container(key="whatif_tradeoff").altair_chart(
+            charts.tradeoff(curve, subset=SKETCH_EXAMPLES if preview.sketches else None, budget_mode=mode))
         right.caption("The dense network and every target looked at so far: each new target adds its point.")
 
 

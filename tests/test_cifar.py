@@ -192,6 +192,9 @@ def test_picking_cifar10_in_the_app_starts_from_the_published_resnet20(small_cif
     assert ui.published_starts("resnet20", "digits") == {}
     assert "Accuracy without training (sketch)" in [m.label for m in at.metric]
     assert any("Accuracy on 2,000 validation images spread over the set" in c.value for c in at.caption)
+    tradeoff = next(json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")
+                    if json.loads(c.proto.spec)["title"]["text"] == "Trade-off")
+    assert "scored on 2,000 validation examples spread over the set" in tradeoff["subtitle"]
     sketched = [m.value for m in at.metric]
     at.select_slider(key="target_ratio").set_value(200).run()
     assert not at.exception and [m.value for m in at.metric] != sketched
