@@ -226,10 +226,10 @@ class WhatIfs:
     """The page's what-ifs of one dense model: a compressor on a copy of it that compresses without
     training (method posttrain), calibrated once; each target then costs one knapsack and the chosen
     layers' reconstruction. Where the network's forward pass takes more than SKETCH_ABOVE
-    multiply-accumulates (a CIFAR ResNet-20: 41 M; LeNet-5: 2.3 M), posttrain's full result is tens of
-    seconds a target on a CPU (a ResNet-56: a minute): there a what-if is its sketch (`Method.sketch`),
-    scored on SKETCH_EXAMPLES validation examples spread over the set, and Compress without training gives the
-    full result."""
+    multiply-accumulates (a CIFAR ResNet-20: 41 M; LeNet-5: 2.3 M), posttrain's full result is tens
+    of seconds a target on a CPU (a ResNet-56: a minute): there a what-if is its sketch
+    (`Method.sketch`), scored on SKETCH_EXAMPLES validation examples spread over the set, and
+    Compress without training gives the full result."""
 
     compressor: Compressor
     sketches: bool
