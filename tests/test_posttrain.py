@@ -254,7 +254,7 @@ def _distance(model: nn.Module, names: list[str], alloc, x: torch.Tensor) -> flo
         return float((model(x) - dense).square().sum())
 
 
-def test_a_sketch_takes_one_pass_and_the_full_result_is_closer(digits):
+def test_a_sketch_takes_three_passes_of_a_batch_and_the_full_result_is_closer(digits):
     """The app's quick what-if on a large network (`sketch`): the option tables' allocation, each layer
     reconstructed on its dense inputs, the BatchNorm statistics chosen on one calibration batch: three
     forward passes of that batch, where `allocate` compares three
