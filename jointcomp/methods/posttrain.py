@@ -194,9 +194,9 @@ class PostTrain(Method):
         """The option tables' candidate alone (`draft`'s first), each layer reconstructed on its dense
         inputs, its BatchNorm statistics moved by the shift compression made or measured anew, whichever
         brings the outputs on the first calibration batch closer: three forward passes of that batch,
-        no candidates compared, no pass in order. What the app shows at once
-        where `allocate` takes a minute (a CIFAR ResNet-56 on two CPU cores, BENCHMARKS.md), which
-        compares more and ends closer to the dense outputs."""
+        no candidates compared, no pass in order. What the app shows at once where `allocate` takes a
+        minute (a CIFAR ResNet-56 on two CPU cores, BENCHMARKS.md), which compares more and ends
+        closer to the dense outputs."""
         masks, bits, lam_prune, lam_quant = self._tables_candidate(budget)
         alloc, _ = self.reconstruct(masks, bits, budget, in_order=False, sketch=True)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
@@ -275,6 +275,7 @@ class PostTrain(Method):
         model = copy.deepcopy(self.layers.model)
         params = dict(model.named_parameters(remove_duplicate=False))
         found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook, weight, mask
+        batches = self.inputs[:1] if sketch else self.inputs  # what the statistics are chosen on
         bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
                    disable=None)
 
@@ -301,9 +302,9 @@ class PostTrain(Method):
         else:
             for j, (p, h, factor) in enumerate(zip(self.params, self.hessians, self.factors)):
                 rebuild(j, p.detach().float(), h, factor)
-            outputs = self._outputs(model, self._shifts(model, sketch), self.inputs[:1] if sketch else None)
+            outputs = self._outputs(model, self._shifts(model, sketch), batches)
         bar.close()
-        state, distance = self._statistics(model, outputs, self.inputs[:1] if sketch else self.inputs)
+        state, distance = self._statistics(model, outputs, batches)
         books, values, kept = (list(layer) for layer in zip(*(found[j] for j in range(len(masks)))))
         codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, kept, books)]
         return Allocation(kept, bits.clone(), books, codes, values, 0.0, 0.0, 0.0, state), distance
@@ -333,14 +334,14 @@ class PostTrain(Method):
                     ) -> tuple[dict[str, torch.Tensor], float]:
         """The running statistics of every BatchNorm of the compressed `model` (which it takes), by
         state-dict name, and the distance of its outputs from the dense network's with them: of two
-        candidates, the one whose outputs on `inputs` (the first calibration batches) are the closer. Moved by the shift compression made in each
+        candidates, the one whose outputs on `inputs` (the calibration batches `outputs` are of) are the closer. Moved by the shift compression made in each
         BatchNorm's input (`_shift_to`, on a pass before; `outputs`: the model's with them) keeps the
         statistics the network was trained with, which a few hundred inputs estimate worse
         (re-estimating the published ResNet-20's alone costs 1.7 points, BENCHMARKS.md); measured anew
         on the compressed network holds where compression moved the activations too far for a small
         shift (high ratios): at 50x, the sketch of a published ResNet-56 scored 78.5 % with the first,
         80.0 % with the second."""
-        shifted_distance, found = self._distance(outputs[: sum(len(x) for x in inputs)]), _batchnorms(model)
+        shifted_distance, found = self._distance(outputs), _batchnorms(model)
         if not found:
             return {}, shifted_distance
         names = _statistics_names(found)
