@@ -19,6 +19,7 @@ from jointcomp import EngineConfig, Engine, whatif
 from jointcomp.budget import Budget
 from jointcomp.deploy.c import export_c
 from jointcomp.methods import posttrain
+from jointcomp.models import build_model
 from jointcomp.trainer import calibration_inputs, train_dense
 from c_runtime import compile_c, run_c
 from sizes import fits
@@ -112,6 +113,45 @@ def test_calibrated_options_beat_magnitude_on_inputs_far_from_isotropic():
     target = 32 * dense.numel() / 16
     assert calibrated_size <= target and magnitude_size <= target
     assert calibrated < 0.25 * magnitude, (calibrated, magnitude)
+
+
+class InPlaceResidual(nn.Module):
+    """Convolutions whose outputs the forward pass changes in place (ReLU, a residual sum) and reads
+    again later, a module called twice, and a weight used twice at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stem(x).relu_()
+        out += self.body(out)
+        out = out + self.norm(self.body(out)).relu_()
+        return self.head(out.mean((2, 3))) + self.head(out.amax((2, 3)))
+
+
+@pytest.mark.parametrize("network", ["in place", "tied", "resnet20"])
+def test_a_sensitivity_is_the_same_when_the_layers_before_the_change_are_not_computed_again(network):
+    """The sensitivities measured with the dense pass's layer outputs answering every call before the
+    changed weight's first use are exactly those measured computing the whole pass each time (no room
+    to keep outputs); and they differ from layer to layer (the measure is not constant)."""
+    torch.manual_seed(0)
+    model, x = {"in place": (InPlaceResidual(), torch.randn(8, 1, 6, 6)),
+                "tied": (TiedLanguageModel(), torch.randint(32, (8, 12))),
+                "resnet20": (build_model("resnet20", (3, 32, 32), 10), torch.randn(4, 3, 32, 32))}[network]
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+    params = [p for n, p in model.named_parameters() if p.dim() > 1]
+    hessians = [torch.eye(p[0].numel(), dtype=torch.float64)[None] for p in params]
+    replayed = posttrain._sensitivities(model, params, hessians, [x, x[:3]])
+    computed = posttrain._sensitivities(model, params, hessians, [x, x[:3]], bound=0)
+    assert replayed == computed
+    assert len(set(computed)) == len(computed)
+    assert all(m.__dict__.get("forward") is None for m in model.modules())
 
 
 def test_each_column_is_rounded_after_the_corrections_of_those_before():
