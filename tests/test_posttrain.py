@@ -115,29 +115,44 @@ def test_calibrated_options_beat_magnitude_on_inputs_far_from_isotropic():
     assert calibrated < 0.25 * magnitude, (calibrated, magnitude)
 
 
+class DoublesItsInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2).relu()
+
+
 class InPlaceResidual(nn.Module):
-    """Convolutions whose outputs the forward pass changes in place (ReLU, a residual sum) and reads
-    again later, a module called twice, and a weight used twice at the end."""
+    """What a recorded pass must not answer for: a module that changes its input in place and returns
+    it (ReLU), one that returns it (Identity), one that changes it and returns another tensor, their
+    inputs read again after; a convolution's output changed in place and read again later, a module
+    called three times, a weight used twice at the end."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.skip = nn.Identity()
+        self.doubler = DoublesItsInput()
         self.body = nn.Conv2d(4, 4, 3, padding=1)
         self.norm = nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.stem(x).relu_()
+        pre = self.stem(x).add_(0.5)
+        out = self.act(pre) + pre
+        self.skip(out).mul_(2)
+        out = self.doubler(out) + out
         out += self.body(out)
+        out = out + self.body(self.act(out.clone()))
         out = out + self.norm(self.body(out)).relu_()
         return self.head(out.mean((2, 3))) + self.head(out.amax((2, 3)))
 
 
 @pytest.mark.parametrize("network", ["in place", "tied", "resnet20"])
 def test_a_sensitivity_is_the_same_when_the_layers_before_the_change_are_not_computed_again(network):
-    """The sensitivities measured with the dense pass's layer outputs answering every call before the
-    changed weight's first use are exactly those measured computing the whole pass each time (no room
-    to keep outputs); and they differ from layer to layer (the measure is not constant)."""
+    """The sensitivities measured with the dense pass's recorded calls answering for every call that
+    ended before the changed weight's first use (`RecordedPass`) are exactly those measured computing
+    the whole pass each time (no room to record outputs); and they differ from layer to layer (the
+    measure is not constant). The model's modules are left with their own forward after."""
     torch.manual_seed(0)
     model, x = {"in place": (InPlaceResidual(), torch.randn(8, 1, 6, 6)),
                 "tied": (TiedLanguageModel(), torch.randint(32, (8, 12))),
@@ -239,16 +254,23 @@ def test_moments_of_few_inputs_are_shrunk_towards_the_truth_and_of_many_left_alo
                                   nn.Conv2d(4, 6, 4, padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                                   nn.Conv2d(4, 4, 3, padding=2, padding_mode="circular", dilation=2)])
 def test_a_convolutions_input_rows_times_its_weight_are_its_output(conv):
-    """The rows every moment H = X^T X is made of: each output position's patch, in the order of the
-    weight's columns, for strided, dilated, grouped and rectangular convolutions and every padding."""
+    """The rows every moment H = X^T X is made of: each output position's patch (its columns in
+    (kernel row, kernel column, channel) order), for strided, dilated, grouped and rectangular
+    convolutions and every padding; and their moment in the weight's order prices the weight's
+    output: tr(W H W^T) is the energy of the convolution's output."""
     torch.manual_seed(0)
     x = torch.randn(3, conv.in_channels, 11, 9)
     g = conv.groups
-    found = posttrain._layer_inputs(conv, x) @ conv.weight.reshape(g, conv.out_channels // g, -1).transpose(1, 2)
+    rows = posttrain._layer_inputs(conv, x)
+    found = rows @ conv.weight.permute(0, 2, 3, 1).reshape(g, conv.out_channels // g, -1).transpose(1, 2)
     out = conv(x) - conv.bias[:, None, None]
-    n, channels, rows, columns = out.shape
-    expected = out.view(n, g, channels // g, rows, columns).permute(1, 0, 3, 4, 2).reshape(g, n * rows * columns, -1)
+    n, channels, height, width = out.shape
+    expected = out.view(n, g, channels // g, height, width).permute(1, 0, 3, 4, 2).reshape(g, n * height * width, -1)
     assert torch.allclose(found, expected, atol=1e-5)
+    h = posttrain._in_weight_order(conv, rows.transpose(1, 2).double() @ rows.double())
+    w = conv.weight.detach().double().reshape(g, conv.out_channels // g, -1)
+    energy = torch.einsum("grd,gde,gre->", w, h, w)
+    assert torch.allclose(energy, out.double().square().sum(), rtol=1e-6)
 
 
 def _conv_bn_on_digits(digits):

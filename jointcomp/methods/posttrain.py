@@ -57,6 +57,7 @@ from tqdm import tqdm
 from ..budget import BIT_CHOICES, Budget
 from ..solvers import OptionTables, assign, fit_codebooks_many, knapsack_prune
 from ..projector import Allocation, fingerprint, top_k_mask
+from ..recorded_pass import RecordedPass
 from .base import Layers, Method, MethodConfig
 
 MIN_CALIBRATION = 16  # fewer inputs than this cannot say how a layer's inputs are spread
@@ -384,21 +385,32 @@ def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X (groups, samples, columns) whose product with the weight's rows is the output: for
-    a convolution, each output position's patch ((channel, kernel row, kernel column) as the weight's
-    columns), copied once out of strided windows on the input padded as the convolution pads it
-    (`padding='same'`, reflect and circular modes included). (nn.functional.unfold's
-    intermediate made the same rows take several times as long on ResNet-20's 32x32 layers: 0.2-0.5 s
-    against 0.03-0.1 s for 128 inputs.)"""
+    a convolution, each output position's patch, its columns in (kernel row, kernel column, channel)
+    order (`_in_weight_order` brings a moment of them to the weight's (channel, kernel row, kernel
+    column)), copied once out of strided windows on the input padded as the convolution pads it
+    (`padding='same'`, reflect and circular modes included), laid out channels last so that each
+    patch is read as kernel-row runs of contiguous values (half the time of the weight's order on a
+    ResNet's 3x3 layers; nn.functional.unfold's intermediate took several times as long again)."""
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    padded = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    n, channels, rows, columns = windows.shape[:4]
+    padded = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=mode).permute(0, 2, 3, 1).contiguous()
+    windows = padded.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, rows, columns, channels = windows.shape[:4]
     g = module.groups
-    per_group = windows.unflatten(1, (g, channels // g)).permute(1, 0, 3, 4, 2, 5, 6)  # g, n, rows, columns, c, kh, kw
+    per_group = windows.unflatten(3, (g, channels // g)).permute(3, 0, 1, 2, 5, 6, 4)  # g, n, rows, columns, kh, kw, c
     return per_group.reshape(g, n * rows * columns, -1)
+
+
+def _in_weight_order(module: nn.Module, moment: torch.Tensor) -> torch.Tensor:
+    """A moment (groups, columns, columns) of `_layer_inputs` rows with its columns in the order of
+    the weight's."""
+    if isinstance(module, nn.Linear):
+        return moment
+    (kh, kw), (g, size) = module.kernel_size, moment.shape[:2]
+    c = size // (kh * kw)
+    return moment.view(g, kh, kw, c, kh, kw, c).permute(0, 3, 1, 2, 6, 4, 5).reshape(g, size, size)
 
 
 def _moment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -413,13 +425,16 @@ def _mean_moments(pairs: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> 
     y = x both are H), CHUNK samples unfolded at a time, each once; both shrunk as one (`_shrunk`)."""
     cross, gram, fourth, count = 0.0, 0.0, 0.0, 0
     for module, x, y in pairs:
+        pair_cross, pair_gram = 0.0, 0.0
         for x_chunk, y_chunk in zip(x.split(CHUNK), y.split(CHUNK)):
             rows = _layer_inputs(module, y_chunk)
             square = _moment(rows, rows)
-            gram = gram + square
-            cross = cross + (square if x is y else _moment(_layer_inputs(module, x_chunk), rows))
+            pair_gram = pair_gram + square
+            pair_cross = pair_cross + (square if x is y else _moment(_layer_inputs(module, x_chunk), rows))
             fourth = fourth + torch.linalg.vector_norm(rows.float(), dim=-1).to(square.dtype).pow(4).sum(-1)
             count += rows.shape[1]
+        cross = cross + _in_weight_order(module, pair_cross)
+        gram = gram + _in_weight_order(module, pair_gram)
     return _shrunk(cross / count, gram / count, fourth / count, count)
 
 
@@ -483,12 +498,12 @@ def _sensitivities(model: nn.Module, params: list[nn.Parameter], hessians: list[
     layer (tr(dW H dW^T) / tr(W H W^T)). Measured by giving each layer in turn a random weight
     change of relative output error SENSITIVITY_NOISE, on the dense network: layers whose errors
     the rest of the network amplifies or absorbs are told apart, so the knapsack prices every
-    option in one unit, the network's output error. The convolutions and Linear layers a pass
-    reaches before the changed weight are answered from the dense pass (`_Calls`, up to `bound`
-    bytes): the same numbers, half the work on a ResNet."""
+    option in one unit, the network's output error. What a pass makes before the changed weight's
+    first use is answered from the dense pass (`RecordedPass`, up to `bound` bytes): the same
+    numbers, on a ResNet-56 a third of the time less."""
     was_training = model.training
     model.eval()
-    calls = [_Calls.record(model, x, bound) for x in inputs]
+    passes = [RecordedPass.record(model, x, params, bound // len(inputs)) for x in inputs]
     generator = torch.Generator().manual_seed(0)
     found = []
     try:
@@ -499,82 +514,14 @@ def _sensitivities(model: nn.Module, params: list[nn.Parameter], hessians: list[
             saved = p.detach().clone()
             p.add_((noise * math.sqrt(SENSITIVITY_NOISE / relative)).reshape(p.shape))
             moved = 0.0
-            for x, batch in zip(inputs, calls):
-                with batch.replayed_before(p):
-                    moved += float((model(x) - batch.outputs).double().square().sum())
+            for x, dense in zip(inputs, passes):
+                with dense.answering_before(p):
+                    moved += float((model(x) - dense.outputs).double().square().sum())
             p.copy_(saved)
             found.append(max(moved, 1e-30) / SENSITIVITY_NOISE)
     finally:
         model.train(was_training)
     return found
-
-
-@dataclasses.dataclass
-class _Calls:
-    """One forward pass of a model on one batch: its outputs, the modules with parameters of their
-    own in the order the pass called them, and a copy of each Conv2d and Linear call's output
-    (the first ones, up to a bound in bytes), so that a pass after a weight changed need not
-    compute again what comes before the weight's first use."""
-
-    outputs: torch.Tensor
-    called: list[nn.Module]
-    kept: list[torch.Tensor]  # the outputs of the first len(kept) calls that are Conv2d or Linear (else None)
-
-    @classmethod
-    def record(cls, model: nn.Module, x: torch.Tensor, bound: int) -> "_Calls":
-        calls = cls(torch.empty(0), [], [])
-        room = [bound]
-
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            calls.called.append(module)
-            if len(calls.kept) + 1 < len(calls.called):
-                return  # a call before was past the bound: only a prefix of calls is replayed
-            heavy = isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(output, torch.Tensor)
-            size = output.numel() * output.element_size() if heavy else 0
-            if size <= room[0]:
-                room[0] -= size
-                calls.kept.append(output.clone() if heavy else None)  # a copy: what follows may change it in place
-
-        owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-        handles = [m.register_forward_hook(hook) for m in owners]
-        try:
-            calls.outputs = model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return calls
-
-    @contextlib.contextmanager
-    def replayed_before(self, p: nn.Parameter) -> Iterator[None]:
-        """The recorded Conv2d and Linear calls before the first call of a module that owns `p`
-        answered from their recorded outputs instead of computed (their inputs cannot have changed)."""
-        first = next((i for i, m in enumerate(self.called) if any(q is p for q in m.parameters(recurse=False))),
-                     len(self.called))
-        answers: dict[nn.Module, list[torch.Tensor]] = {}
-        for module, output in zip(self.called[:first], self.kept[:first]):
-            if output is not None:
-                answers.setdefault(module, []).append(output)
-        before = {module: module.__dict__.get("forward") for module in answers}  # a forward set on the instance
-        for module, outputs in answers.items():
-            module.forward = _answering(module.forward, outputs)
-        try:
-            yield
-        finally:
-            for module, forward in before.items():
-                if forward is None:
-                    del module.forward
-                else:
-                    module.forward = forward
-
-
-def _answering(forward: Callable, outputs: list[torch.Tensor]) -> Callable:
-    """A forward that gives a copy of each of `outputs` for its first calls, then computes."""
-    left = iter(outputs)
-
-    def answer(*args, **kwargs):
-        found = next(left, None)
-        return forward(*args, **kwargs) if found is None else found.clone()
-    return answer
 
 
 def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score: torch.Tensor, unit: float,
