@@ -614,8 +614,8 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
         e = min(s + BLOCK, columns)
         block, f = w[:, :, s:e].numpy(), factor[:, s:e, s:e].numpy()
         score = numpy.square(block / numpy.diagonal(f, axis1=1, axis2=2)[:, None, :])
-        rank = numpy.argsort(numpy.argsort(-score, axis=-1, kind="stable"), axis=-1, kind="stable")
-        kept[:, :, s:e] = rank < kept[:, :, s:e].sum(-1, keepdims=True)
+        order = numpy.argsort(-score, axis=-1, kind="stable")  # each row's largest first, ties by column
+        numpy.put_along_axis(kept[:, :, s:e], order, numpy.arange(e - s) < kept[:, :, s:e].sum(-1, keepdims=True), -1)
         block, keep = block.transpose(0, 2, 1).copy(), kept[:, :, s:e].transpose(0, 2, 1).copy()  # a column contiguous
         rounded, errors = numpy.zeros_like(block), numpy.zeros_like(block)
         for t in range(0, e - s, STEP):
