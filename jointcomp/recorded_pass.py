@@ -104,7 +104,9 @@ class RecordedPass:
     @contextlib.contextmanager
     def answering_before(self, p: nn.Parameter) -> Iterator[None]:
         """Within: the model's outermost calls that ended before the first use of `p` give copies of their
-        recorded outputs instead of computing (their inputs cannot have changed)."""
+        recorded outputs instead of computing (their inputs cannot have changed). A use is a call of a
+        module that owns `p`, as posttrain takes its layers (Conv2d, Linear, Embedding): code that reads
+        `p` itself before calling any of them (`F.linear(x, self.head.weight)` in a parent) is not seen."""
         first = self._first_use(p)
         stand_ins = set(self._stand_ins(first, lambda c: c.output is not None))
         made: dict[nn.Module, int] = {}  # per module, its calls made so far (those inside a stand-in are not)
