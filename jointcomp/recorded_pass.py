@@ -44,7 +44,7 @@ class RecordedPass:
         """`model` on `x`, twice: once to learn its calls, once keeping (up to `bound` bytes) the outputs
         of the calls that can stand in before the first use of each of `weights`."""
         learned = cls._run(model, x, set(), bound)
-        wanted = {i for p in weights for i in learned._stand_ins(learned._first_use(p), lambda c: c.answers)}
+        wanted = {i for p in weights for i, _ in learned._stand_ins(learned._first_use(p), lambda c: c.answers)}
         kept = cls._run(model, x, wanted, bound)
         if [c.module for c in kept.calls] != [c.module for c in learned.calls]:  # the pass is not repeatable
             return learned
@@ -84,20 +84,22 @@ class RecordedPass:
         return next((i for i, c in enumerate(self.calls) if any(q is p for q in c.module.parameters(recurse=False))),
                     len(self.calls))
 
-    def _stand_ins(self, first: int, can: Callable[[_Call], bool]) -> list[int]:
-        """The outermost calls that ended before call `first` began and `can` stand in for themselves."""
+    def _stand_ins(self, first: int, can: Callable[[_Call], bool]) -> list[tuple[int, int]]:
+        """The outermost calls that ended before call `first` began and `can` stand in for themselves,
+        each with how many calls of its module a pass makes before it (those within a stand-in are not
+        made at all)."""
         ancestors, a = set(), first if first < len(self.calls) else None
         while a is not None:
             ancestors.add(a)
             a = self.calls[a].parent
-        inside, found = set(), []
+        inside, made, found = set(), {}, []
         for i, call in enumerate(self.calls[:first]):
-            if i in ancestors:
-                continue
-            if call.parent in inside:  # within a call that stands in: not made at all
+            if call.parent in inside:
                 inside.add(i)
-            elif can(call):
-                found.append(i)
+                continue
+            nth = made[call.module] = made.get(call.module, -1) + 1
+            if i not in ancestors and can(call):
+                found.append((i, nth))
                 inside.add(i)
         return found
 
@@ -107,19 +109,9 @@ class RecordedPass:
         recorded outputs instead of computing (their inputs cannot have changed). A use is a call of a
         module that owns `p`, as posttrain takes its layers (Conv2d, Linear, Embedding): code that reads
         `p` itself before calling any of them (`F.linear(x, self.head.weight)` in a parent) is not seen."""
-        first = self._first_use(p)
-        stand_ins = set(self._stand_ins(first, lambda c: c.output is not None))
-        made: dict[nn.Module, int] = {}  # per module, its calls made so far (those inside a stand-in are not)
-        answers: dict[nn.Module, dict[int, torch.Tensor]] = {}
-        inside: set[int] = set()
-        for i, call in enumerate(self.calls[:first]):
-            if call.parent in inside:
-                inside.add(i)
-                continue
-            nth = made[call.module] = made.get(call.module, -1) + 1
-            if i in stand_ins:
-                answers.setdefault(call.module, {})[nth] = call.output
-                inside.add(i)
+        answers: dict[nn.Module, dict[int, torch.Tensor]] = {}  # per module, by its n-th call in the pass
+        for i, nth in self._stand_ins(self._first_use(p), lambda c: c.output is not None):
+            answers.setdefault(self.calls[i].module, {})[nth] = self.calls[i].output
         before = {module: module.__dict__.get("forward") for module in answers}  # a forward set on the instance
         for module, outputs in answers.items():
             module.forward = _answering(module.forward, outputs)
