@@ -14,8 +14,8 @@ from jointcomp.budget_modes import BUDGET_MODES, MEASURED_MODES, budget_modes_he
 from jointcomp.data import available, cache_dir
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, load_start, published_checkpoints
 from jointcomp.rundir import atomic_write
-from jointcomp.trainer import STARTS
-from jointcomp.app.runner import prepare
+from jointcomp.trainer import STARTS, accuracy
+from jointcomp.app.runner import WhatIfs, prepare, what_ifs
 
 PAGES = {"pages/0_Compress.py": "Compress", "pages/1_Sweep.py": "Sweep", "pages/2_Inspect.py": "Inspect",
          "pages/3_Runs.py": "Runs"}  # the app's pages, in menu order; the first is the default
@@ -149,23 +149,56 @@ def saved_upload(name: str, content: bytes) -> Path:
 
 @st.cache_resource(show_spinner=False)
 def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None = None):
-    """The dense starting point of every run with these choices (read-only): trained once per
-    server with a progress bar, or loaded from `checkpoint`."""
+    """The dense starting point of every run with these choices (read-only) and its validation
+    accuracy where training measured it: trained once per server with a progress bar, or loaded
+    from `checkpoint` and not scored here (`whole_set_accuracy`: a ResNet-56's score on all 10,000
+    CIFAR-10 images is 14 s, and its what-ifs are scored on fewer)."""
     bar = st.progress(0.0, text=f"loading {data}…")
     result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text),
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint, score=False)
     bar.empty()
     return result
 
 
+@st.cache_data(show_spinner="scoring the dense network on the whole validation set…")
+def _dense_accuracy(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None = None) -> float:
+    net, dataset, score = dense_model(model, data, dense_epochs, seed, checkpoint)
+    return score if score is not None else accuracy(net, dataset)
+
+
+@st.cache_resource(show_spinner="calibrating the what-ifs (once per server)…", max_entries=2)
+def _what_ifs(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None, budget_mode: str,
+              calibration: int) -> WhatIfs:
+    net, dataset, score = dense_model(model, data, dense_epochs, seed, checkpoint)
+    config = EngineConfig(seed=seed, budget_mode=budget_mode, calibration=calibration)
+    return what_ifs(net, dataset, config, model, score)
+
+
+def whatif_preview(choices: Choices) -> WhatIfs:
+    """The what-ifs of the dense start of these choices (`jointcomp.app.runner.what_ifs`), calibrated
+    once per server and shared by its sessions: a page reload or a second visitor does not wait for
+    a ResNet-56's calibration again (the two most recent are kept)."""
+    return _what_ifs(*_start(choices), choices.config.budget_mode, choices.config.calibration)
+
+
 def start_or_stop(choices: Choices):
-    """The dense start of these choices (model, data, its accuracy); a bad choice (a missing
-    data set, a checkpoint that does not fit) is one error line, and the page stops there."""
+    """The dense start of these choices (model, data, its accuracy where training measured it); a
+    bad choice (a missing data set, a checkpoint that does not fit) is one error line, and the page
+    stops there."""
     try:
-        return dense_model(choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.checkpoint)
+        return dense_model(*_start(choices))
     except (ValueError, FileNotFoundError) as err:
         st.error(str(err))
         st.stop()
+
+
+def whole_set_accuracy(choices: Choices) -> float:
+    """The dense start's accuracy on the whole validation set (scored once per server)."""
+    return _dense_accuracy(*_start(choices))
+
+
+def _start(choices: Choices) -> tuple:
+    return choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.checkpoint
 
 
 def target_slider(dense_bits: float, budget_mode: str = "paper", key: str = "target_ratio") -> int:

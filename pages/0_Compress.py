@@ -10,7 +10,7 @@ import ui
 from jointcomp.app import charts
 from jointcomp.bops import format_bops
 from jointcomp.budget_modes import format_amount
-from jointcomp.app.runner import SKETCH_EXAMPLES, Runner, WhatIfs, new_run_dir, what_ifs
+from jointcomp.app.runner import SKETCH_EXAMPLES, Runner, WhatIfs, new_run_dir
 from jointcomp.trainer import TRADEOFF_SUBSET
 
 CHART_SECONDS = 3.0  # the live charts' redraw interval; the progress line redraws every second
@@ -23,15 +23,14 @@ st.caption("Give only the target size. Without training, a few hundred calibrati
            "(ADMM with knapsack projections, Yang et al., CVPR 2020).")
 
 choices = ui.sidebar()
-model, data, dense_accuracy = ui.start_or_stop(choices)
+model, data, _ = ui.start_or_stop(choices)
+preview: WhatIfs = ui.whatif_preview(choices)
 
 key = (choices.model, choices.data, choices.dense_epochs, choices.config.seed, choices.config.budget_mode,
        choices.checkpoint)
-if st.session_state.get("preview_key") != key:  # a per-session compressor, on its own copy, for what-ifs
-    st.session_state.preview = what_ifs(model, data, choices.config, choices.model, dense_accuracy)
+if st.session_state.get("preview_key") != key:
     st.session_state.preview_key = key
-    st.session_state.whatif_plans = {}  # its what-ifs by target, each computed once
-preview: WhatIfs = st.session_state.preview
+    st.session_state.whatif_plans = {}  # the what-ifs this session looked at, by target
 dense_bits = preview.compressor.dense_bits
 preview_inputs = choices.config.calibration
 
@@ -70,7 +69,8 @@ if stop_col.button("Stop", disabled=not running, key="stop"):
     runner.stop(wait=2.0)
     st.rerun()
 status_col.markdown(
-    f"**{choices.model}** on **{choices.data}** · dense accuracy {dense_accuracy:.2%} · "
+    f"**{choices.model}** on **{choices.data}** · dense accuracy {preview.dense_accuracy:.2%}"
+    f"{f' (on the {SKETCH_EXAMPLES:,} validation images of the what-if)' if preview.sketches else ''} · "
     f"dense {format_amount(dense_bits, mode)} · target **{target}** = {format_amount(dense_bits / ratio, mode)}"
 )
 
@@ -134,7 +134,7 @@ def live_charts(r: Runner, epochs_done: int) -> dict[str, dict]:
     """The live charts as Vega-Lite specs, built once per finished epoch (not every redraw)."""
     key = (id(r), epochs_done, r.final is not None)
     if st.session_state.get("chart_key") != key:
-        now = charts.live(r.epochs(), r.layers(), r.steps(), r.curve(), dense_accuracy, TRADEOFF_SUBSET,
+        now = charts.live(r.epochs(), r.layers(), r.steps(), r.curve(), r.dense_accuracy, TRADEOFF_SUBSET,
                           r.engine.config.budget_mode)
         st.session_state.chart_specs = {name: charts.vega_lite(chart) for name, chart in now.items()}
         st.session_state.chart_key = key

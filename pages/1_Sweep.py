@@ -14,7 +14,8 @@ st.title("Sweep: accuracy against size")
 st.caption("Runs each target with jointcomp (admm) and the chosen baselines, same data, epochs and schedule.")
 
 choices = ui.sidebar(with_method=False)
-model, data, dense_accuracy = ui.start_or_stop(choices)
+model, data, _ = ui.start_or_stop(choices)
+dense_accuracy = ui.whole_set_accuracy(choices)
 
 targets = st.multiselect("Targets", [f"{r}x" for r in ui.RATIOS], default=["20x", "50x", "100x", "200x"], key="targets")
 methods = st.multiselect("Methods", list(METHODS), default=["admm", "posttrain", "uniform"], key="methods")

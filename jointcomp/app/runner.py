@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -71,26 +71,27 @@ class Progress:
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, data_dir: str | None = None,
             progress: Callable[[float, str], None] | None = None,
-            checkpoint: str | None = None) -> tuple[nn.Module, Dataset, float]:
+            checkpoint: str | None = None, score: bool = True) -> tuple[nn.Module, Dataset, float | None]:
     """A dense-trained model, its data, and its validation accuracy (the start of every run):
-    trained here for `dense_epochs`, or loaded from `checkpoint` (any file `load_weights` takes).
+    trained here for `dense_epochs`, or loaded from `checkpoint` (any file `load_weights` takes)
+    and scored unless `score` is False (then None: a CIFAR ResNet-56 is 14 s on all 10,000 images).
     `progress(fraction, text)` hears of the training every few steps."""
     model, data = load_start(model_name, data_name, data_dir=data_dir, seed=seed, pretrained=checkpoint)
     if checkpoint:
-        return model, data, accuracy(model, data)
+        return model, data, accuracy(model, data) if score else None
     config = EngineConfig(seed=seed)
     total = max(1, dense_epochs * steps_per_epoch(data, config.batch_size))
-    score, started = float("nan"), time.monotonic()
+    measured, started = float("nan"), time.monotonic()
     for record in train_dense(model, data, config, dense_epochs):
         if isinstance(record, EpochRecord):
-            score = record.accuracy
+            measured = record.accuracy
         elif progress is not None and record.step % 10 == 0:
             done = (record.step + 1) / total
             left = (time.monotonic() - started) * (1 - done) / done
             progress(done, f"training the dense {model_name} once (cached for this server): epoch "
                            f"{record.epoch + 1} of {dense_epochs}, step {record.step + 1:,} of {total:,}, "
                            f"about {left:.0f} s left")
-    return model, data, score
+    return model, data, measured
 
 
 class _Worker:
@@ -171,6 +172,11 @@ class Runner(_Worker):
         return self.engine.target_bits
 
     @property
+    def dense_accuracy(self) -> float:
+        """The dense network's score by the run's own measure (on the whole validation set)."""
+        return self.engine.compressor.dense_metric
+
+    @property
     def final(self) -> FinalRecord | None:
         last = self.records[-1] if self.records else None
         return last if isinstance(last, FinalRecord) else None
@@ -235,25 +241,33 @@ class WhatIfs:
     sketches: bool
     dense_accuracy: float  # on the examples the what-ifs are scored on
     evaluate: Callable[[nn.Module], float]
+    _plans: dict[str, FinalRecord] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def plan(self, target: str) -> FinalRecord:
-        """The what-if at `target` (`whatif.plan`)."""
-        return whatif.plan(self.compressor, target, self.dense_accuracy, self.sketches, self.evaluate)
+        """The what-if at `target` (`whatif.plan`), each computed once. From any thread, one at a
+        time (the app's sessions share one: scoring swaps the compressor's weights for a while)."""
+        with self._lock:
+            if target not in self._plans:
+                self._plans[target] = whatif.plan(self.compressor, target, self.dense_accuracy, self.sketches,
+                                                  self.evaluate)
+            return self._plans[target]
 
 
 def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
              dense_accuracy: float | None = None) -> WhatIfs:
     """The what-ifs of `model` (`WhatIfs`), calibrated on `config.calibration` training inputs. The
     caller's model is never touched; `dense_accuracy`: its score on the whole validation set where
-    the caller has it (not scored again)."""
+    the caller has it (not scored again where the what-ifs are scored there; a sketch's reference is
+    the dense network on the sketch's examples)."""
     config = config.with_method("posttrain")
-    comp = Compressor(copy.deepcopy(model), config=config, evaluate=lambda m: accuracy(m, data),
-                      meta=model_description(model_name, data), dense_metric=dense_accuracy)
+    comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # scored by `evaluate`
     comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
     if comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE:
         evaluate = lambda m: accuracy(m, data, SKETCH_EXAMPLES)  # noqa: E731
         return WhatIfs(comp, True, comp.score(None, evaluate), evaluate)
-    return WhatIfs(comp, False, comp.dense_metric, comp.evaluate)
+    evaluate = lambda m: accuracy(m, data)  # noqa: E731
+    return WhatIfs(comp, False, comp.score(None, evaluate) if dense_accuracy is None else dense_accuracy, evaluate)
 
 
 class Sweep(_Worker):
