@@ -179,7 +179,8 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     h = (x.T @ x)[None].double() / 400
     mask = torch.rand(w.shape) < 0.5
     book = torch.tensor([-1.0, -0.2, 0.3, 1.5])
-    q, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(8, -1))
+    q, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book[None],
+                                      torch.zeros(8, dtype=torch.long))
     plain = torch.where(kept, book[(w[..., None] - book).abs().argmin(-1)], 0.0)
     assert torch.equal(q[:, :, 0], plain[:, :, 0])
     assert torch.isin(q[kept], book).all() and (q[~kept] == 0).all() and torch.equal(kept.sum(-1), mask.sum(-1))
@@ -190,9 +191,10 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
 
 
 def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it():
-    """The column loop finds each value's nearest centre among its own row's midpoints with one
-    searchsorted over all rows (float order as integer keys): the same index as counting the
-    midpoints <= the value, for values on a midpoint, at -0.0 and 0.0, and tiny, equal or repeated centres."""
+    """The column loop finds each value's nearest centre among its own codebook's midpoints with one
+    searchsorted over all codebooks (float order as integer keys), rows sharing codebooks: the same
+    index as counting the midpoints <= the value, for values on a midpoint, at -0.0 and 0.0, and
+    tiny, equal or repeated centres."""
     import numpy
 
     rng = numpy.random.default_rng(0)
@@ -200,13 +202,13 @@ def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it(
     books = numpy.sort(numpy.concatenate([rng.choice(odd, (300, 12)), rng.standard_normal((300, 4))], 1), 1)
     books = torch.from_numpy(books.astype(numpy.float32))
     mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
-    count = posttrain._counter_at_or_below(mids)
-    rows = numpy.arange(len(mids))
+    rows = rng.integers(0, len(mids), 1000)  # each value's codebook
+    count = posttrain._counter_at_or_below(mids, rows)
     for _ in range(20):
         on_mid = mids[rows, rng.integers(0, mids.shape[1], len(rows))]
         values = numpy.where(rng.random(len(rows)) < 0.5, on_mid, rng.standard_normal(len(rows)))
         values = numpy.where(rng.random(len(rows)) < 0.1, -0.0, values).astype(numpy.float32)
-        assert numpy.array_equal(count(values), (mids <= values[:, None]).sum(1))
+        assert numpy.array_equal(count(values), (mids[rows] <= values[:, None]).sum(1))
 
 
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
@@ -223,7 +225,8 @@ def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     mask = torch.zeros(w.shape, dtype=torch.bool)
     mask[:, :, posttrain.BLOCK + 64:posttrain.BLOCK + 96] = True
     book = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
-    _, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book.expand(4, -1))
+    _, kept = posttrain._round_columns(w, mask, posttrain._damped_inverse_factor(h).float(), book[None],
+                                        torch.zeros(4, dtype=torch.long))
     assert kept[:, :, posttrain.BLOCK:posttrain.BLOCK + 32].all() and torch.equal(kept.sum(-1), mask.sum(-1))
 
 

@@ -550,9 +550,8 @@ def _option_table(w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor, score:
     masks = torch.cat([rank < k for k, _ in options], 1)
     widest = 2 ** max(choices)
     padded = torch.stack([torch.cat([b, b[-1:].expand(widest - b.numel())]) for _, b in options]).to(w.device)
-    per_row = padded.repeat_interleave(len(sample), 0)  # each sampled row of each option, its codebook
-    w_rows = w[:, sample].repeat(1, len(options), 1)
-    q, _ = _round_columns(w_rows, masks, factor, per_row)
+    w_rows = w[:, sample].repeat(1, len(options), 1)  # each option's sampled rows, rounded onto its codebook
+    q, _ = _round_columns(w_rows, masks, factor, padded, torch.arange(len(options)).repeat_interleave(len(sample)))
     delta = (w_rows - q).double()
     error = torch.einsum("grd,gde,gre->r", delta, h, delta).view(len(options), len(sample))
     errors = error.sum(1).view(len(keeps), len(choices)) * (rows / len(sample))
@@ -582,14 +581,15 @@ def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor,
     w = _grouped(weight, groups)
     factor = (_damped_inverse_factor(h) if factor is None else factor).to(w.dtype)
     book = fit_codebooks_many([torch.masked_select(weight, mask)], torch.tensor([[bits]]))[0][0][0].to(w.device)
-    q, kept = _round_columns(w, _grouped(mask, groups), factor, book[None].expand(w.shape[1], -1))
+    q, kept = _round_columns(w, _grouped(mask, groups), factor, book[None], torch.zeros(w.shape[1], dtype=torch.long))
     return book, q.reshape(weight.shape), kept.reshape(weight.shape)
 
 
-def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor,
+                   book_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ with a mask and non-uniform codebooks: each column in turn rounded (kept weights to the
-    nearest centre of their row's sorted codebook, `books` (rows, centres), pruned ones to zero)
+    nearest centre of their row's sorted codebook, `books[book_of[row]]` (books: (codebooks, centres)),
+    pruned ones to zero)
     and its error spread over the columns not yet rounded through the Cholesky factor of H^-1
     (`factor`, per group), in blocks: the rounded weights and the mask they keep. Each row keeps in
     each block as many weights as `mask` does there, chosen anew when the block is reached: those
@@ -605,10 +605,9 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     22 s -> 12 s), and the blocks' updates of the columns after them in torch."""
     device, (groups, rows, columns) = w.device, w.shape
     w, factor = w.detach().cpu().float().clone(), factor.cpu()
-    books = books.float()[None].expand(groups, -1, -1).reshape(groups * rows, -1).cpu()
-    mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
-    books, kept, every_row = books.numpy(), mask.cpu().numpy().copy(), numpy.arange(groups * rows)
-    nearest_centre = _counter_at_or_below(mids)
+    books, book_of = books.float().cpu(), numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups)
+    nearest_centre = _counter_at_or_below(((books[:, :-1] + books[:, 1:]) / 2).numpy(), book_of)
+    books, kept = books.numpy(), mask.cpu().numpy().copy()
     q = torch.zeros_like(w)
     for s in range(0, columns, BLOCK):
         e = min(s + BLOCK, columns)
@@ -623,7 +622,7 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
             for i in range(t, u):
                 col = block[:, i]
                 nearest = nearest_centre(col.reshape(-1))
-                rounded[:, i] = numpy.where(keep[:, i], books[every_row, nearest].reshape(groups, rows), 0)
+                rounded[:, i] = numpy.where(keep[:, i], books[book_of, nearest].reshape(groups, rows), 0)
                 errors[:, i] = (col - rounded[:, i]) / f[:, i, i, None]
                 block[:, i + 1:u] -= f[:, i, i + 1:u, None] * errors[:, i, None]
             block[:, u:] -= f[:, t:u, u:].transpose(0, 2, 1) @ errors[:, t:u]
@@ -633,17 +632,16 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     return q.to(device), torch.from_numpy(kept).to(device)
 
 
-def _counter_at_or_below(mids: numpy.ndarray) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """For rows of sorted float32 `mids` (rows, k): a function that takes one value per row and says
-    how many of its row's mids are <= it (the index of its nearest centre), exactly
-    (mids <= values[:, None]).sum(1), in log k steps a value instead of k (the option tables round
-    3,840 rows against 255 mids each, a column at a time: 26 s of a ResNet-56's calibration). Every
-    distinct row's mids go in one sorted array of int64 keys, a float's order in its low 32 bits and
-    its row above them, so one searchsorted answers all rows (an option table's rows share their
-    option's codebook 16 at a time: the keys a sixteenth as many, and in cache)."""
-    distinct, row = numpy.unique(mids, axis=0, return_inverse=True)
-    row = row.reshape(-1).astype(numpy.int64)
-    keys = (_order_key(distinct) + (numpy.arange(len(distinct), dtype=numpy.int64)[:, None] << 32)).ravel()
+def _counter_at_or_below(mids: numpy.ndarray, row: numpy.ndarray) -> Callable[[numpy.ndarray], numpy.ndarray]:
+    """For sorted float32 `mids` (codebooks, k) and the codebook `row` (int64) of each value to come:
+    a function that takes those values and says how many of its codebook's mids are <= each (the
+    index of its nearest centre), exactly (mids[row] <= values[:, None]).sum(1), in log k steps a
+    value instead of k (the option tables round 3,840 rows against 255 mids each, a column at a
+    time: 26 s of a ResNet-56's calibration). Every codebook's mids go in one sorted array of int64
+    keys, a float's order in its low 32 bits and its codebook above them, so one searchsorted
+    answers all rows (an option table's rows share their option's codebook 16 at a time: the keys
+    a sixteenth as many, and in cache)."""
+    keys = (_order_key(mids) + (numpy.arange(len(mids), dtype=numpy.int64)[:, None] << 32)).ravel()
     above, offsets = row << 32, row * mids.shape[1]
     return lambda values: numpy.searchsorted(keys, _order_key(values) + above, side="right") - offsets
 
