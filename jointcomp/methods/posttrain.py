@@ -588,21 +588,21 @@ def reconstruct_layer(weight: torch.Tensor, h: torch.Tensor, mask: torch.Tensor,
 def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, books: torch.Tensor,
                    book_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ with a mask and non-uniform codebooks: each column in turn rounded (kept weights to the
-    nearest centre of their row's sorted codebook, `books[book_of[row]]` (books: (codebooks, centres)),
-    pruned ones to zero)
-    and its error spread over the columns not yet rounded through the Cholesky factor of H^-1
-    (`factor`, per group), in blocks: the rounded weights and the mask they keep. Each row keeps in
-    each block as many weights as `mask` does there, chosen anew when the block is reached: those
-    of largest (w / d)^2 after the corrections of the columns before (SparseGPT's adaptive mask
-    selection, row by row; a mask fixed up front left ResNet-20 and LeNet-5 up to 1.6 and 4.7 points
-    less accurate; chosen across the block's rows, as SparseGPT does, a character-level GPT at 16x
-    ended 23 % above its dense validation loss instead of 9 %, BENCHMARKS.md). The column loop is
-    thousands of steps on a few hundred numbers each: it runs in NumPy on the CPU, whose cost per
-    call is a fraction of torch's (the same arithmetic and results; a LeNet-5 what-if in the app's
-    thread spent half its time here in torch), each column contiguous (a block is held transposed),
-    its error spread one column at a time only over the STEP columns it is among and by one
-    product over the rest of the block (the same sums in another order: a ResNet-56's option tables
-    22 s -> 12 s), and the blocks' updates of the columns after them in torch."""
+    nearest centre of their row's sorted codebook, `books[book_of[row]]` of `books` (codebooks,
+    centres), pruned ones to zero) and its error spread over the columns not yet rounded through the
+    Cholesky factor of H^-1 (`factor`, per group), in blocks: the rounded weights and the mask they
+    keep. Each row keeps in each block as many weights as `mask` does there, chosen anew when the
+    block is reached: those of largest (w / d)^2 after the corrections of the columns before
+    (SparseGPT's adaptive mask selection, row by row; a mask fixed up front left ResNet-20 and
+    LeNet-5 up to 1.6 and 4.7 points less accurate; chosen across the block's rows, as SparseGPT
+    does, a character-level GPT at 16x ended 23 % above its dense validation loss instead of 9 %,
+    BENCHMARKS.md). The column loop is thousands of steps on a few hundred numbers each: it runs in
+    NumPy on the CPU, whose cost per call is a fraction of torch's (the same arithmetic and results;
+    a LeNet-5 what-if in the app's thread spent half its time here in torch), each column contiguous
+    (a block is held transposed), its error spread one column at a time only over the STEP columns
+    it is among and by one product over the rest of the block (the same sums in another order: a
+    ResNet-56's option tables 22 s -> 12 s), and the blocks' updates of the columns after them in
+    torch."""
     device, (groups, rows, columns) = w.device, w.shape
     w, factor = w.detach().cpu().float().clone(), factor.cpu()
     books, book_of = books.float().cpu(), numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups)
