@@ -261,7 +261,8 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
     the caller has it (not scored again where the what-ifs are scored there; a sketch's reference is
     the dense network on the sketch's examples)."""
     config = config.with_method("posttrain")
-    comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # scored by `evaluate`
+    comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # no evaluate of
+    # its own (nothing scored on construction): the what-ifs are scored by the `evaluate` chosen below
     comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
     if comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE:
         evaluate = lambda m: accuracy(m, data, SKETCH_EXAMPLES)  # noqa: E731
