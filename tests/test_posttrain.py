@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,20 @@ def test_posttrain_is_deterministic_and_a_new_target_reuses_the_option_tables(tr
     assert comp.method.tables is tables  # the slider's move: a knapsack and a reconstruction, no new tables
     assert smaller.size_bits <= comp.resolve("200x") < first.size_bits
     assert comp.method.allocate(Budget(comp.resolve("200x"))).size_bits <= comp.resolve("200x")
+
+
+def test_calibration_gives_torchs_threads_back(trained_mlp, digits):
+    """The option tables are built in a thread of their own on one intra-op thread while the
+    sensitivities take the rest: after it, the caller and every thread started later have torch's
+    thread count of before (torch keeps the last count set, by any thread, for threads to come)."""
+    before = torch.get_num_threads()
+    comp = jointcomp.Compressor(trained_mlp, "50x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert (torch.get_num_threads(), later) == (before, [before])
 
 
 def cli(*args):
