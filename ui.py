@@ -11,7 +11,7 @@ import streamlit as st
 from jointcomp import EngineConfig
 from jointcomp.methods import METHODS, AdmmConfig
 from jointcomp.budget_modes import BUDGET_MODES, MEASURED_MODES, budget_modes_help, format_amount
-from jointcomp.data import available, cache_dir
+from jointcomp.data import Dataset, available, cache_dir, load_dataset
 from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, load_start, published_checkpoints
 from jointcomp.rundir import atomic_write
 from jointcomp.trainer import STARTS, accuracy
@@ -131,7 +131,7 @@ def published_starts(model: str, data: str) -> dict[str, str]:
     found = {}
     for path in published_checkpoints(model):
         try:
-            load_start(model, data, pretrained=str(path))
+            load_start(model, data, pretrained=str(path), loaded=data_set(data))
         except (ValueError, OSError):
             continue
         found[path.name] = str(path)
@@ -148,6 +148,13 @@ def saved_upload(name: str, content: bytes) -> Path:
 
 
 @st.cache_resource(show_spinner=False)
+def data_set(data: str) -> Dataset:
+    """The data set `data`, loaded once per server and shared by every start on it (read-only): a
+    CIFAR-10 is 0.7 GB and a second of loading."""
+    return load_dataset(data)
+
+
+@st.cache_resource(show_spinner=False)
 def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None = None):
     """The dense starting point of every run with these choices (read-only) and its validation
     accuracy where training measured it: trained once per server with a progress bar, or loaded
@@ -155,7 +162,7 @@ def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint:
     CIFAR-10 images is 14 s, and its what-ifs are scored on fewer)."""
     bar = st.progress(0.0, text=f"loading {data}…")
     result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text),
-                     checkpoint=checkpoint, score=False)
+                     checkpoint=checkpoint, score=False, loaded=data_set(data))
     bar.empty()
     return result
 

@@ -290,11 +290,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def load_start(model_name: str, data_name: str, *, data_dir: str | None = None, download: bool = False, seed: int = 0,
-               pretrained: str | os.PathLike | None = None) -> tuple[nn.Module, Dataset]:
-    """The start of every run (the CLI's, the app's, the bench's): the data set, the model built by
-    name from `seed`, and its dense weights when `pretrained` is given. The one place a bad start
-    (a data set that is missing, a checkpoint that is damaged or does not fit) is refused in one line."""
-    data = load_dataset(data_name, data_dir, download)
+               pretrained: str | os.PathLike | None = None, loaded: Dataset | None = None) -> tuple[nn.Module, Dataset]:
+    """The start of every run (the CLI's, the app's, the bench's): the data set (`loaded` where the
+    caller holds it already: the app keeps one per server), the model built by name from `seed`, and
+    its dense weights when `pretrained` is given. The one place a bad start (a data set that is
+    missing, a checkpoint that is damaged or does not fit) is refused in one line."""
+    data = loaded if loaded is not None else load_dataset(data_name, data_dir, download)
     torch.manual_seed(seed)
     model = build_model(model_name, data.input_shape, data.num_classes)
     if pretrained:

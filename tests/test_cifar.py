@@ -175,11 +175,12 @@ def test_picking_cifar10_in_the_app_starts_from_the_published_resnet20(small_cif
     this large gets the sketch as its what-if (posttrain's full result is tens of seconds a target), said
     so on the page; the slider moves it and Compress without training gives the full result. Nothing
     is scored on the whole validation set before the what-if (a ResNet-56's whole-set score is 14 s):
-    the page's dense accuracy is the sketch's own reference, said so."""
+    the page's dense accuracy is the sketch's own reference, said so. The data set is loaded once,
+    for checking which checkpoints fit and for the start alike."""
     from streamlit.testing.v1 import AppTest
 
     import ui
-    from jointcomp import trainer
+    from jointcomp import data as data_sets, trainer
     from jointcomp.app.runner import SKETCH_EXAMPLES
 
     monkeypatch.chdir(REPO)
@@ -195,8 +196,11 @@ def test_picking_cifar10_in_the_app_starts_from_the_published_resnet20(small_cif
         return every_batch(data, device, size, limit)
 
     monkeypatch.setattr(trainer, "val_batches", val_batches)
+    loads, load_cifar10 = [], data_sets._cifar10
+    monkeypatch.setattr(data_sets, "_cifar10", lambda *args: loads.append(args) or load_cifar10(*args))
     at.selectbox(key="data").set_value("cifar10").run()
     assert not at.exception
+    assert len(loads) == 1, loads
     assert scored_on and set(scored_on) == {SKETCH_EXAMPLES}, scored_on
     status = next(t.value for t in at.markdown if "dense accuracy" in t.value)
     assert f"(on the {SKETCH_EXAMPLES:,} validation images of the what-if)" in status

@@ -71,12 +71,13 @@ class Progress:
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, data_dir: str | None = None,
             progress: Callable[[float, str], None] | None = None,
-            checkpoint: str | None = None, score: bool = True) -> tuple[nn.Module, Dataset, float | None]:
-    """A dense-trained model, its data, and its validation accuracy (the start of every run):
-    trained here for `dense_epochs`, or loaded from `checkpoint` (any file `load_weights` takes)
-    and scored unless `score` is False (then None: a CIFAR ResNet-56 is 14 s on all 10,000 images).
-    `progress(fraction, text)` hears of the training every few steps."""
-    model, data = load_start(model_name, data_name, data_dir=data_dir, seed=seed, pretrained=checkpoint)
+            checkpoint: str | None = None, score: bool = True,
+            loaded: Dataset | None = None) -> tuple[nn.Module, Dataset, float | None]:
+    """A dense-trained model, its data (`loaded` where the caller holds it), and its validation
+    accuracy (the start of every run): trained here for `dense_epochs`, or loaded from `checkpoint`
+    (any file `load_weights` takes) and scored unless `score` is False (then None: a CIFAR ResNet-56
+    is 14 s on all 10,000 images). `progress(fraction, text)` hears of the training every few steps."""
+    model, data = load_start(model_name, data_name, data_dir=data_dir, seed=seed, pretrained=checkpoint, loaded=loaded)
     if checkpoint:
         return model, data, accuracy(model, data) if score else None
     config = EngineConfig(seed=seed)
