@@ -154,15 +154,16 @@ class PostTrain(Method):
         weights = [_grouped(p.detach().float().clone(), len(h)) for p, h in zip(self.params, hessians)]
         self.factors = [_damped_inverse_factor(h).to(w.dtype) for w, h in zip(weights, hessians)]
         with ThreadPoolExecutor(1) as pool, _intra_op_threads(max(1, torch.get_num_threads() - 1)):
-            tables = pool.submit(_option_tables, weights, hessians, self.factors, self.projector.min_keep)
+            building = pool.submit(_option_tables, weights, hessians, self.factors, self.projector.min_keep)
             sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
-            tables = tables.result()
+            tables = building.result()
         layers, scaled = [], []
         for p, w, h, factor, (keeps, errors), weight in zip(self.params, weights, hessians, self.factors, tables,
                                                             sensitivity):
             unit = weight / _output_energy(w, h)  # network output error per unit of this layer's tr(dW H dW^T)
             layers.append((keeps, errors * unit))
-            scaled.append((_live(w, h) * math.sqrt(unit) / factor.diagonal(dim1=-2, dim2=-1)[:, None, :]).reshape(p.shape))
+            d = factor.diagonal(dim1=-2, dim2=-1)[:, None, :]  # removing w costs about (w / d)^2 of output
+            scaled.append((_live(w, h) * math.sqrt(unit) / d).reshape(p.shape))
         self.tables, self.scaled, self._kept = OptionTables(layers, torch.empty(0)), scaled, []
 
     # --- per target -------------------------------------------------------------------
@@ -539,7 +540,7 @@ def _option_tables(weights: list[torch.Tensor], hessians: list[torch.Tensor], fa
     """Every layer's option table (`_option_table`, its weights of largest (w / d)^2 kept), on one
     intra-op thread: `calibrate` builds them in a thread of their own while the network's passes
     measure the sensitivities on the other cores (the tables' thousands of small steps ran no faster
-    on two threads than on one: a ResNet-56's calibration 32 s -> 29 s on two cores)."""
+    on two threads than on one: a ResNet-56's what-ifs 31.9 s -> 28.9 s on two cores, BENCHMARKS.md)."""
     with _intra_op_threads(1):
         return [_option_table(w, h, factor, (_live(w, h) / factor.diagonal(dim1=-2, dim2=-1)[:, None, :]).square(), low)
                 for w, h, factor, low in zip(tqdm(weights, desc="option tables", leave=False, disable=None), hessians,
