@@ -173,12 +173,16 @@ def _dense_accuracy(model: str, data: str, dense_epochs: int, seed: int, checkpo
     return score if score is not None else accuracy(net, dataset)
 
 
-@st.cache_resource(show_spinner="calibrating the what-ifs (once per server)…", max_entries=2)
+@st.cache_resource(show_spinner=False, max_entries=2)
 def _what_ifs(model: str, data: str, dense_epochs: int, seed: int, checkpoint: str | None, budget_mode: str,
               calibration: int) -> WhatIfs:
     net, dataset, score = dense_model(model, data, dense_epochs, seed, checkpoint)
     config = EngineConfig(seed=seed, budget_mode=budget_mode, calibration=calibration)
-    return what_ifs(net, dataset, config, model, score)
+    what = f"calibrating the what-ifs on {calibration} training inputs (once per server)"
+    bar = st.progress(0.0, text=what)
+    result = what_ifs(net, dataset, config, model, score, lambda done, text: bar.progress(done, text=f"{what}: {text}"))
+    bar.empty()
+    return result
 
 
 def whatif_preview(choices: Choices) -> WhatIfs:

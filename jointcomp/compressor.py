@@ -37,7 +37,7 @@ from .budget_modes import BUDGET_MODES, MEASURED_MODES
 from .codec import PackedLayer, encode, fp32_bytes
 from .data import DESCRIPTION_KEYS
 from .links import find_links
-from .methods import METHODS, Layers, Method, make_method
+from .methods import METHODS, Layers, Method, ProgressCallback, make_method
 from .methods.posttrain import remeasured_batchnorm
 from .records import EpochRecord, FinalRecord, LayerRecord, Record, StepRecord
 from .rundir import atomic_write
@@ -346,7 +346,7 @@ class Compressor:
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
 
-    def calibrate(self, batches: Iterable) -> EpochRecord | None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> EpochRecord | None:
         """Show the method the network's inputs: `batches` of model inputs, or of (inputs, labels)
         pairs (a DataLoader, a list of tensors). The post-training method prices its options and
         reconstructs the kept weights with them; then `finish()` compresses without training.
@@ -356,12 +356,12 @@ class Compressor:
         method's projections can still revise which to keep (zeroed, they never grew past the
         kept ones again). The record of that start is returned (epoch -1: before the first epoch)."""
         if not self.method.trains:
-            self.method.calibrate(batches)
+            self.method.calibrate(batches, progress)
             return None
         if self.step_count:
             raise ValueError("calibrate() a training method before its first step: it sets the weights training starts from")
         start = make_method("posttrain", Layers(self.model, self.names, self.params, self.projector))
-        start.calibrate(batches)
+        start.calibrate(batches, progress)
         self.batchnorm_inputs = start.inputs
         alloc = self.allocation(self.target_bits, method=start)
         if self.config.distill and self.teacher is None:  # the teacher stays the model as attached

@@ -99,7 +99,8 @@ if not running:
                        "BENCHMARKS.md). Accuracy on the whole validation set.")
         plans = st.session_state.whatif_plans
         if target not in plans:
-            plans[target] = preview.plan(target)
+            with st.spinner(f"compressing to {target} without training…"):
+                plans[target] = preview.plan(target)
         plan = plans[target]
         layers = [vars(layer) for layer in plan.layers]
         c1, c2, c3 = st.columns(3)

@@ -203,9 +203,9 @@ def test_a_second_session_finds_the_what_ifs_calibrated(monkeypatch):
     calibrated = []
     calibrate = PostTrain.calibrate
 
-    def counted(self, batches) -> None:
+    def counted(self, batches, progress=None) -> None:
         calibrated.append(self)
-        calibrate(self, batches)
+        calibrate(self, batches, progress)
 
     monkeypatch.setattr(PostTrain, "calibrate", counted)
     second = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()

@@ -392,6 +392,46 @@ def test_calibration_gives_torchs_threads_back(trained_mlp, digits):
     assert (torch.get_num_threads(), later) == (before, [before])
 
 
+def test_calibration_tells_how_far_it_is_from_the_calling_thread():
+    """A ResNet-56's calibration is most of a minute (the app's first what-if): it reports its
+    progress to the caller's thread (where a Streamlit bar can be drawn), never going back, from 0
+    to 1, several times a layer."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", (3, 32, 32), 10)
+    heard = []
+    comp = jointcomp.Compressor(model, "16x", method="posttrain")
+    comp.calibrate(torch.randn(64, 3, 32, 32).split(32),
+                   lambda fraction, text: heard.append((fraction, text, threading.get_ident())))
+    fractions = [f for f, _, _ in heard]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert {thread for _, _, thread in heard} == {threading.get_ident()}
+    assert len(comp.specs) == 20 and len(heard) > 2 * 20  # each layer's moments, each sensitivity
+    assert "20 layers" in heard[-1][1]
+
+
+class GaveUp(Exception):
+    pass
+
+
+def test_a_calibration_given_up_stops_building_tables(monkeypatch):
+    """The app's rerun (another network picked) stops a calibration at its next progress report:
+    the tables' worker stops after the table in hand instead of building the rest on a core the
+    next calibration needs."""
+    built = []
+    build = posttrain._option_table
+    monkeypatch.setattr(posttrain, "_option_table", lambda *args: built.append(1) or build(*args))
+
+    def gives_up(fraction: float, text: str) -> None:
+        if text.startswith("pricing"):
+            raise GaveUp
+
+    torch.manual_seed(0)
+    comp = jointcomp.Compressor(build_model("resnet20", (3, 32, 32), 10), "16x", method="posttrain")
+    with pytest.raises(GaveUp):
+        comp.calibrate(torch.randn(64, 3, 32, 32).split(32), gives_up)
+    assert len(built) < len(comp.specs) == 20
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "jointcomp", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)

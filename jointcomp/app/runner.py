@@ -23,6 +23,7 @@ from torch import nn
 from .. import whatif
 from ..budget import DENSE_BITS, parse_target
 from ..compressor import Compressor
+from ..methods import ProgressCallback
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from ..trainer import (EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
@@ -226,6 +227,7 @@ class Runner(_Worker):
 
 SKETCH_ABOVE = 10e6  # multiply-accumulates of one forward pass above which the page's what-ifs are sketches
 SKETCH_EXAMPLES = 2000  # validation examples (evenly spread, `val_batches`) a sketch is scored on
+CALIBRATION_SHARE = 0.9  # of the what-ifs' start, for progress (the rest: the dense score; a ResNet-56's 26 s and 2 s)
 
 
 @dataclass
@@ -256,20 +258,26 @@ class WhatIfs:
 
 
 def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
-             dense_accuracy: float | None = None) -> WhatIfs:
+             dense_accuracy: float | None = None, progress: ProgressCallback | None = None) -> WhatIfs:
     """The what-ifs of `model` (`WhatIfs`), calibrated on `config.calibration` training inputs. The
     caller's model is never touched; `dense_accuracy`: its score on the whole validation set where
     the caller has it (not scored again where the what-ifs are scored there; a sketch's reference is
-    the dense network on the sketch's examples)."""
+    the dense network on the sketch's examples). `progress(fraction, text)`: how far the
+    calibration is (most of a minute on a ResNet-56), then the dense score."""
     config = config.with_method("posttrain")
     comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # no evaluate of
     # its own (nothing scored on construction): the what-ifs are scored by the `evaluate` chosen below
-    comp.calibrate(calibration_inputs(data, config.calibration, config.seed, torch.device("cpu")))
-    if comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE:
-        evaluate = lambda m: accuracy(m, data, SKETCH_EXAMPLES)  # noqa: E731
-        return WhatIfs(comp, True, comp.score(None, evaluate), evaluate)
-    evaluate = lambda m: accuracy(m, data)  # noqa: E731
-    return WhatIfs(comp, False, comp.score(None, evaluate) if dense_accuracy is None else dense_accuracy, evaluate)
+    inputs = calibration_inputs(data, config.calibration, config.seed, torch.device("cpu"))
+    comp.calibrate(inputs, progress and (lambda fraction, text: progress(CALIBRATION_SHARE * fraction, text)))
+    sketches = comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE
+    examples = SKETCH_EXAMPLES if sketches else None
+    evaluate = lambda m: accuracy(m, data, examples)  # noqa: E731
+    if dense_accuracy is None or sketches:
+        if progress:
+            scored = len(data.val_y) if examples is None else min(examples, len(data.val_y))
+            progress(CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
+        dense_accuracy = comp.score(None, evaluate)
+    return WhatIfs(comp, sketches, dense_accuracy, evaluate)
 
 
 class Sweep(_Worker):

@@ -11,7 +11,7 @@ So the bench compares allocations, not recipes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from ..projector import Allocation, Projector
 from ..budget import Budget
 from ..solvers import assign, dequantize
 from .oscillations import Oscillations
+
+ProgressCallback = Callable[[float, str], None]  # told (fraction done, what is being done) by a long step: the app's bars
 
 
 @torch.no_grad()
@@ -102,9 +104,10 @@ class Method:
         self.oscillations: Oscillations | None = None  # while retraining: whose codes flip back and forth
         self.books: torch.Tensor | None = None  # of the last joint projection's option tables: the next one's warm start
 
-    def calibrate(self, batches: Iterable) -> None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> None:
         """See the network's inputs (batches of model inputs): a method that prices its options
-        by what they do to its layers' outputs measures that here. The training methods need none."""
+        by what they do to its layers' outputs measures that here, telling `progress` how far it
+        is. The training methods need none."""
 
     def project(self, budget: Budget) -> tuple[float, float] | None:
         """A projection onto `budget`, due now (the Compressor's schedule says when, until

@@ -46,7 +46,8 @@ import contextlib
 import copy
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Iterator
 
 import numpy
@@ -58,7 +59,7 @@ from ..budget import BIT_CHOICES, Budget
 from ..solvers import OptionTables, assign, fit_codebooks_many, knapsack_prune
 from ..projector import Allocation, fingerprint, top_k_mask
 from ..recorded_pass import RecordedPass
-from .base import Layers, Method, MethodConfig
+from .base import Layers, Method, MethodConfig, ProgressCallback
 
 MIN_CALIBRATION = 16  # fewer inputs than this cannot say how a layer's inputs are spread
 DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's): a singular H stays invertible
@@ -71,6 +72,7 @@ RECONSTRUCTIONS_KEPT = 8  # reconstructions a method remembers (three candidates
 SENSITIVITY_NOISE = 0.01  # relative output error of the random change that measures a layer's sensitivity
 SENSITIVITY_BATCHES = 1  # calibration batches it is measured on (two were no better: BENCHMARKS.md)
 SENSITIVITY_RECORD_BOUND = 1 << 30  # bytes of the dense pass's layer outputs kept to measure it faster
+MOMENTS_SHARE = 0.35  # of a calibration's time, its dense pass and layers' input moments (a ResNet-56's 15 s of 41), for progress
 CHUNK = 128  # calibration inputs unfolded at a time to measure a layer's moments (as many as a calibration batch)
 DENSE_RECORD_BOUND = 4 << 30  # bytes the dense network's recorded layer inputs may take
 
@@ -84,6 +86,16 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _terminal_bar(what: str) -> Iterator[ProgressCallback]:
+    """A progress report drawn as a bar on the terminal (none where output is not one)."""
+    with tqdm(total=1.0, desc=what, leave=False, disable=None, bar_format="{desc} {percentage:3.0f}% {bar}") as bar:
+        def report(fraction: float, text: str) -> None:
+            bar.set_description_str(f"{what}: {text}", refresh=False)
+            bar.update(fraction - bar.n)
+        yield report
 
 
 @contextlib.contextmanager
@@ -135,9 +147,14 @@ class PostTrain(Method):
 
     # --- target-independent: the inputs and the option tables -------------------------
     @torch.no_grad()
-    def calibrate(self, batches: Iterable) -> None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> None:
         """Collect every layer's H on `batches` (model inputs, or (inputs, labels) pairs) and
-        build the option tables."""
+        build the option tables. `progress(fraction, text)` hears how far it is, from the calling
+        thread (default: a bar on the terminal)."""
+        with contextlib.nullcontext(progress) if progress else _terminal_bar("calibrating") as report:
+            self._calibrate(batches, report)
+
+    def _calibrate(self, batches: Iterable, report: ProgressCallback) -> None:
         device = self.params[0].device
         self.inputs = [(b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in batches]
         count = sum(len(x) for x in self.inputs)
@@ -147,16 +164,35 @@ class PostTrain(Method):
         model, modules = self.layers.model, self._modules()
         name_of = {id(m): n for n, m in model.named_modules()}
         self.users = [[name_of[id(m)] for m in users] for users in modules]
+        n = len(modules)
+        report(0.0, f"one dense pass over {count} calibration inputs")
         self.dense = _record_dense(model, self.users, self.inputs)
-        self.hessians = hessians = [_mean_moments([(m, self.dense.inputs[n], self.dense.inputs[n])
-                                                   for m, n in zip(users, names)])[1]
-                                    for users, names in zip(modules, self.users)]
+        self.hessians = hessians = []
+        for users, names in zip(modules, self.users):
+            report(MOMENTS_SHARE * len(hessians) / n, f"measuring what layer {len(hessians) + 1} of {n} sees")
+            hessians.append(_mean_moments([(m, self.dense.inputs[name], self.dense.inputs[name])
+                                           for m, name in zip(users, names)])[1])
         weights = [_grouped(p.detach().float().clone(), len(h)) for p, h in zip(self.params, hessians)]
         self.factors = [_damped_inverse_factor(h).to(w.dtype) for w, h in zip(weights, hessians)]
+        tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # filled by the worker, layer by layer
+
+        def priced(sensed: int) -> None:
+            report(MOMENTS_SHARE + (1 - MOMENTS_SHARE) * (sensed + len(tables)) / (2 * n),
+                   f"pricing each layer's options: {len(tables)} of {n} tables, {sensed} of {n} sensitivities")
+
+        given_up = threading.Event()  # the caller gave up (the app's rerun stops a calibration at its next report)
         with ThreadPoolExecutor(1) as pool, _intra_op_threads(max(1, torch.get_num_threads() - 1)):
-            building = pool.submit(_option_tables, weights, hessians, self.factors, self.projector.min_keep)
-            sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES])
-            tables = building.result()
+            building = pool.submit(_option_tables, weights, hessians, self.factors, self.projector.min_keep, tables,
+                                   given_up)
+            try:
+                sensitivity = _sensitivities(model, self.params, hessians, self.inputs[:SENSITIVITY_BATCHES], priced)
+                while wait([building], timeout=0.5).not_done:
+                    priced(n)
+            except BaseException:
+                given_up.set()
+                raise
+            building.result()
+        report(1.0, f"every layer's options priced ({n} layers)")
         layers, scaled = [], []
         for p, w, h, factor, (keeps, errors), weight in zip(self.params, weights, hessians, self.factors, tables,
                                                             sensitivity):
@@ -504,14 +540,15 @@ def _output_energy(w: torch.Tensor, h: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _sensitivities(model: nn.Module, params: list[nn.Parameter], hessians: list[torch.Tensor],
-                   inputs: list[torch.Tensor], bound: int = SENSITIVITY_RECORD_BOUND) -> list[float]:
+                   inputs: list[torch.Tensor], measured: Callable[[int], None] = lambda count: None,
+                   bound: int = SENSITIVITY_RECORD_BOUND) -> list[float]:
     """Per layer: how much the network's outputs move, per unit of relative output error of that
     layer (tr(dW H dW^T) / tr(W H W^T)). Measured by giving each layer in turn a random weight
     change of relative output error SENSITIVITY_NOISE, on the dense network: layers whose errors
     the rest of the network amplifies or absorbs are told apart, so the knapsack prices every
     option in one unit, the network's output error. What a pass makes before the changed weight's
     first use is answered from the dense pass (`RecordedPass`, up to `bound` bytes): the same
-    numbers, on a ResNet-56 a third of the time less."""
+    numbers, on a ResNet-56 a third of the time less. `measured(count)` after each layer."""
     was_training = model.training
     model.eval()
     passes = [RecordedPass.record(model, x, params, bound // len(inputs)) for x in inputs]
@@ -530,21 +567,25 @@ def _sensitivities(model: nn.Module, params: list[nn.Parameter], hessians: list[
                     moved += float((model(x) - dense.outputs).double().square().sum())
             p.copy_(saved)
             found.append(max(moved, 1e-30) / SENSITIVITY_NOISE)
+            measured(len(found))
     finally:
         model.train(was_training)
     return found
 
 
 def _option_tables(weights: list[torch.Tensor], hessians: list[torch.Tensor], factors: list[torch.Tensor],
-                   min_keep: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's option table (`_option_table`, its weights of largest (w / d)^2 kept), on one
-    intra-op thread: `calibrate` builds them in a thread of their own while the network's passes
-    measure the sensitivities on the other cores (the tables' thousands of small steps ran no faster
-    on two threads than on one: a ResNet-56's what-ifs 31.9 s -> 28.9 s on two cores, BENCHMARKS.md)."""
+                   min_keep: list[int], into: list[tuple[torch.Tensor, torch.Tensor]], given_up: threading.Event) -> None:
+    """Every layer's option table (`_option_table`, its weights of largest (w / d)^2 kept), appended
+    to `into` as it is built (the caller reads its length for progress), until the caller has
+    `given_up`; on one intra-op thread: `calibrate` builds them in a thread of their own while the
+    network's passes measure the sensitivities on the other cores (the tables' thousands of small
+    steps ran no faster on two threads than on one: a ResNet-56's what-ifs 31.9 s -> 28.9 s on two
+    cores, BENCHMARKS.md)."""
     with _intra_op_threads(1):
-        return [_option_table(w, h, factor, (_live(w, h) / factor.diagonal(dim1=-2, dim2=-1)[:, None, :]).square(), low)
-                for w, h, factor, low in zip(tqdm(weights, desc="option tables", leave=False, disable=None), hessians,
-                                             factors, min_keep)]
+        for w, h, factor, low in zip(weights, hessians, factors, min_keep):
+            if given_up.is_set():
+                return
+            into.append(_option_table(w, h, factor, (_live(w, h) / factor.diagonal(dim1=-2, dim2=-1)[:, None, :]).square(), low))
 
 
 def _live(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
