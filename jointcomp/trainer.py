@@ -30,6 +30,7 @@ from . import distributed, whatif
 from .budget import DENSE_BITS
 from .compressor import Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
+from .methods import ProgressCallback
 from .sharpness import sharpness, stable_lr
 from .records import CurvePoint, EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
@@ -314,9 +315,11 @@ class Engine:
         overwrite: bool = False,
         loss: Callable | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         distributed.init_from_env(config.device)  # under torchrun: join the other processes
         self.config = config
+        self.progress = progress  # hears how far a calibration is (no records come while it runs); default a terminal bar
         self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
         self.device = pick_device(distributed.local_device(config.device))
         self.model = place(model, self.device)
@@ -442,7 +445,7 @@ class Engine:
         if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
             self._reattach()
         if not trains:  # compression without training, from the model as it is now
-            self.compressor.calibrate(self._calibration_inputs())
+            self.compressor.calibrate(self._calibration_inputs(), self.progress)
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
 
     def _compression_start(self) -> Iterator[Record]:
@@ -452,7 +455,7 @@ class Engine:
         for its own weights on those inputs: the trained ones go stale when masks and codes move."""
         comp = self.compressor
         if comp.method.trains and self.config.start == "calibrated":
-            yield self._emit(self._shift(comp.calibrate(self._calibration_inputs())))
+            yield self._emit(self._shift(comp.calibrate(self._calibration_inputs(), self.progress)))
         elif comp.method.trains:
             comp.batchnorm_inputs = self._calibration_inputs()
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from jointcomp import load_compressed
@@ -258,6 +259,32 @@ def test_dense_training_reports_progress():
     assert fractions[-1] > 0.85  # heard until near the end (every 10 of 46 steps)
     assert "epoch 2 of 2" in heard[-1][1] and "s left" in heard[-1][1]
     assert 0.5 < accuracy <= 1
+
+
+def test_a_run_without_training_reports_its_calibration():
+    """Compress without training on a 20-layer network: no step records come while it calibrates,
+    so the run's progress line follows the calibration (which layer it is at), never going back,
+    and ends at 100 % with nothing about calibrating left on it."""
+    from jointcomp import EngineConfig, Engine, build_model, load_dataset
+    from jointcomp.app.runner import CALIBRATION_SHARE_OF_RUN, Runner
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("resnet20", data.input_shape, data.num_classes)
+    runner = Runner(Engine(model, data, EngineConfig(method="posttrain", target="16x"))).start()
+    seen = []
+    deadline = time.monotonic() + 300
+    while runner.running and time.monotonic() < deadline:
+        seen.append(runner.progress())
+        time.sleep(0.05)
+    assert runner.wait(10) and runner.final is not None and runner.error is None
+    calibrating = [p for p in seen if "calibrating" in p.describe()]
+    assert calibrating and all(0 <= p.fraction <= CALIBRATION_SHARE_OF_RUN for p in calibrating)
+    assert any("layer" in p.describe() for p in calibrating)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    done = runner.progress()
+    assert done.fraction == 1.0 and "calibrating" not in done.describe()
 
 
 def test_a_sweep_runs_from_its_page_and_names_what_it_ran_on():

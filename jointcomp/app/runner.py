@@ -36,6 +36,10 @@ from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 ACTIVE: dict[str, "Runner"] = {}  # run folder -> its runner, for every run this server started
 SMALL_MODEL = 200_000  # parameters: below this, a run in a background thread trains on one intra-op thread
 THREADS = torch.get_num_threads()  # torch's own choice for this process, before any run changed it
+# For progress bars, the calibration's share of the time: of the what-ifs' start (the rest: scoring
+# the dense network; a ResNet-56's 41 s and 4 s) and of a run without training (the rest: the allocation)
+CALIBRATION_SHARE = 0.9
+CALIBRATION_SHARE_OF_RUN = 0.4
 
 
 def use_threads_for(model: nn.Module) -> None:
@@ -58,11 +62,14 @@ class Progress:
     steps: int = 0  # optimizer steps done
     total_steps: int = 0
     stopped: bool = False  # the run was stopped before its end
+    doing: str = ""  # what a calibration (before any step) is at
 
     def describe(self) -> str:
         """One line for people: where the run is, or where it stopped."""
         if self.total_epochs == 0:
-            return f"compressing without training · {self.elapsed:.0f} s elapsed"
+            return f"compressing without training · {self.doing + ' · ' if self.doing else ''}{self.elapsed:.0f} s elapsed"
+        if self.steps == 0 and self.doing:
+            return f"the calibrated start · {self.doing} · {self.elapsed:.0f} s elapsed"
         where = f"compression epoch {self.epoch} of {self.total_epochs}"
         if self.stopped:
             return f"stopped at {where} (step {self.steps:,} of {self.total_steps:,})"
@@ -137,6 +144,8 @@ class Runner(_Worker):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
+        self.engine.progress = self._calibrating
+        self.calibrated: tuple[float, str] = (0.0, "")  # how far the run's calibration is, and at what
         self.records: list[Record] = []
         self._first_step: float | None = None  # when the first step record came (the rate behind the ETA)
         self._last_step = 0.0
@@ -189,11 +198,19 @@ class Runner(_Worker):
         elapsed = end - self.started
         if start is None:
             return Progress(0.0, elapsed, None)
+        calibrated, doing = self.calibrated
+        if calibrated >= 1:
+            doing = "calibrated; choosing the allocation, reconstructing the layers"
         total = (start.total_epochs + start.dense_epochs - start.resumed_at) * start.steps_per_epoch
         done = sum(1 for r in self.records if isinstance(r, StepRecord))
         final = self.final
         stopped = final is not None and final.stopped
-        fraction = 1.0 if final is not None and not stopped else min(done / max(total, 1), 1.0)
+        if final is not None and not stopped:
+            fraction = 1.0
+        elif start.total_epochs == 0:  # compression without training: its calibration, then the allocation
+            fraction = CALIBRATION_SHARE_OF_RUN * calibrated
+        else:
+            fraction = min(done / max(total, 1), 1.0)
         eta = None  # from the mean time per step since the first one: epoch ends and evaluations included
         if final is not None:
             eta = 0.0
@@ -204,7 +221,11 @@ class Runner(_Worker):
         epoch = sum(1 for r in epochs if r.epoch >= start.dense_epochs) + max(0, start.resumed_at - start.dense_epochs)
         phase = epochs[-1].phase if epochs else ""
         notes = tuple(r.note for r in epochs if r.note)
-        return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, notes, done, total, stopped)
+        return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, notes, done, total, stopped,
+                        doing if final is None else "")
+
+    def _calibrating(self, fraction: float, text: str) -> None:
+        self.calibrated = (fraction, f"calibrating: {text}")
 
     def epochs(self) -> pd.DataFrame:
         return epochs_frame(list(self.records))
@@ -227,7 +248,6 @@ class Runner(_Worker):
 
 SKETCH_ABOVE = 10e6  # multiply-accumulates of one forward pass above which the page's what-ifs are sketches
 SKETCH_EXAMPLES = 2000  # validation examples (evenly spread, `val_batches`) a sketch is scored on
-CALIBRATION_SHARE = 0.9  # of the what-ifs' start, for progress (the rest: the dense score; a ResNet-56's 26 s and 2 s)
 
 
 @dataclass
