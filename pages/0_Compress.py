@@ -62,7 +62,8 @@ without_training = posttrain_col.button("Compress without training", disabled=ru
                                         help="method posttrain: the what-if's result below, as a run you can download")
 if start or without_training:
     config = dataclasses.replace(choices.config.with_method("posttrain") if without_training else choices.config, target=target)
-    st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir())
+    st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir(),
+                                              dense_accuracy=ui.whole_set_accuracy(choices))
     st.session_state.runner_key, st.session_state.runner_label = key, f"{choices.model} on {choices.data} at {target}"
     st.rerun()
 if stop_col.button("Stop", disabled=not running, key="stop"):

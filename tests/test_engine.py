@@ -162,6 +162,25 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
         engine.compressor.calibrate([digits.train_x[:64]])
 
 
+def test_a_dense_score_the_caller_has_is_not_measured_again(trained_mlp, digits):
+    """The app knows the dense start's whole-set score (a ResNet-56's is 14 s): a run given it
+    scores only its own result, and reports the score it was given; with dense epochs the model
+    it compresses is another, scored anew."""
+    def counted(model: nn.Module) -> float:
+        scored.append(1)
+        return accuracy(model, digits)
+
+    scored = []
+    engine = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(method="posttrain", target="16x"),
+                    evaluate=counted, dense_metric=0.25)
+    final = [r for r in engine if isinstance(r, FinalRecord)][-1]
+    assert final.dense_accuracy == 0.25 and len(scored) == 1
+    pretrained = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(dense_epochs=1, epochs=1, target="16x"),
+                        dense_metric=0.25)
+    final = [r for r in pretrained if isinstance(r, FinalRecord)][-1]
+    assert final.dense_accuracy > 0.5
+
+
 def test_layer_bounds_keep_a_layer_dense_and_limit_bits(trained_mlp, digits):
     from jointcomp import LayerBounds
 

@@ -152,11 +152,13 @@ class Runner(_Worker):
 
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
-                 run_dir: str | None = None) -> "Runner":
+                 run_dir: str | None = None, dense_accuracy: float | None = None) -> "Runner":
         """Start compressing a copy of `model` (the caller's model is left as it is), recording
-        the trade-off curve each epoch."""
+        the trade-off curve each epoch; `dense_accuracy`: its score on the whole validation set
+        where the caller has it (not scored again before the run can start)."""
         config = dataclasses.replace(config, tradeoff=True)
-        engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=model_description(model_name, data))
+        engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=model_description(model_name, data),
+                        dense_metric=dense_accuracy)
         runner = cls(engine).start()
         if run_dir:
             ACTIVE[str(Path(run_dir).resolve())] = runner  # findable after its tab is closed
@@ -305,11 +307,13 @@ class Sweep(_Worker):
 
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
-                 targets: list[str], methods: list[str]) -> "Sweep":
-        """Start a sweep, each run on its own copy of `model` with `config` at one target and method."""
+                 targets: list[str], methods: list[str], dense_accuracy: float | None = None) -> "Sweep":
+        """Start a sweep, each run on its own copy of `model` with `config` at one target and method
+        (`dense_accuracy`: as `Runner.compress` takes it, not scored again for every run)."""
         def make_engine(target: str, method: str) -> Engine:
             run_config = dataclasses.replace(config.with_method(method), target=target)
-            return Engine(copy.deepcopy(model), data, run_config, meta=model_description(model_name, data))
+            return Engine(copy.deepcopy(model), data, run_config, meta=model_description(model_name, data),
+                          dense_metric=dense_accuracy)
 
         return cls(make_engine, targets, methods).start()
 
