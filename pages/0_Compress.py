@@ -66,7 +66,9 @@ if start or without_training:
                                               dense_accuracy=ui.whole_set_accuracy(choices))
     st.session_state.runner_key, st.session_state.runner_label = key, f"{choices.model} on {choices.data} at {target}"
     st.rerun()
-if stop_col.button("Stop", disabled=not running, key="stop"):
+if stop_col.button("Stop", disabled=not running or not runner.stoppable, key="stop",
+                   help="a run without training cannot be stopped: it ends on its own"
+                   if running and not runner.stoppable else None):
     runner.stop(wait=2.0)
     st.rerun()
 status_col.markdown(
@@ -162,7 +164,7 @@ def progress() -> None:
     for note in p.notes:
         st.info(note)
     if not p.epoch and r.running:
-        st.info("Compressing without training: calibration, then each layer in turn." if p.total_epochs == 0 else
+        st.info("Compressing without training: calibration, then each layer in turn; it ends on its own." if p.total_epochs == 0 else
                 "The first charts appear after the first compression epoch.")
     if running and not r.running:
         st.rerun(scope="app")  # the run just ended: show the results

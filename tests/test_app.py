@@ -138,6 +138,33 @@ def test_worker_errors_show_in_the_page():
     assert any("The run failed" in e.value and "diverged" in e.value for e in at.error)
 
 
+def test_stop_is_offered_only_where_it_stops_the_run():
+    """A run without training has no steps to stop at (Stop did nothing and the run went on to
+    its end): while one runs the page's Stop is disabled, and a Stop asked of it leaves its
+    result whole."""
+    from jointcomp import EngineConfig, Engine, build_model, load_dataset
+    from jointcomp.app.runner import Runner
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("resnet20", data.input_shape, data.num_classes)
+    runner = Runner(Engine(model, data, EngineConfig(method="posttrain", target="16x"))).start()
+    at.session_state["runner"] = runner
+    at.run()
+    assert runner.running, "the run ended before the page was drawn: give it a larger network"
+    assert at.button(key="stop").disabled and not runner.stoppable
+    runner.stop()
+    assert runner.wait(300) and runner.final is not None and not runner.final.stopped
+
+    training = Runner(Engine(build_model("mlp", data.input_shape, data.num_classes), data, EngineConfig(epochs=200)))
+    at.session_state["runner"] = training.start()
+    at.run()
+    assert training.running and not at.button(key="stop").disabled
+    training.stop(wait=60)
+    assert training.final is not None and training.final.stopped
+
+
 def test_inspect_page_asks_for_a_file():
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).switch_page("pages/2_Inspect.py").run()
     assert not at.exception

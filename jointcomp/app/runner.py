@@ -177,6 +177,12 @@ class Runner(_Worker):
         if wait:
             self.wait(wait)
 
+    @property
+    def stoppable(self) -> bool:
+        """Whether `stop` ends the run early: a training run stops at its next step; a run without
+        training has no steps to stop at and ends on its own (a ResNet-56's in about two minutes)."""
+        return self.engine.compressor.method.trains
+
     def set_target(self, target: str | float) -> float:
         return self.engine.set_target(target)
 
