@@ -78,7 +78,7 @@ class Progress:
 
 
 def prepare(model_name: str, data_name: str, dense_epochs: int, seed: int = 0, data_dir: str | None = None,
-            progress: Callable[[float, str], None] | None = None,
+            progress: ProgressCallback | None = None,
             checkpoint: str | None = None, score: bool = True,
             loaded: Dataset | None = None) -> tuple[nn.Module, Dataset, float | None]:
     """A dense-trained model, its data (`loaded` where the caller holds it), and its validation
