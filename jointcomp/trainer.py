@@ -28,9 +28,9 @@ from torch.utils.data import DistributedSampler
 
 from . import distributed, whatif
 from .budget import DENSE_BITS
-from .compressor import Compressor, CompressorConfig, compressible_weights
+from .compressor import CALIBRATION_SHARE, Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
-from .methods import ProgressCallback
+from .methods import ProgressCallback, part_of
 from .sharpness import sharpness, stable_lr
 from .records import CurvePoint, EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
@@ -322,7 +322,8 @@ class Engine:
     ) -> None:
         distributed.init_from_env(config.device)  # under torchrun: join the other processes
         self.config = config
-        self.progress = progress  # hears how far a calibration is (no records come while it runs); default a terminal bar
+        self.progress = progress  # hears how far a calibration and an allocation without training are (no records
+        # come while they run); default a bar on the terminal
         self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
         self.device = pick_device(distributed.local_device(config.device))
         self.model = place(model, self.device)
@@ -450,8 +451,10 @@ class Engine:
         if self.compressor.step_count == 0 and cfg.dense_epochs > 0:  # stopped during dense training
             self._reattach()
         if not trains:  # compression without training, from the model as it is now
-            self.compressor.calibrate(self._calibration_inputs(), self.progress)
-        yield self._emit(self._final_record(elapsed + time.perf_counter() - started))
+            self.compressor.calibrate(self._calibration_inputs(),
+                                      part_of(self.progress, 0.0, CALIBRATION_SHARE, "calibrating"))
+        yield self._emit(self._final_record(elapsed + time.perf_counter() - started,
+                                            None if trains else part_of(self.progress, CALIBRATION_SHARE, 1.0)))
 
     def _compression_start(self) -> Iterator[Record]:
         """A training method's start. With `start` "calibrated", the post-training result at the
@@ -606,9 +609,9 @@ class Engine:
         place(self.model, self.device, training=False)  # the layout a loaded file has
         return self.compressor.finish()
 
-    def _final_record(self, seconds: float) -> FinalRecord:
+    def _final_record(self, seconds: float, progress: ProgressCallback | None = None) -> FinalRecord:
         place(self.model, self.device, training=False)
-        record = dataclasses.replace(self.compressor.finish(), seconds=seconds)
+        record = dataclasses.replace(self.compressor.finish(progress), seconds=seconds)
         if self.run_dir:
             self.export(str(self.run_dir.path / MODEL_FILE))
             self.run_dir.write_summary({**record.summary(), "budget_mode": self.config.budget_mode})

@@ -288,30 +288,36 @@ def test_dense_training_reports_progress():
     assert 0.5 < accuracy <= 1
 
 
-def test_a_run_without_training_reports_its_calibration():
-    """Compress without training on a 20-layer network: no step records come while it calibrates,
-    so the run's progress line follows the calibration (which layer it is at), never going back,
-    and ends at 100 % with nothing about calibrating left on it."""
+def test_a_run_without_training_reports_its_calibration_and_its_allocation():
+    """Compress without training on a 20-layer network: no step records come while it calibrates and
+    chooses its allocation, so the run's progress line follows both (which layer each is at): the
+    calibration up to CALIBRATION_SHARE of the bar, then each layer reconstructed, never going back,
+    and ends at 100 % with nothing about either left on it."""
     from jointcomp import EngineConfig, Engine, build_model, load_dataset
-    from jointcomp.app.runner import CALIBRATION_SHARE_OF_RUN, Runner
+    from jointcomp.app.runner import Runner
+    from jointcomp.compressor import CALIBRATION_SHARE
 
     data = load_dataset("digits")
     torch.manual_seed(0)
     model = build_model("resnet20", data.input_shape, data.num_classes)
-    runner = Runner(Engine(model, data, EngineConfig(method="posttrain", target="16x"))).start()
-    seen = []
-    deadline = time.monotonic() + 300
-    while runner.running and time.monotonic() < deadline:
-        seen.append(runner.progress())
-        time.sleep(0.05)
-    assert runner.wait(10) and runner.final is not None and runner.error is None
+    runner = Runner(Engine(model, data, EngineConfig(method="posttrain", target="16x")))
+    seen = []  # what the page would show at each report
+    hear = runner.engine.progress
+    runner.engine.progress = lambda fraction, text: (hear(fraction, text), seen.append(runner.progress()))
+    runner.start()
+    assert runner.wait(300) and runner.final is not None and runner.error is None
     calibrating = [p for p in seen if "calibrating" in p.describe()]
-    assert calibrating and all(0 <= p.fraction <= CALIBRATION_SHARE_OF_RUN for p in calibrating)
+    assert calibrating and all(0 <= p.fraction <= CALIBRATION_SHARE for p in calibrating)
     assert any("layer" in p.describe() for p in calibrating)
+    allocating = seen[len(calibrating):]
+    assert seen[: len(calibrating)] == calibrating  # the calibration first, then the allocation
+    assert any("candidates" in p.describe() for p in allocating)
+    assert any("layer by layer" in p.describe() and "20 of 20" in p.describe() for p in allocating)
+    assert all(CALIBRATION_SHARE <= p.fraction <= 1 for p in allocating)
     fractions = [p.fraction for p in seen]
     assert fractions == sorted(fractions)
     done = runner.progress()
-    assert done.fraction == 1.0 and "calibrating" not in done.describe()
+    assert done.fraction == 1.0 and "calibrating" not in done.describe() and "layer" not in done.describe()
 
 
 def test_a_sweep_runs_from_its_page_and_names_what_it_ran_on():

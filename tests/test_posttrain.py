@@ -409,6 +409,25 @@ def test_calibration_tells_how_far_it_is_from_the_calling_thread():
     assert "20 layers" in heard[-1][1]
 
 
+def test_an_allocation_tells_how_far_it_is_layer_by_layer():
+    """posttrain's allocation takes as long as its calibration (the button's run on a ResNet-56: a
+    minute): it reports each layer of each candidate it compares, then each of the pass in order,
+    from the calling thread, never going back, ending at 1."""
+    torch.manual_seed(0)
+    comp = jointcomp.Compressor(build_model("resnet20", (3, 32, 32), 10), "16x", method="posttrain")
+    comp.calibrate(torch.randn(64, 3, 32, 32).split(32), lambda fraction, text: None)
+    heard = []
+    comp.method.allocate(Budget(comp.resolve("16x")),
+                         lambda fraction, text: heard.append((fraction, text, threading.get_ident())))
+    fractions = [f for f, _, _ in heard]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] == 1.0
+    assert {thread for _, _, thread in heard} == {threading.get_ident()}
+    in_order = [text for _, text, _ in heard if "layer by layer" in text]
+    assert len(in_order) == 20 and "20 of 20" in in_order[-1]
+    compared = [text for _, text, _ in heard if "candidates" in text]
+    assert len(compared) + len(in_order) == len(heard) and len(compared) in (2 * 20, 3 * 20)
+
+
 class GaveUp(Exception):
     pass
 

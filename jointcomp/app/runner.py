@@ -23,7 +23,7 @@ from torch import nn
 from .. import whatif
 from ..budget import DENSE_BITS, parse_target
 from ..compressor import Compressor
-from ..methods import ProgressCallback
+from ..methods import ProgressCallback, part_of
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from ..trainer import (EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
@@ -36,10 +36,9 @@ from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 ACTIVE: dict[str, "Runner"] = {}  # run folder -> its runner, for every run this server started
 SMALL_MODEL = 200_000  # parameters: below this, a run in a background thread trains on one intra-op thread
 THREADS = torch.get_num_threads()  # torch's own choice for this process, before any run changed it
-# For progress bars, the calibration's share of the time: of the what-ifs' start (the rest: scoring
-# the dense network; a ResNet-56's 41 s and 4 s) and of a run without training (the rest: the allocation)
-CALIBRATION_SHARE = 0.9
-CALIBRATION_SHARE_OF_RUN = 0.4
+# Of the what-ifs' start, the calibration's share of the time, for progress (the rest: scoring the
+# dense network; a ResNet-56's 41 s and 4 s)
+WHATIFS_CALIBRATION_SHARE = 0.9
 
 
 def use_threads_for(model: nn.Module) -> None:
@@ -62,7 +61,7 @@ class Progress:
     steps: int = 0  # optimizer steps done
     total_steps: int = 0
     stopped: bool = False  # the run was stopped before its end
-    doing: str = ""  # what a calibration (before any step) is at
+    doing: str = ""  # what a calibration (before any step) or an allocation without training is at
 
     def describe(self) -> str:
         """One line for people: where the run is, or where it stopped."""
@@ -144,8 +143,8 @@ class Runner(_Worker):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
-        self.engine.progress = self._calibrating
-        self.calibrated: tuple[float, str] = (0.0, "")  # how far the run's calibration is, and at what
+        self.engine.progress = self._hear
+        self.heard: tuple[float, str] = (0.0, "")  # how far the work before the first record is, and at what
         self.records: list[Record] = []
         self._first_step: float | None = None  # when the first step record came (the rate behind the ETA)
         self._last_step = 0.0
@@ -206,9 +205,7 @@ class Runner(_Worker):
         elapsed = end - self.started
         if start is None:
             return Progress(0.0, elapsed, None)
-        calibrated, doing = self.calibrated
-        if calibrated >= 1:
-            doing = "calibrated; choosing the allocation, reconstructing the layers"
+        heard, doing = self.heard
         total = (start.total_epochs + start.dense_epochs - start.resumed_at) * start.steps_per_epoch
         done = sum(1 for r in self.records if isinstance(r, StepRecord))
         final = self.final
@@ -216,7 +213,7 @@ class Runner(_Worker):
         if final is not None and not stopped:
             fraction = 1.0
         elif start.total_epochs == 0:  # compression without training: its calibration, then the allocation
-            fraction = CALIBRATION_SHARE_OF_RUN * calibrated
+            fraction = heard
         else:
             fraction = min(done / max(total, 1), 1.0)
         eta = None  # from the mean time per step since the first one: epoch ends and evaluations included
@@ -232,8 +229,8 @@ class Runner(_Worker):
         return Progress(fraction, elapsed, eta, epoch, start.total_epochs, phase, notes, done, total, stopped,
                         doing if final is None else "")
 
-    def _calibrating(self, fraction: float, text: str) -> None:
-        self.calibrated = (fraction, f"calibrating: {text}")
+    def _hear(self, fraction: float, text: str) -> None:
+        self.heard = (fraction, text)
 
     def epochs(self) -> pd.DataFrame:
         return epochs_frame(list(self.records))
@@ -296,14 +293,14 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
     comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # no evaluate of
     # its own (nothing scored on construction): the what-ifs are scored by the `evaluate` chosen below
     inputs = calibration_inputs(data, config.calibration, config.seed, torch.device("cpu"))
-    comp.calibrate(inputs, progress and (lambda fraction, text: progress(CALIBRATION_SHARE * fraction, text)))
+    comp.calibrate(inputs, part_of(progress, 0.0, WHATIFS_CALIBRATION_SHARE))
     sketches = comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE
     examples = SKETCH_EXAMPLES if sketches else None
     evaluate = lambda m: accuracy(m, data, examples)  # noqa: E731
     if dense_accuracy is None or sketches:
         if progress:
             scored = len(data.val_y) if examples is None else min(examples, len(data.val_y))
-            progress(CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
+            progress(WHATIFS_CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
         dense_accuracy = comp.score(None, evaluate)
     return WhatIfs(comp, sketches, dense_accuracy, evaluate)
 

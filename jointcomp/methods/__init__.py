@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .admm import Admm, AdmmConfig
-from .base import Layers, Method, MethodConfig, ProgressCallback, snap
+from .base import Layers, Method, MethodConfig, ProgressCallback, never_back, part_of, snap
 from .posttrain import PostTrain
 from .sequential import Sequential
 from .uniform import Uniform
@@ -29,4 +29,4 @@ def make_method(name: str, layers: Layers, settings: dict[str, Any] | None = Non
     return METHODS[name](layers, METHODS[name].settings(settings or {}))
 
 
-__all__ = ["METHODS", "AdmmConfig", "Layers", "Method", "MethodConfig", "ProgressCallback", "make_method", "snap"]
+__all__ = ["METHODS", "AdmmConfig", "Layers", "Method", "MethodConfig", "ProgressCallback", "make_method", "never_back", "part_of", "snap"]

@@ -8,7 +8,7 @@ import torch
 
 from ..projector import Allocation
 from ..budget import Budget
-from .base import Layers, Method, MethodConfig
+from .base import Layers, Method, MethodConfig, ProgressCallback
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Admm(Method):
         for p, v, u in zip(self.params, self.V, self.U):
             p.add_(v - u, alpha=a).div_(1 + a)
 
-    def allocate(self, budget: Budget) -> Allocation:
+    def allocate(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """The model that would ship now: the joint projection of the trained weights (its fits
         started from the last projection's)."""
         weights = self.weights()

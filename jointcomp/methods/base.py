@@ -24,6 +24,28 @@ from .oscillations import Oscillations
 ProgressCallback = Callable[[float, str], None]  # told (fraction done, what is being done) by a long step: the app's bars
 
 
+def part_of(progress: ProgressCallback | None, start: float, end: float, what: str = "") -> ProgressCallback | None:
+    """`progress` told of one part of a longer piece of work: the part's fractions mapped onto
+    [`start`, `end`] of the whole, its texts led by `what`. None stays None (the step's own default)."""
+    if progress is None:
+        return None
+    return lambda fraction, text: progress(start + (end - start) * fraction, f"{what}: {text}" if what else text)
+
+
+def never_back(progress: ProgressCallback | None) -> ProgressCallback | None:
+    """`progress` told the furthest fraction heard so far: a step that starts a piece of work over
+    (a search that drafts again) holds the bar where it was instead of moving it back."""
+    if progress is None:
+        return None
+    furthest = 0.0
+
+    def report(fraction: float, text: str) -> None:
+        nonlocal furthest
+        furthest = max(furthest, fraction)
+        progress(furthest, text)
+    return report
+
+
 @torch.no_grad()
 def snap(params: list[nn.Parameter], alloc: Allocation, latent: list[torch.Tensor] | None = None,
          oscillations: Oscillations | None = None) -> None:
@@ -161,15 +183,16 @@ class Method:
         """The trained weights: while retraining, the latent ones behind the quantized weights."""
         return self.latent if self.latent is not None else [p.detach().float() for p in self.params]
 
-    def allocate(self, budget: Budget) -> Allocation:
+    def allocate(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """The model that would ship now at `budget`: the trained weights allocated to it by
-        this method's own rule. Pure: it changes no state of the method or the model."""
+        this method's own rule. Pure: it changes no state of the method or the model. A method
+        whose allocation takes long (posttrain's reconstructions) tells `progress` how far it is."""
         raise NotImplementedError
 
-    def draft(self, budget: Budget) -> Allocation:
+    def draft(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """The masks and bits `allocate(budget)` gives, made more cheaply where the method can
         (`drafts`): what a search for the budget that fits a measured size tries."""
-        return self.allocate(budget)
+        return self.allocate(budget, progress)
 
     def sketch(self, budget: Budget) -> Allocation:
         """A quick, rougher `allocate(budget)` for a preview where the method has one (posttrain's);
@@ -226,7 +249,7 @@ class PruneFirst(Method):
         for p, m in zip(self.params, self.masks):
             p.mul_(m)
 
-    def allocate(self, budget: Budget) -> Allocation:
+    def allocate(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """The kept weights quantized, with the chosen bits or bits from the knapsack. The
         masks are those chosen for the target; only a smaller budget chooses others."""
         weights = self.weights()

@@ -75,6 +75,7 @@ SENSITIVITY_RECORD_BOUND = 1 << 30  # bytes of the dense pass's layer outputs ke
 MOMENTS_SHARE = 0.35  # of a calibration's time, its dense pass and layers' input moments (a ResNet-56's 15 s of 41), for progress
 CHUNK = 128  # calibration inputs unfolded at a time to measure a layer's moments (as many as a calibration batch)
 DENSE_RECORD_BOUND = 4 << 30  # bytes the dense network's recorded layer inputs may take
+ORDINALS = ("first", "second", "third")  # of a draft's candidates, for progress
 
 
 @contextlib.contextmanager
@@ -96,6 +97,11 @@ def _terminal_bar(what: str) -> Iterator[ProgressCallback]:
             bar.set_description_str(f"{what}: {text}", refresh=False)
             bar.update(fraction - bar.n)
         yield report
+
+
+def _reporting(progress: ProgressCallback | None, what: str) -> contextlib.AbstractContextManager[ProgressCallback]:
+    """`progress` itself, or (None) a bar on the terminal for `what`."""
+    return contextlib.nullcontext(progress) if progress else _terminal_bar(what)
 
 
 @contextlib.contextmanager
@@ -151,7 +157,7 @@ class PostTrain(Method):
         """Collect every layer's H on `batches` (model inputs, or (inputs, labels) pairs) and
         build the option tables. `progress(fraction, text)` hears how far it is, from the calling
         thread (default: a bar on the terminal)."""
-        with contextlib.nullcontext(progress) if progress else _terminal_bar("calibrating") as report:
+        with _reporting(progress, "calibrating") as report:
             self._calibrate(batches, report)
 
     def _calibrate(self, batches: Iterable, report: ProgressCallback) -> None:
@@ -204,20 +210,26 @@ class PostTrain(Method):
 
     # --- per target -------------------------------------------------------------------
     @torch.no_grad()
-    def allocate(self, budget: Budget) -> Allocation:
+    def allocate(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """The draft's masks and bits (`draft`), reconstructed in order: each layer on the inputs the
         already-compressed layers before it give (one forward pass); the draft itself where
-        its outputs are the closer to the dense network's (a GPT at 16x, BENCHMARKS.md)."""
-        best = self.draft(budget)
-        _, apart = self.reconstruct(best.masks, best.bits, budget, in_order=False)
-        alloc, in_order = self.reconstruct(best.masks, best.bits, budget)
+        its outputs are the closer to the dense network's (a GPT at 16x, BENCHMARKS.md).
+        `progress` hears of every layer reconstructed: the candidates' (a draft already made is
+        remembered), then the pass in order (default: a bar on the terminal)."""
+        with _reporting(progress, "choosing the allocation") as report:
+            best, compared = self._draft(budget, report)
+            _, apart = self.reconstruct(best.masks, best.bits, budget, in_order=False)
+            n = len(self.params)
+            alloc, in_order = self.reconstruct(best.masks, best.bits, budget, told=lambda k, name: report(
+                (compared * n + k) / ((compared + 1) * n), f"reconstructing layer by layer on the compressed "
+                f"network's inputs: {k} of {n} ({name})"))
         if apart < in_order:
             return best
         alloc.lambda_prune, alloc.lambda_quant = best.lambda_prune, best.lambda_quant
         return alloc
 
     @torch.no_grad()
-    def draft(self, budget: Budget) -> Allocation:
+    def draft(self, budget: Budget, progress: ProgressCallback | None = None) -> Allocation:
         """Three candidates for `budget`, each reconstructed on its dense inputs (kept weights onto their
         codebooks, and the BatchNorm statistics for them, `Allocation.state`); the one whose outputs on
         the calibration inputs are closest to the dense network's. The first: bits and kept counts from
@@ -225,19 +237,31 @@ class PostTrain(Method):
         (magnitude). The third: one bitwidth and one density for every layer (`uniform`). The tables
         price each layer alone, its error in the network's unit measured with a small change; at high
         ratios on networks without BatchNorm errors compound beyond that (LeNet-5 at 537x, BENCHMARKS.md),
-        and the measured outputs say which holds."""
+        and the measured outputs say which holds. `progress`: as `allocate`'s, which goes on from
+        where it ends."""
+        with _reporting(progress, "choosing the allocation") as report:
+            return self._draft(budget, report)[0]
+
+    def _draft(self, budget: Budget, report: ProgressCallback) -> tuple[Allocation, int]:
+        """`draft`'s allocation and how many candidates it compared, telling `report` of each layer
+        reconstructed as a share of `allocate`'s reconstructions (the candidates', then one in order)."""
         candidates = [self._tables_candidate(budget)]
         magnitude = self.projector.joint([p.detach().float() for p in self.params], budget)
         candidates.append((magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant))
         uniform = self._uniform_candidate(budget)
         if uniform is not None:
             candidates.append((*uniform, math.nan, math.nan))  # no multiplier prices a uniform choice
-        found = [(*self.reconstruct(masks, bits, budget, in_order=False), lam_p, lam_q)
-                 for masks, bits, lam_p, lam_q in candidates]
+        compared, n = len(candidates), len(self.params)
+        found = []
+        for i, (masks, bits, lam_p, lam_q) in enumerate(candidates):
+            def told(k: int, name: str, i: int = i) -> None:
+                report((i * n + k) / ((compared + 1) * n),
+                       f"comparing {compared} candidates, reconstructing the {ORDINALS[i]}: layer {k} of {n} ({name})")
+            found.append((*self.reconstruct(masks, bits, budget, in_order=False, told=told), lam_p, lam_q))
         best, _, lam_prune, lam_quant = min(found, key=lambda f: f[1])
         alloc = copy.copy(best)
         alloc.lambda_prune, alloc.lambda_quant = lam_prune, lam_quant
-        return alloc
+        return alloc, compared
 
     @torch.no_grad()
     def sketch(self, budget: Budget) -> Allocation:
@@ -292,21 +316,21 @@ class PostTrain(Method):
         return best
 
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True,
-                    sketch: bool = False) -> tuple[Allocation, float]:
+                    sketch: bool = False, told: Callable[[int, str], None] | None = None) -> tuple[Allocation, float]:
         """These bits and as many kept weights as these masks in each row of each block of columns,
         reconstructed (`reconstruct_layer`, and the BatchNorm statistics for them), sized in
         `budget`'s accounting; and its outputs' distance from the dense network's on the calibration inputs. `in_order`:
         layer after layer on the compressed network's inputs (one forward pass); else each on its
         dense inputs (cheaper, to compare candidates). `sketch`: the BatchNorm statistics' two
         candidates measured and compared on the first calibration batch alone (`_statistics`), and
-        the distance on it.
+        the distance on it. `told(k, name)` hears that the k-th layer, `name`, is reconstructed.
         Pure; the last RECONSTRUCTIONS_KEPT are remembered (the slider's what-if and the run's final
         model ask again for the same)."""
         key = torch.cat([bits.double()[:, None], fingerprint(masks)], 1)
         key = torch.cat([key, torch.tensor([[float(in_order), float(sketch)]]).expand(len(key), 2)], 1)
         found = next((result for seen, result in self._kept if torch.equal(seen, key)), None)
         if found is None:
-            found = self._reconstruct(masks, bits, in_order, sketch)
+            found = self._reconstruct(masks, bits, in_order, sketch, told or (lambda k, name: None))
             self._kept = [*self._kept, (key, found)][-RECONSTRUCTIONS_KEPT:]
         alloc, distance = copy.copy(found[0]), found[1]
         alloc.size_bits = self.projector.accounting.size_bits(alloc.bits, alloc.nnz.double(), self.projector.numel,
@@ -314,8 +338,8 @@ class PostTrain(Method):
         return alloc, distance
 
     @torch.no_grad()
-    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool, sketch: bool
-                     ) -> tuple[Allocation, float]:
+    def _reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, in_order: bool, sketch: bool,
+                     told: Callable[[int, str], None]) -> tuple[Allocation, float]:
         """Each layer's kept weights reconstructed onto a codebook: on its inputs in the dense network
         (H measured once), or, `in_order`, layer after layer on the inputs the already-compressed
         layers before it give, towards the dense layer's outputs: one forward pass on the whole
@@ -326,15 +350,12 @@ class PostTrain(Method):
         params = dict(model.named_parameters(remove_duplicate=False))
         found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # layer -> its codebook, weight, mask
         batches = self.inputs[:1] if sketch else self.inputs  # what the statistics are chosen on
-        bar = tqdm(total=len(masks), desc="reconstructing in order" if in_order else "reconstructing", leave=False,
-                   disable=None)
 
         def rebuild(j: int, w: torch.Tensor, h: torch.Tensor, factor: torch.Tensor | None = None) -> None:
             name = self.layers.names[j]
-            bar.set_postfix_str(name)
             found[j] = book, q, _ = reconstruct_layer(w, h, masks[j], int(bits[j]), factor)
             params[name].copy_(q)
-            bar.update()
+            told(len(found), name)
 
         def aim(j: int, name: str) -> Callable:
             def hook(module: nn.Module, args: tuple) -> None:
@@ -353,7 +374,6 @@ class PostTrain(Method):
             for j, (p, h, factor) in enumerate(zip(self.params, self.hessians, self.factors)):
                 rebuild(j, p.detach().float(), h, factor)
             outputs = self._outputs(model, self._shifts(model, sketch), batches)
-        bar.close()
         state, distance = self._statistics(model, outputs, batches)
         books, values, kept = (list(layer) for layer in zip(*(found[j] for j in range(len(masks)))))
         codes = [assign(torch.masked_select(q, mask), book) for q, mask, book in zip(values, kept, books)]
