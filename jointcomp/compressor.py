@@ -351,7 +351,8 @@ class Compressor:
         value = float("nan") if loss is None else float(loss)
         return self._emit(StepRecord(self.phase, t, self.epoch, value, lr))
 
-    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> EpochRecord | None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None,
+                  reuse: Compressor | None = None) -> EpochRecord | None:
         """Show the method the network's inputs: `batches` of model inputs, or of (inputs, labels)
         pairs (a DataLoader, a list of tensors). The post-training method prices its options and
         reconstructs the kept weights with them; then `finish()` compresses without training.
@@ -360,14 +361,17 @@ class Compressor:
         training has less to recover); the weights it prunes keep their trained values, so the
         method's projections can still revise which to keep (zeroed, they never grew past the
         kept ones again). The record of that start is returned (epoch -1: before the first epoch).
-        `progress(fraction, text)` hears how far the calibration is (and that start's allocation)."""
+        `progress(fraction, text)` hears how far the calibration is (and that start's allocation).
+        `reuse`: a compressor without training calibrated before on a copy of this model (the app's
+        what-ifs): what it measured is taken where it saw the same inputs and weights."""
+        calibrated = reuse.method if reuse is not None else None
         if not self.method.trains:
-            self.method.calibrate(batches, progress)
+            self.method.calibrate(batches, progress, calibrated)
             return None
         if self.step_count:
             raise ValueError("calibrate() a training method before its first step: it sets the weights training starts from")
         start = make_method("posttrain", Layers(self.model, self.names, self.params, self.projector))
-        start.calibrate(batches, part_of(progress, 0.0, CALIBRATION_SHARE, "calibrating"))
+        start.calibrate(batches, part_of(progress, 0.0, CALIBRATION_SHARE, "calibrating"), calibrated)
         self.batchnorm_inputs = start.inputs
         alloc = self.allocation(self.target_bits, method=start, progress=part_of(progress, CALIBRATION_SHARE, 1.0))
         if self.config.distill and self.teacher is None:  # the teacher stays the model as attached

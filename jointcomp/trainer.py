@@ -303,7 +303,10 @@ class Engine:
     `data` is an in-memory `Dataset` or `Loaders` (any iterables of (x, y) batches);
     `loss(output, y)` defaults to cross-entropy and `evaluate(model)` to validation accuracy;
     `dense_metric`: `evaluate(model)` where the caller has it (a ResNet-56's whole validation set
-    is 14 s on a CPU; not scored again), for a run without dense epochs.
+    is 14 s on a CPU; not scored again), for a run without dense epochs; `calibration`: a compressor
+    without training already calibrated on a copy of `model` (the app's what-ifs), whose measurements a
+    run without training or a calibrated start takes where it saw the same inputs and weights
+    (`Compressor.calibrate`'s `reuse`).
     """
 
     def __init__(
@@ -319,12 +322,14 @@ class Engine:
         evaluate: Callable[[nn.Module], float] | None = None,
         progress: ProgressCallback | None = None,
         dense_metric: float | None = None,
+        calibration: Compressor | None = None,
     ) -> None:
         distributed.init_from_env(config.device)  # under torchrun: join the other processes
         self.config = config
         self.progress = progress  # hears how far a calibration and an allocation without training are (no records
         # come while they run); default a bar on the terminal
         self.meta = meta or {}  # stored with the run's config and in the file (model and data names)
+        self.calibration = calibration
         self.device = pick_device(distributed.local_device(config.device))
         self.model = place(model, self.device)
         self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -452,7 +457,7 @@ class Engine:
             self._reattach()
         if not trains:  # compression without training, from the model as it is now
             self.compressor.calibrate(self._calibration_inputs(),
-                                      part_of(self.progress, 0.0, CALIBRATION_SHARE, "calibrating"))
+                                      part_of(self.progress, 0.0, CALIBRATION_SHARE, "calibrating"), self.calibration)
         yield self._emit(self._final_record(elapsed + time.perf_counter() - started,
                                             None if trains else part_of(self.progress, CALIBRATION_SHARE, 1.0)))
 
@@ -463,7 +468,7 @@ class Engine:
         for its own weights on those inputs: the trained ones go stale when masks and codes move."""
         comp = self.compressor
         if comp.method.trains and self.config.start == "calibrated":
-            yield self._emit(self._shift(comp.calibrate(self._calibration_inputs(), self.progress)))
+            yield self._emit(self._shift(comp.calibrate(self._calibration_inputs(), self.progress, self.calibration)))
         elif comp.method.trains:
             comp.batchnorm_inputs = self._calibration_inputs()
 

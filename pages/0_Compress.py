@@ -63,7 +63,8 @@ without_training = posttrain_col.button("Compress without training", disabled=ru
 if start or without_training:
     config = dataclasses.replace(choices.config.with_method("posttrain") if without_training else choices.config, target=target)
     st.session_state.runner = Runner.compress(model, data, config, choices.model, run_dir=new_run_dir(),
-                                              dense_accuracy=ui.whole_set_accuracy(choices))
+                                              dense_accuracy=ui.whole_set_accuracy(choices),
+                                              calibration=preview.compressor)
     st.session_state.runner_key, st.session_state.runner_label = key, f"{choices.model} on {choices.data} at {target}"
     st.rerun()
 if stop_col.button("Stop", disabled=not running or not runner.stoppable, key="stop",

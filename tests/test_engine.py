@@ -132,14 +132,23 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(trained_mlp, dig
     assert epochs == sorted(set(epochs)) == list(range(5))  # no epoch lost or repeated
 
 
-def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits):
+def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits, monkeypatch):
+    """The calibrated start is the post-training result at the target; given the compressor of a run
+    without training on the same network (the app's what-ifs), it takes that calibration as it is."""
+    from jointcomp.methods.posttrain import PostTrain
+
     dense = copy.deepcopy(trained_mlp.state_dict())
     posttrain = Engine(copy.deepcopy(trained_mlp), digits, EngineConfig(target="50x", method="posttrain", device="cpu"))
     run(posttrain)
-    engine = Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=2, device="cpu", start="calibrated"))
+    measured = []
+    measure = PostTrain._calibrate
+    monkeypatch.setattr(PostTrain, "_calibrate", lambda self, report: measured.append(self) or measure(self, report))
+    engine = Engine(trained_mlp, digits, EngineConfig(target="50x", epochs=2, device="cpu", start="calibrated"),
+                    calibration=posttrain.compressor)
     records = iter(engine)
     next(records)  # what will run
     start = next(records)
+    assert measured == []
     assert isinstance(start, EpochRecord) and (start.phase, start.epoch) == ("posttrain", -1)
     final = posttrain.final
     for name, p, kept, values in zip(engine.compressor.names, engine.compressor.params, final.masks, final.values):

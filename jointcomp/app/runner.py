@@ -151,13 +151,16 @@ class Runner(_Worker):
 
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
-                 run_dir: str | None = None, dense_accuracy: float | None = None) -> "Runner":
+                 run_dir: str | None = None, dense_accuracy: float | None = None,
+                 calibration: Compressor | None = None) -> "Runner":
         """Start compressing a copy of `model` (the caller's model is left as it is), recording
         the trade-off curve each epoch; `dense_accuracy`: its score on the whole validation set
-        where the caller has it (not scored again before the run can start)."""
+        where the caller has it (not scored again before the run can start); `calibration`: the
+        what-ifs' compressor, whose calibration a run without training or a calibrated start
+        takes where it matches (`Engine`)."""
         config = dataclasses.replace(config, tradeoff=True)
         engine = Engine(copy.deepcopy(model), data, config, run_dir=run_dir, meta=model_description(model_name, data),
-                        dense_metric=dense_accuracy)
+                        dense_metric=dense_accuracy, calibration=calibration)
         runner = cls(engine).start()
         if run_dir:
             ACTIVE[str(Path(run_dir).resolve())] = runner  # findable after its tab is closed

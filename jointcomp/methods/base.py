@@ -126,10 +126,12 @@ class Method:
         self.oscillations: Oscillations | None = None  # while retraining: whose codes flip back and forth
         self.books: torch.Tensor | None = None  # of the last joint projection's option tables: the next one's warm start
 
-    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None,
+                  reuse: "Method | None" = None) -> None:
         """See the network's inputs (batches of model inputs): a method that prices its options
         by what they do to its layers' outputs measures that here, telling `progress` how far it
-        is. The training methods need none."""
+        is, or takes what `reuse` (the same method, calibrated before) measured where it saw the
+        same. The training methods need none."""
 
     def project(self, budget: Budget) -> tuple[float, float] | None:
         """A projection onto `budget`, due now (the Compressor's schedule says when, until

@@ -153,20 +153,42 @@ class PostTrain(Method):
 
     # --- target-independent: the inputs and the option tables -------------------------
     @torch.no_grad()
-    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None) -> None:
+    def calibrate(self, batches: Iterable, progress: ProgressCallback | None = None, reuse: Method | None = None) -> None:
         """Collect every layer's H on `batches` (model inputs, or (inputs, labels) pairs) and
         build the option tables. `progress(fraction, text)` hears how far it is, from the calling
-        thread (default: a bar on the terminal)."""
-        with _reporting(progress, "calibrating") as report:
-            self._calibrate(batches, report)
-
-    def _calibrate(self, batches: Iterable, report: ProgressCallback) -> None:
+        thread (default: a bar on the terminal). `reuse`: a posttrain calibrated before (the app's
+        what-ifs); where it saw these same inputs through a network with these same weights and
+        settings, its results are taken as they are (shared, never written) instead of measured again."""
         device = self.params[0].device
-        self.inputs = [(b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in batches]
-        count = sum(len(x) for x in self.inputs)
+        inputs = [(b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in batches]
+        count = sum(len(x) for x in inputs)
         if count < MIN_CALIBRATION:
             raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
                              f"{count}; give more (--calibration N)")
+        with _reporting(progress, "calibrating") as report:
+            if isinstance(reuse, PostTrain) and reuse.saw(self, inputs):
+                self.inputs, self.users, self.dense, self.hessians, self.factors, self.tables, self.scaled, self._kept = (
+                    inputs, reuse.users, reuse.dense, reuse.hessians, reuse.factors, reuse.tables, reuse.scaled,
+                    reuse._kept)
+                report(1.0, f"every layer's options as calibrated before ({len(self.params)} layers)")
+            else:
+                self.inputs = inputs
+                self._calibrate(report)
+
+    def saw(self, other: PostTrain, inputs: list[torch.Tensor]) -> bool:
+        """Whether this posttrain is calibrated on `inputs`, through a network with `other`'s weights,
+        buffers (BatchNorm statistics) and compressed layers, with its settings: what it measured is
+        what `other` would."""
+        if self.tables is None or self.config != other.config or self.layers.names != other.layers.names:
+            return False
+        mine, theirs = self.layers.model.state_dict(), other.layers.model.state_dict()
+        return (list(mine) == list(theirs)
+                and all(mine[k].device == theirs[k].device and torch.equal(mine[k], theirs[k]) for k in mine)
+                and self.projector.min_keep == other.projector.min_keep and len(self.inputs) == len(inputs)
+                and all(a.device == b.device and torch.equal(a, b) for a, b in zip(self.inputs, inputs)))
+
+    def _calibrate(self, report: ProgressCallback) -> None:
+        count = sum(len(x) for x in self.inputs)
         model, modules = self.layers.model, self._modules()
         name_of = {id(m): n for n, m in model.named_modules()}
         self.users = [[name_of[id(m)] for m in users] for users in modules]
