@@ -93,8 +93,8 @@ if not running:
                        "for the target, each layer's kept weights reconstructed on its own dense inputs. Accuracy on "
                        f"{SKETCH_EXAMPLES:,} validation images spread over the set (the dense network: {preview.dense_accuracy:.2%} on "
                        "them). *Compress without training* gives the full result: three allocations compared, the "
-                       "layers reconstructed in order, the whole validation set (a run of its own, which calibrates "
-                       "again: on a network this large, a minute or two on a CPU).")
+                       "layers reconstructed in order, the whole validation set (a run of its own, on this "
+                       "calibration: on a network this large, a minute or two on a CPU).")
         else:
             st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
                        "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
