@@ -24,7 +24,10 @@ running = sweep is not None and sweep.running
 
 go, stop = st.columns([1, 5])
 if go.button("Run sweep", type="primary", disabled=running or not targets or not methods, key="run_sweep"):
-    st.session_state.sweep = Sweep.compress(model, data, choices.config, choices.model, targets, methods, dense_accuracy)
+    calibrates = choices.config.start == "calibrated" or any(not METHODS[m].trains for m in methods)
+    calibration = ui.whatif_preview(choices).compressor if calibrates else None  # measured once per server
+    st.session_state.sweep = Sweep.compress(model, data, choices.config, choices.model, targets, methods, dense_accuracy,
+                                            calibration)
     st.session_state.sweep_label = f"{choices.model} on {choices.data} (dense {dense_accuracy:.2%})"
     st.rerun()
 if stop.button("Stop", disabled=not running, key="stop_sweep"):

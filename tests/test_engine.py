@@ -171,6 +171,26 @@ def test_a_training_run_starts_from_the_post_training_result(trained_mlp, digits
         engine.compressor.calibrate([digits.train_x[:64]])
 
 
+def test_a_sweep_calibrates_once_and_gives_what_runs_of_their_own_give(trained_mlp, digits, monkeypatch):
+    """A sweep's runs without training see the same inputs through the same weights: the first
+    measures its calibration, the others take it, and each ends where a run of its own would."""
+    from jointcomp.app.runner import Sweep
+    from jointcomp.methods.posttrain import PostTrain
+
+    measured = []
+    measure = PostTrain._calibrate
+    monkeypatch.setattr(PostTrain, "_calibrate", lambda self, report: measured.append(self) or measure(self, report))
+    config = EngineConfig(epochs=1, device="cpu")
+    sweep = Sweep.compress(trained_mlp, digits, config, "mlp", ["50x", "200x"], ["posttrain", "uniform"])
+    assert sweep.wait(timeout=600) and sweep.error is None
+    assert [(r["target"], r["method"]) for r in sweep.results] == [
+        ("50x", "posttrain"), ("50x", "uniform"), ("200x", "posttrain"), ("200x", "uniform")]
+    assert len(measured) == 1
+    alone = run(Engine(copy.deepcopy(trained_mlp), digits, dataclasses.replace(config, target="200x", method="posttrain")))
+    assert len(measured) == 2
+    assert sweep.results[2]["accuracy"] == alone[-1].accuracy and sweep.results[2]["size_bits"] == alone[-1].size_bits
+
+
 def test_a_dense_score_the_caller_has_is_not_measured_again(trained_mlp, digits):
     """The app knows the dense start's whole-set score (a ResNet-56's is 14 s): a run given it
     scores only its own result, and reports the score it was given; with dense epochs the model
