@@ -47,7 +47,7 @@ def results() -> None:
     frame = s.frame()
     if not frame.empty:
         st.altair_chart(charts.sweep(frame))
-        st.dataframe(frame, hide_index=True)
+        st.dataframe(frame, hide_index=True, height="content")  # every run: a default sweep is 12
     if running and not s.running:
         st.rerun(scope="app")
 
