@@ -52,6 +52,9 @@ def results() -> None:
         st.rerun(scope="app")
 
 
-st.caption(f"Starting model: {choices.model} on {choices.data}, dense accuracy {dense_accuracy:.2%}. A sweep's "
-           "results stay until the next sweep, whatever is picked after it: each names what it ran on.")
+scored = len(data.val_y)
+st.caption(f"Starting model: {choices.model} on {choices.data}, dense accuracy {dense_accuracy:.2%}. Every accuracy is on "
+           f"the {scored:,} validation images: one image is {100 / scored:.2g} points, so runs that differ by a few "
+           "images are level. A sweep's results stay until the next sweep, whatever is picked after it: each names what "
+           "it ran on.")
 results()

@@ -348,3 +348,4 @@ def test_a_sweep_runs_from_its_page_and_names_what_it_ran_on(monkeypatch):
     assert list(shown["target"]) == ["50x", "200x"] and (shown["method"] == "posttrain").all()
     progress = [e for e in at.main if e.type == "progress"]
     assert progress and "mlp on digits" in progress[0].proto.text and "2 of 2 runs done" in progress[0].proto.text
+    assert any("the 360 validation images: one image is 0.28 points" in c.value for c in at.caption)

@@ -310,25 +310,25 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
 
 class Sweep(_Worker):
     """Several (target, method) runs one after another in a background thread. A calibration is
-    measured once: each run without training (or from the calibrated start) takes the one before's
-    where it matches (`Engine`'s `calibration`), so posttrain at four targets calibrates once."""
+    measured once: each run without training (or from the calibrated start) takes the sweep's
+    (`calibration`, then the latest such run's) where it matches (`Engine`'s `calibration`), so
+    posttrain at four targets calibrates once."""
 
     @classmethod
     def compress(cls, model: nn.Module, data: Dataset, config: EngineConfig, model_name: str,
                  targets: list[str], methods: list[str], dense_accuracy: float | None = None,
                  calibration: Compressor | None = None) -> "Sweep":
         """Start a sweep, each run on its own copy of `model` with `config` at one target and method
-        (`dense_accuracy` and `calibration`: as `Runner.compress` takes them, the first run's
-        calibration; later runs take the latest run's without training)."""
-        def make_engine(target: str, method: str, calibrated: Compressor | None) -> Engine:
+        (`dense_accuracy` and `calibration`: as `Runner.compress` takes them)."""
+        def make_engine(target: str, method: str) -> Engine:
             run_config = dataclasses.replace(config.with_method(method), target=target)
             return Engine(copy.deepcopy(model), data, run_config, meta=model_description(model_name, data),
-                          dense_metric=dense_accuracy, calibration=calibrated)
+                          dense_metric=dense_accuracy)
 
         return cls(make_engine, targets, methods, calibration).start()
 
-    def __init__(self, make_engine: Callable[[str, str, Compressor | None], Engine], targets: list[str],
-                 methods: list[str], calibration: Compressor | None = None) -> None:
+    def __init__(self, make_engine: Callable[[str, str], Engine], targets: list[str], methods: list[str],
+                 calibration: Compressor | None = None) -> None:
         super().__init__()
         self.jobs = [(t, m) for t in targets for m in methods]
         self.make_engine = make_engine
@@ -341,7 +341,9 @@ class Sweep(_Worker):
         for target, method in self.jobs:
             if self._stop.is_set():
                 break
-            self.current = self.make_engine(target, method, self.calibration)
+            self.current = self.make_engine(target, method)
+            if self.current.calibration is None:  # a run made without one takes the sweep's
+                self.current.calibration = self.calibration
             use_threads_for(self.current.model)
             final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
             self.results.append({"target": target, "method": method, **final.summary()})
