@@ -30,7 +30,8 @@ from . import distributed, whatif
 from .budget import DENSE_BITS
 from .compressor import CALIBRATION_SHARE, Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
-from .methods import ProgressCallback, part_of
+from .methods import METHODS, ProgressCallback, part_of
+from .methods.posttrain import MIN_CALIBRATION
 from .sharpness import sharpness, stable_lr
 from .records import CurvePoint, EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
@@ -75,6 +76,9 @@ class EngineConfig(CompressorConfig):
             raise ValueError(f"start must be {' or '.join(map(repr, STARTS))}, got {self.start!r}")
         if self.calibration < 1:
             raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
+        if self.calibration < MIN_CALIBRATION and (not METHODS[self.method].trains or self.start == "calibrated"):
+            raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
+                             f"{self.calibration}; give more (--calibration N)")  # said before any training, not after
         if self.batch_size < 1 or self.lr == 0:
             raise ValueError("batch_size and lr must be positive")
         if self.optimizer not in ("sgd", "adam"):

@@ -504,10 +504,14 @@ def test_the_command_compresses_without_training_and_refuses_bad_calibration(tmp
     evaluated = cli("evaluate", out / "model.jcz", "--data", "digits").stdout
     assert f"accuracy {summary['accuracy']:.4f}" in evaluated
     for value, says in (("0", "calibration must be at least 1"), ("8", "at least 16 calibration inputs")):
-        bad = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "0", "--method", "posttrain",
-                  "--calibration", value, "--out", tmp_path / f"bad{value}", "--overwrite")
-        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1
+        for method in ("posttrain", "admm --start calibrated"):  # refused before the 10 dense epochs (their bar)
+            bad = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "10", "--method", *method.split(),
+                      "--calibration", value, "--out", tmp_path / f"bad{value}", "--overwrite")
+            assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+            assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    few = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "0", "--epochs", "1", "--calibration", "8",
+              "--out", tmp_path / "few")  # a dense start measures BatchNorm on as few as it is given
+    assert few.returncode == 0, few.stderr[-2000:]
 
 
 def test_calibration_that_would_keep_too_many_layer_inputs_is_refused_in_one_line(trained_mlp, digits, monkeypatch):
