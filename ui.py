@@ -188,8 +188,14 @@ def _what_ifs(model: str, data: str, dense_epochs: int, seed: int, checkpoint: s
 def whatif_preview(choices: Choices) -> WhatIfs:
     """The what-ifs of the dense start of these choices (`jointcomp.app.runner.what_ifs`), calibrated
     once per server and shared by its sessions: a page reload or a second visitor does not wait for
-    a ResNet-56's calibration again (the two most recent are kept)."""
-    return _what_ifs(*_start(choices), choices.config.budget_mode, choices.config.calibration)
+    a ResNet-56's calibration again (the two most recent are kept). One that cannot be calibrated (an
+    image folder of fewer training images than a calibration needs) is one error line, and the page
+    stops there."""
+    try:
+        return _what_ifs(*_start(choices), choices.config.budget_mode, choices.config.calibration)
+    except ValueError as err:
+        st.error(f"No what-if for this start: {err}")
+        st.stop()
 
 
 def start_or_stop(choices: Choices):

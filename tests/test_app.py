@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -188,6 +189,17 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
     assert "Size (paper budget)" in [m.label for m in at.metric]  # the what-if of the folder's model
+    few = image_folder.parent / "few"  # 12 training images: fewer than a calibration needs
+    for part in ("train", "val"):
+        for folder in (image_folder / part).iterdir():
+            (few / part / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:4]:
+                shutil.copy(image, few / part / folder.name / image.name)
+    at.text_input(key="folder").input(str(few)).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["No what-if for this start: post-training compression needs at least 16 "
+                                           "calibration inputs, got 12: ask for more (--calibration N), from a "
+                                           "training set that has them"]
 
 
 def test_two_sessions_at_once_share_no_mutable_state():

@@ -164,7 +164,7 @@ class PostTrain(Method):
         count = sum(len(x) for x in inputs)
         if count < MIN_CALIBRATION:
             raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
-                             f"{count}; give more (--calibration N)")
+                             f"{count}: ask for more (--calibration N), from a training set that has them")
         with _reporting(progress, "calibrating") as report:
             if isinstance(reuse, PostTrain) and reuse.saw(self, inputs):
                 self.inputs, self.users, self.dense, self.hessians, self.factors, self.tables, self.scaled, self._kept = (
