@@ -161,10 +161,11 @@ def dense_model(model: str, data: str, dense_epochs: int, seed: int, checkpoint:
     from `checkpoint` and not scored here (`whole_set_accuracy`: a ResNet-56's score on all 10,000
     CIFAR-10 images is 14 s, and its what-ifs are scored on fewer)."""
     bar = st.progress(0.0, text=f"loading {data}…")
-    result = prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text),
-                     checkpoint=checkpoint, score=False, loaded=data_set(data))
-    bar.empty()
-    return result
+    try:
+        return prepare(model, data, dense_epochs, seed, progress=lambda done, text: bar.progress(done, text=text),
+                       checkpoint=checkpoint, score=False, loaded=data_set(data))
+    finally:  # gone with a bad start's error too, not left above it
+        bar.empty()
 
 
 @st.cache_data(show_spinner="scoring the dense network on the whole validation set…")
@@ -180,9 +181,10 @@ def _what_ifs(model: str, data: str, dense_epochs: int, seed: int, checkpoint: s
     config = EngineConfig(seed=seed, budget_mode=budget_mode, calibration=calibration)
     what = f"calibrating the what-ifs on {calibration} training inputs (once per server)"
     bar = st.progress(0.0, text=what)
-    result = what_ifs(net, dataset, config, model, score, lambda done, text: bar.progress(done, text=f"{what}: {text}"))
-    bar.empty()
-    return result
+    try:
+        return what_ifs(net, dataset, config, model, score, lambda done, text: bar.progress(done, text=f"{what}: {text}"))
+    finally:
+        bar.empty()
 
 
 def whatif_preview(choices: Choices) -> WhatIfs:

@@ -186,6 +186,7 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     at.text_input(key="folder").input(str(image_folder / "nowhere")).run()
     assert not at.exception
     assert any("needs train/ and val/ (or test/) folders" in e.value for e in at.error)
+    assert not [p for p in at.main if p.type == "progress"]  # the loading bar gone with the error
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
     assert "Size (paper budget)" in [m.label for m in at.metric]  # the what-if of the folder's model
@@ -200,6 +201,7 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     assert [e.value for e in at.error] == ["No what-if for this start: post-training compression needs at least 16 "
                                            "calibration inputs, got 12: ask for more (--calibration N), from a "
                                            "training set that has them"]
+    assert not [p for p in at.main if p.type == "progress"]  # the calibration's bar gone with it, not left above it
 
 
 def test_two_sessions_at_once_share_no_mutable_state():
