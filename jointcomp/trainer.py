@@ -31,7 +31,7 @@ from .budget import DENSE_BITS
 from .compressor import CALIBRATION_SHARE, Compressor, CompressorConfig, compressible_weights
 from .data import Dataset, Loaders
 from .methods import METHODS, ProgressCallback, part_of
-from .methods.posttrain import MIN_CALIBRATION
+from .methods.posttrain import check_calibration_count
 from .sharpness import sharpness, stable_lr
 from .records import CurvePoint, EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 from .rundir import MODEL_FILE, STATE_FILE, RunDir
@@ -65,6 +65,11 @@ class EngineConfig(CompressorConfig):
     calibration: int = 512  # training inputs posttrain (and a calibrated start) sees, drawn by `seed`
     start: str = "dense"  # a training method starts from the weights as they are, or from the post-training result
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether a run of this config calibrates: a method without training, or the calibrated start."""
+        return not METHODS[self.method].trains or self.start == "calibrated"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.epochs < 1 or self.dense_epochs < 0:
@@ -76,9 +81,8 @@ class EngineConfig(CompressorConfig):
             raise ValueError(f"start must be {' or '.join(map(repr, STARTS))}, got {self.start!r}")
         if self.calibration < 1:
             raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
-        if self.calibration < MIN_CALIBRATION and (not METHODS[self.method].trains or self.start == "calibrated"):
-            raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
-                             f"{self.calibration}; give more (--calibration N)")  # said before any training, not after
+        if self.calibrates:
+            check_calibration_count(self.calibration)  # said before any training, not after it
         if self.batch_size < 1 or self.lr == 0:
             raise ValueError("batch_size and lr must be positive")
         if self.optimizer not in ("sgd", "adam"):

@@ -24,7 +24,7 @@ running = sweep is not None and sweep.running
 
 go, stop = st.columns([1, 5])
 if go.button("Run sweep", type="primary", disabled=running or not targets or not methods, key="run_sweep"):
-    calibrates = choices.config.start == "calibrated" or any(not METHODS[m].trains for m in methods)
+    calibrates = any(choices.config.with_method(m).calibrates for m in methods)
     calibration = ui.whatif_preview(choices).compressor if calibrates else None  # measured once per server
     st.session_state.sweep = Sweep.compress(model, data, choices.config, choices.model, targets, methods, dense_accuracy,
                                             calibration)

@@ -131,6 +131,13 @@ class _Dense:
     outputs: torch.Tensor
 
 
+def check_calibration_count(count: int) -> None:
+    """Refuse fewer than MIN_CALIBRATION calibration inputs in one line that says what to do."""
+    if count < MIN_CALIBRATION:
+        raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
+                         f"{count}: ask for more (--calibration N), from a training set that has them")
+
+
 class PostTrain(Method):
     """Compression without training: options priced by output error on calibration inputs,
     one knapsack for the target, the kept weights reconstructed layer by layer."""
@@ -161,10 +168,7 @@ class PostTrain(Method):
         settings, its results are taken as they are (shared, never written) instead of measured again."""
         device = self.params[0].device
         inputs = [(b[0] if isinstance(b, (tuple, list)) else b).to(device) for b in batches]
-        count = sum(len(x) for x in inputs)
-        if count < MIN_CALIBRATION:
-            raise ValueError(f"post-training compression needs at least {MIN_CALIBRATION} calibration inputs, got "
-                             f"{count}: ask for more (--calibration N), from a training set that has them")
+        check_calibration_count(sum(len(x) for x in inputs))
         with _reporting(progress, "calibrating") as report:
             if isinstance(reuse, PostTrain) and reuse.saw(self, inputs):
                 self.inputs, self.users, self.dense, self.hessians, self.factors, self.tables, self.scaled, self._kept = (
