@@ -79,10 +79,10 @@ class EngineConfig(CompressorConfig):
                 raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
         if self.start not in STARTS:
             raise ValueError(f"start must be {' or '.join(map(repr, STARTS))}, got {self.start!r}")
-        if self.calibration < 1:
-            raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
         if self.calibrates:
             check_calibration_count(self.calibration)  # said before any training, not after it
+        elif self.calibration < 1:
+            raise ValueError(f"calibration must be at least 1 input, got {self.calibration}")
         if self.batch_size < 1 or self.lr == 0:
             raise ValueError("batch_size and lr must be positive")
         if self.optimizer not in ("sgd", "adam"):

@@ -5,6 +5,7 @@ the command line does it with one clear line for bad input."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -503,12 +504,14 @@ def test_the_command_compresses_without_training_and_refuses_bad_calibration(tmp
     assert summary["accuracy"] >= summary["dense_accuracy"] - 0.05
     evaluated = cli("evaluate", out / "model.jcz", "--data", "digits").stdout
     assert f"accuracy {summary['accuracy']:.4f}" in evaluated
-    for value, says in (("0", "calibration must be at least 1"), ("8", "at least 16 calibration inputs")):
-        for method in ("posttrain", "admm --start calibrated"):  # refused before the 10 dense epochs (their bar)
-            bad = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "10", "--method", *method.split(),
-                      "--calibration", value, "--out", tmp_path / f"bad{value}", "--overwrite")
-            assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
-            assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    for method, value in itertools.product(("posttrain", "admm --start calibrated"), ("0", "8")):
+        says = "needs at least 16 calibration inputs, got " + value  # the minimum that applies, even to 0
+        bad = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "10", "--method", *method.split(),
+                  "--calibration", value, "--out", tmp_path / "bad", "--overwrite")  # refused before the 10 dense epochs
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    with pytest.raises(ValueError, match="calibration must be at least 1 input, got 0"):
+        EngineConfig(calibration=0)  # a dense start has no minimum of its own
     few = cli("compress", "--model", "mlp", "--data", "digits", "--dense-epochs", "0", "--epochs", "1", "--calibration", "8",
               "--out", tmp_path / "few")  # a dense start measures BatchNorm on as few as it is given
     assert few.returncode == 0, few.stderr[-2000:]
