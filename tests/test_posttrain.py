@@ -466,6 +466,25 @@ def test_a_calibration_made_before_on_the_same_inputs_and_weights_is_taken_not_m
     assert len(measured) == 3
 
 
+def test_the_what_ifs_measure_what_a_run_of_its_own_measures():
+    """The app's what-ifs calibrate in the layout an Engine computes in (channels_last, on a CPU), so
+    a what-if is what Compress without training gives to the last bit, and its convolutions run
+    at that layout's speed (in the loaded layout a ResNet-20 sweep differed by 0.4 points at 200x,
+    and a ResNet-56's what-ifs took 1.2-1.4x as long: BENCHMARKS.md)."""
+    from jointcomp.app.runner import what_ifs
+
+    data = subset(jointcomp.load_dataset("fashion-mnist"), train=256, val=512)
+    torch.manual_seed(0)
+    model = build_model("lenet5", data.input_shape, data.num_classes)
+    config = EngineConfig(method="posttrain", target="50x", calibration=64, device="cpu")
+    previews = what_ifs(model, data, config, "lenet5")
+    engine = Engine(copy.deepcopy(model), data, config)
+    final = list(engine)[-1]
+    mine, theirs = previews.compressor.method.hessians, engine.compressor.method.hessians
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert previews.plan("50x").accuracy == final.accuracy
+
+
 class GaveUp(Exception):
     pass
 

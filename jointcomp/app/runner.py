@@ -26,7 +26,7 @@ from ..compressor import Compressor
 from ..methods import ProgressCallback, part_of
 from ..data import Dataset, model_description
 from ..rundir import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
-from ..trainer import (EngineConfig, Engine, accuracy, calibration_inputs, steps_per_epoch,
+from ..trainer import (EngineConfig, Engine, accuracy, calibration_inputs, place, steps_per_epoch,
                        train_dense)
 from ..models import load_start
 from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord, curve_frame, epochs_frame,
@@ -293,7 +293,8 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
     the dense network on the sketch's examples). `progress(fraction, text)`: how far the
     calibration is (most of a minute on a ResNet-56), then the dense score."""
     config = config.with_method("posttrain")
-    comp = Compressor(copy.deepcopy(model), config=config, meta=model_description(model_name, data))  # no evaluate of
+    comp = Compressor(place(copy.deepcopy(model), torch.device("cpu")), config=config,
+                      meta=model_description(model_name, data))  # no evaluate of
     # its own (nothing scored on construction): the what-ifs are scored by the `evaluate` chosen below
     inputs = calibration_inputs(data, config.calibration, config.seed, torch.device("cpu"))
     comp.calibrate(inputs, part_of(progress, 0.0, WHATIFS_CALIBRATION_SHARE))
