@@ -619,20 +619,20 @@ class Engine:
     def restore(self) -> FinalRecord:
         """Load a saved run's state (no training) and compute its deployable model."""
         self._load()
-        return self._finished(self.compressor.finish)
+        return self._finish()
 
     def _final_record(self, seconds: float, progress: ProgressCallback | None = None) -> FinalRecord:
-        record = dataclasses.replace(self._finished(lambda: self.compressor.finish(progress)), seconds=seconds)
+        record = dataclasses.replace(self._finish(progress), seconds=seconds)
         if self.run_dir:
             self.export(str(self.run_dir.path / MODEL_FILE))
             self.run_dir.write_summary({**record.summary(), "budget_mode": self.config.budget_mode})
         return record
 
-    def _finished(self, finish: Callable[[], FinalRecord]) -> FinalRecord:
-        """`finish()` computed in the layout the run computes in (posttrain's allocation is forward
-        passes: faster there, and what the app's what-ifs compute), then the model put in the layout
-        a loaded file has."""
-        record = finish()
+    def _finish(self, progress: ProgressCallback | None = None) -> FinalRecord:
+        """The compressor's final record, computed in the layout the run computes in (posttrain's
+        allocation is forward passes: faster there, and what the app's what-ifs compute), then the
+        model put in the layout a loaded file has."""
+        record = self.compressor.finish(progress)
         place(self.model, self.device, training=False)
         return record
 
