@@ -255,24 +255,31 @@ def cache_dir() -> Path:
 
 def _cached_images(source: Path) -> tuple[torch.Tensor, ...]:
     """The train and test images (uint8, N x C x H x W) and labels of an ImageFolder-style
-    archive or folder, decoded once and kept as a safetensors file in `cache_dir()` (keyed by
-    the source's path, size and time); a cache that cannot be written only costs the decoding."""
+    archive or folder, decoded once and kept as a safetensors file in `cache_dir()`: one file per
+    source path, holding the size and time of the source it was decoded from, and decoded again
+    (replaced, not kept beside) when the source changes. A cache that cannot be written only
+    costs the decoding."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save
 
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    made_from = f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
+    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
     cached = cache_dir() / f"{source.name.split('.')[0]}-{key}.safetensors"
     if cached.is_file():
         try:
-            t = load_file(str(cached))
-            return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+            with safe_open(str(cached), "pt") as f:
+                current = (f.metadata() or {}).get("source") == made_from
+            if current:
+                t = load_file(str(cached))
+                return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
         except Exception:  # damaged or foreign: decode again
             log.info("%s: unreadable cache, decoding %s again", cached, source)
     members = _archive_images(source) if source.is_file() else _folder_images(source)
     split = _decode(members, source)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cached, save(split))
+        atomic_write(cached, save(split, metadata={"source": made_from}))
     except OSError as err:
         log.info("cannot cache the decoded images in %s (%s); set $JOINTCOMP_CACHE", cached.parent, err)
     return split["train_x"], split["train_y"], split["test_x"], split["test_y"]

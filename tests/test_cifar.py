@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,22 +31,27 @@ needs_shared = pytest.mark.skipif(not ARCHIVE.is_file() or not RESNET20.is_file(
                                   reason="../shared/data and ../shared/models are not beside this checkout")
 
 
-@pytest.fixture(scope="module")
-def small_cifar(tmp_path_factory):
-    """An archive laid out as the shared one, with its first 30 training and 20 test images
-    of each class."""
-    root = tmp_path_factory.mktemp("cifar")
+def write_subset(path: Path, train: int, test: int) -> None:
+    """An archive laid out as the shared one at `path`, with its first `train` training and `test`
+    test images of each class."""
     counts: dict[tuple[str, str], int] = {}
-    with tarfile.open(ARCHIVE) as src, tarfile.open(root / CIFAR10_ARCHIVE, "w:gz") as dst:
+    with tarfile.open(ARCHIVE) as src, tarfile.open(path, "w:gz") as dst:
         for member in src:
             parts = member.name.split("/")
             if not member.isfile() or len(parts) < 3:
                 continue
             split, label = parts[-3], parts[-2]
-            if counts.get((split, label), 0) >= (30 if split == "train" else 20):
+            if counts.get((split, label), 0) >= (train if split == "train" else test):
                 continue
             counts[(split, label)] = counts.get((split, label), 0) + 1
             dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+
+
+@pytest.fixture(scope="module")
+def small_cifar(tmp_path_factory):
+    """The shared archive's first 30 training and 20 test images of each class."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_subset(root / CIFAR10_ARCHIVE, 30, 20)
     return root
 
 
@@ -66,6 +72,21 @@ def test_cifar10_from_the_jpeg_archive_is_decoded_once_and_normalised_as_the_che
     assert len(list(cache.glob("*.safetensors"))) == 1
     again = load_dataset("cifar10", small_cifar)
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.val_y, data.val_y)
+
+
+@needs_shared
+def test_a_changed_archive_is_decoded_again_into_the_same_cache_file(small_cifar, cache, tmp_path):
+    """The cache holds one file per source: a source replaced by another (or only touched) is
+    decoded again and its old images do not stay beside the new ones (184 MB each for CIFAR-10)."""
+    source = tmp_path / "cifar"
+    source.mkdir()
+    shutil.copy(small_cifar / CIFAR10_ARCHIVE, source)
+    assert load_dataset("cifar10", source).val_x.shape[0] == 200
+    write_subset(source / CIFAR10_ARCHIVE, 30, 5)
+    assert load_dataset("cifar10", source).val_x.shape[0] == 50
+    os.utime(source / CIFAR10_ARCHIVE, ns=(0, 10**18))
+    assert load_dataset("cifar10", source).val_x.shape[0] == 50
+    assert len(list(cache.glob("*.safetensors"))) == 1
 
 
 @needs_shared
@@ -130,8 +151,8 @@ def cli(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @needs_shared
-def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, tmp_path):
-    env = {"JOINTCOMP_CACHE": str(tmp_path / "cache")}
+def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, cache, tmp_path):
+    env = {"JOINTCOMP_CACHE": str(cache)}
     out = tmp_path / "r20"
     cli("compress", "--model", "resnet20", "--data", "cifar10", "--data-dir", small_cifar, "--pretrained", RESNET20,
         "--target", "50x", "--epochs", "1", "--out", out, env=env)
