@@ -9,6 +9,7 @@ import sys
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
 from .allocator import keep_freed_blocks
@@ -135,7 +136,7 @@ def _progress(records, total_steps: int) -> FinalRecord | None:
     final = None
     quiet = not distributed.is_main()  # under torchrun only rank 0 talks
     with tqdm(total=total_steps or None, unit="step", dynamic_ncols=True, mininterval=1.0, delay=0.5,
-              disable=quiet) as bar:
+              disable=quiet) as bar, logging_redirect_tqdm([logging.getLogger("jointcomp")]):  # notes above the bar
         for record in records:
             if isinstance(record, StartRecord):
                 bar.total = (record.total_epochs + record.dense_epochs) * record.steps_per_epoch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -42,6 +43,7 @@ TRADEOFF_SUBSET = 1000  # validation examples (evenly spread, `val_batches`) tha
 VAL_BATCH = 64  # validation examples scored at a time: a CIFAR ResNet on a CPU 3-4x faster than 1,000 (BENCHMARKS.md)
 TRADEOFF_SHARE = 0.1  # the most of a run's time its trade-off curves may take (`tradeoff=True`)
 STARTS = ("dense", "calibrated")  # where a training method starts (EngineConfig.start)
+log = logging.getLogger("jointcomp")
 RECOVERIES = 3  # roll-backs after a diverging loss before a run gives up
 DIVERGING_LOSS = 10.0  # a loss above this many times the larger of the first compressing step's and chance's diverges
 
@@ -152,7 +154,8 @@ def batches(data: Data, config: EngineConfig, epoch: int, device: torch.device):
 
 def calibration_inputs(data: Data, count: int, seed: int, device: torch.device, size: int = 128) -> list[torch.Tensor]:
     """`count` training inputs, drawn at random by `seed` without augmentation (DataLoaders: their
-    first ones), in batches of `size`: what a method that calibrates sees."""
+    first ones), in batches of `size`: what a method that calibrates sees. A training set smaller than
+    `count` gives all it has, and says so."""
     if isinstance(data, Loaders):
         found, taken = [], 0
         for x, _ in data.train:
@@ -160,9 +163,12 @@ def calibration_inputs(data: Data, count: int, seed: int, device: torch.device, 
             taken += len(found[-1])
             if taken >= count:
                 break
-        return found
-    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:count]
-    return [data.train_x[i].to(device) for i in order.split(size)]
+    else:
+        order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:count]
+        found, taken = [data.train_x[i].to(device) for i in order.split(size)], len(order)
+    if taken < count:
+        log.info("calibrating on all %d training inputs: %d were asked for (--calibration)", taken, count)
+    return found
 
 
 def val_batches(data: Data, device: torch.device, size: int = VAL_BATCH, limit: int | None = None):

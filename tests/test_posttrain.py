@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -506,6 +507,20 @@ def test_a_calibration_given_up_stops_building_tables(monkeypatch):
     with pytest.raises(GaveUp):
         comp.calibrate(torch.randn(64, 3, 32, 32).split(32), gives_up)
     assert len(built) < len(comp.specs) == 20
+
+
+def test_a_training_set_smaller_than_the_calibration_asked_for_gives_all_and_says_so(digits, caplog):
+    """`--calibration 99999` on a set of 1,437 calibrates on all 1,437: said in the run's notes (the
+    CLI prints them above its bar), where it used to happen without a word."""
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="jointcomp"):
+        everything = calibration_inputs(digits, 99999, seed=0, device=cpu)
+    assert sum(len(x) for x in everything) == len(digits.train_y)
+    assert f"calibrating on all {len(digits.train_y)} training inputs: 99999 were asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jointcomp"):
+        some = calibration_inputs(digits, 512, seed=0, device=cpu)
+    assert sum(len(x) for x in some) == 512 and "calibrating" not in caplog.text
 
 
 def cli(*args):
