@@ -420,8 +420,9 @@ class Engine:
             yield from self._compression_start()
         elif state and (done > cfg.dense_epochs or cfg.dense_epochs == 0) and comp.method.trains:
             comp.batchnorm_inputs = self._calibration_inputs()  # what its start measured BatchNorm on
-        opt, sched = self._optimizer(dense=done < cfg.dense_epochs)
-        if state and "optimizer" in state:
+        trains = comp.method.trains or done < cfg.dense_epochs  # else no optimizer (its first costs 1.5 s: torch imports its compiler)
+        opt, sched = self._optimizer(dense=done < cfg.dense_epochs) if trains else (None, None)
+        if trains and state and "optimizer" in state:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if {"lr", "auto_lr"} & set(changes):  # the resumed run was given a learning rate
@@ -659,8 +660,8 @@ class Engine:
         self._saved_epochs, self._saved_score = epochs_done, score
         self.run_dir.save_state({
             "config": self.config.to_dict(), "accuracy": score, "epochs_done": epochs_done,
-            "model": self.model.state_dict(), "compressor": self.compressor.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "seconds": seconds,
+            "model": self.model.state_dict(), "compressor": self.compressor.state_dict(), "seconds": seconds,
+            **({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} if opt else {}),
         })
 
     def _load(self) -> dict:
@@ -681,5 +682,5 @@ class Engine:
         if self.config.target != state["config"]["target"]:  # the resumed run was given a new target
             self.compressor.set_target(self.config.target)
         if state["epochs_done"] == self.config.dense_epochs:
-            del state["optimizer"]  # compression starts with a fresh optimizer
+            state.pop("optimizer", None)  # compression starts with a fresh optimizer
         return state
