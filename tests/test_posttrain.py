@@ -307,6 +307,29 @@ def test_reconstructing_in_order_makes_up_for_the_layers_before(network, closer,
     assert _distance(model, comp.names, alloc, torch.cat(inputs)) == pytest.approx(in_order, rel=1e-4)  # what allocate gives
 
 
+def test_the_allocation_at_a_budget_just_drafted_takes_that_draft(trained_mlp, digits, monkeypatch):
+    """A what-if or a run searches its budget on drafts, then allocates at the budget found: the
+    draft's candidates (two projections and three reconstructions) are made once for it, and made
+    again after a calibration on other inputs, where they give what a fresh calibration gives."""
+    made = []  # the budgets a uniform candidate was made for
+    uniform = posttrain.PostTrain._uniform_candidate
+    monkeypatch.setattr(posttrain.PostTrain, "_uniform_candidate",
+                        lambda self, budget: made.append(budget.bits) or uniform(self, budget))
+    comp = jointcomp.Compressor(copy.deepcopy(trained_mlp), "100x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    budget = Budget(comp.target_bits)
+    comp.method.draft(budget)
+    comp.method.allocate(budget)
+    assert len(made) == 1
+    other = calibration_inputs(digits, 256, seed=1, device=torch.device("cpu"))
+    comp.calibrate(other)
+    drafted = comp.method.draft(budget)
+    fresh = jointcomp.Compressor(copy.deepcopy(trained_mlp), "100x", method="posttrain")
+    fresh.calibrate(other)
+    again = fresh.method.draft(budget)
+    assert len(made) == 3 and all(torch.equal(a, b) for a, b in zip(drafted.values, again.values))
+
+
 def _distance(model: nn.Module, names: list[str], alloc, x: torch.Tensor) -> float:
     """Summed squared distance of `model`'s outputs on `x` with `alloc`'s weights and BatchNorm
     statistics from its outputs as it is (a copy takes them)."""
