@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -139,17 +140,25 @@ def from_dict(data: dict[str, Any]) -> Record:
     return cls(**data)
 
 
+def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """A pandas table of `rows`; pandas is imported here, not with the records (0.3 s of every command
+    line's start, and most commands make no table)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=columns)
+
+
 def steps_frame(history: Iterable[Record]) -> pd.DataFrame:
     """One row per optimizer step."""
     rows = [to_dict(r) for r in history if isinstance(r, StepRecord)]
-    return pd.DataFrame(rows, columns=[f.name for f in dataclasses.fields(StepRecord)])
+    return _frame(rows, [f.name for f in dataclasses.fields(StepRecord)])
 
 
 def epochs_frame(history: Iterable[Record]) -> pd.DataFrame:
     """One row per epoch (without the per-layer detail)."""
     cols = [f.name for f in dataclasses.fields(EpochRecord) if f.name not in ("layers", "curve")]
     rows = [{c: getattr(r, c) for c in cols} for r in history if isinstance(r, EpochRecord)]
-    return pd.DataFrame(rows, columns=cols)
+    return _frame(rows, cols)
 
 
 def layers_frame(history: Iterable[Record]) -> pd.DataFrame:
@@ -161,7 +170,7 @@ def layers_frame(history: Iterable[Record]) -> pd.DataFrame:
         if isinstance(r, EpochRecord)
         for layer in r.layers
     ]
-    return pd.DataFrame(rows, columns=cols)
+    return _frame(rows, cols)
 
 
 def curve_frame(history: Iterable[Record]) -> pd.DataFrame:
@@ -173,4 +182,4 @@ def curve_frame(history: Iterable[Record]) -> pd.DataFrame:
         if isinstance(r, EpochRecord)
         for point in r.curve
     ]
-    return pd.DataFrame(rows, columns=cols)
+    return _frame(rows, cols)

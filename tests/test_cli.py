@@ -250,3 +250,12 @@ def test_a_damaged_pretrained_checkpoint_is_one_line_naming_what_is_wrong(tmp_pa
         assert result.returncode == 2, (name, result.stderr[-1000:])
         assert says in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+
+
+def test_the_command_line_starts_without_pandas():
+    """pandas makes the app's tables; a command line never needs it, and importing it was 0.5 s of
+    every `python -m jointcomp` start (a sixth). The tables still come, pandas imported when made."""
+    script = ("import sys, jointcomp.cli; print('pandas' in sys.modules); "
+              "from jointcomp.records import epochs_frame; epochs_frame([]); print('pandas' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "True"], result.stderr[-2000:]
