@@ -179,7 +179,7 @@ def _what_ifs(model: str, data: str, dense_epochs: int, seed: int, checkpoint: s
               calibration: int) -> WhatIfs:
     net, dataset, score = dense_model(model, data, dense_epochs, seed, checkpoint)
     config = EngineConfig(seed=seed, budget_mode=budget_mode, calibration=calibration)
-    what = f"calibrating the what-ifs on {calibration} training inputs (once per server)"
+    what = "calibrating the what-ifs (once per server)"  # the calibration's own reports say on how many inputs
     bar = st.progress(0.0, text=what)
     try:
         return what_ifs(net, dataset, config, model, score, lambda done, text: bar.progress(done, text=f"{what}: {text}"))

@@ -32,7 +32,6 @@ if st.session_state.get("preview_key") != key:
     st.session_state.preview_key = key
     st.session_state.whatif_plans = {}  # the what-ifs this session looked at, by target
 dense_bits = preview.compressor.dense_bits
-preview_inputs = choices.config.calibration
 
 mode = choices.config.budget_mode
 ratio = ui.target_slider(dense_bits, mode)
@@ -88,7 +87,7 @@ if runner is None and st.session_state.get("runner") is not None:
 if not running:
     with st.expander("What-if: this target without training", expanded=runner is None):
         if preview.sketches:
-            st.caption(f"A sketch of compression without training (method posttrain) from {preview_inputs} training "
+            st.caption(f"A sketch of compression without training (method posttrain) from {preview.calibrated_on} training "
                        "inputs, drawn at once: each layer's options priced by what they do to its outputs, one knapsack "
                        "for the target, each layer's kept weights reconstructed on its own dense inputs. Accuracy on "
                        f"{SKETCH_EXAMPLES:,} validation images spread over the set (the dense network: {preview.dense_accuracy:.2%} on "
@@ -96,7 +95,7 @@ if not running:
                        "layers reconstructed in order, the whole validation set (a run of its own, on this "
                        "calibration: on a network this large, a minute or two on a CPU).")
         else:
-            st.caption(f"Compressed without training (method posttrain) from {preview_inputs} training inputs: each "
+            st.caption(f"Compressed without training (method posttrain) from {preview.calibrated_on} training inputs: each "
                        "layer's options priced by what they do to its outputs, one knapsack for the target, the kept "
                        "weights reconstructed layer by layer. This is what *Compress without training* gives you; a "
                        "training run gains most at high ratios, and at low ones can end below it (the digits MLP at 50x: "

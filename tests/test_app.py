@@ -190,6 +190,7 @@ def test_an_image_folder_is_a_data_choice(image_folder):
     at.text_input(key="folder").input(str(image_folder)).run()
     assert not at.exception and not at.error
     assert "Size (paper budget)" in [m.label for m in at.metric]  # the what-if of the folder's model
+    assert any("from 90 training inputs" in c.value for c in at.caption)  # all it has, not the 512 asked for
     few = image_folder.parent / "few"  # 12 training images: fewer than a calibration needs
     for part in ("train", "val"):
         for folder in (image_folder / part).iterdir():

@@ -272,6 +272,7 @@ class WhatIfs:
     sketches: bool
     dense_accuracy: float  # on the examples the what-ifs are scored on
     evaluate: Callable[[nn.Module], float]
+    calibrated_on: int  # training inputs the calibration saw (all there are, where fewer than asked for)
     _plans: dict[str, FinalRecord] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -306,7 +307,7 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
             scored = len(data.val_y) if examples is None else min(examples, len(data.val_y))
             progress(WHATIFS_CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
         dense_accuracy = comp.score(None, evaluate)
-    return WhatIfs(comp, sketches, dense_accuracy, evaluate)
+    return WhatIfs(comp, sketches, dense_accuracy, evaluate, sum(len(x) for x in inputs))
 
 
 class Sweep(_Worker):
