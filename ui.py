@@ -12,7 +12,7 @@ from jointcomp import EngineConfig
 from jointcomp.methods import METHODS, AdmmConfig
 from jointcomp.budget_modes import BUDGET_MODES, MEASURED_MODES, budget_modes_help, format_amount
 from jointcomp.data import Dataset, available, cache_dir, load_dataset
-from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, load_start, published_checkpoints
+from jointcomp.models import CHECKPOINT_SUFFIXES, dense_epochs, fitting_checkpoints, load_start
 from jointcomp.rundir import atomic_write
 from jointcomp.trainer import STARTS, accuracy
 from jointcomp.app.runner import WhatIfs, prepare, what_ifs
@@ -126,16 +126,13 @@ def keep_choices() -> None:
 @st.cache_data(show_spinner=False)
 def published_starts(model: str, data: str) -> dict[str, str]:
     """The published checkpoints ($JOINTCOMP_MODELS) whose weights fit `model` on `data`, path by file
-    name (the CIFAR ResNets fit CIFAR-10 only). The first is the default start: picking CIFAR-10 on
-    two CPU cores must not begin by training a ResNet for an hour."""
-    found = {}
-    for path in published_checkpoints(model):
-        try:
-            load_start(model, data, pretrained=str(path), loaded=data_set(data))
-        except (ValueError, OSError):
-            continue
-        found[path.name] = str(path)
-    return found
+    name (`fitting_checkpoints`). The first is the default start: picking CIFAR-10 on two CPU cores
+    must not begin by training a ResNet for an hour."""
+    try:
+        built, _ = load_start(model, data, loaded=data_set(data))
+    except (ValueError, OSError):  # a data set that cannot be read: said where it is picked
+        return {}
+    return {path.name: str(path) for path in fitting_checkpoints(built, model)}
 
 
 def saved_upload(name: str, content: bytes) -> Path:

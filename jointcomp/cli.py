@@ -19,7 +19,7 @@ from .data import DATASETS, DESCRIPTION_KEYS, load_dataset, model_description
 from .deploy.c import export_c, flash_report
 from .deploy.onnx import export_onnx
 from .methods import METHODS, AdmmConfig
-from .models import dense_epochs, load_start, save_weights
+from .models import dense_epochs, fitting_checkpoints, load_start, save_weights
 from .trainer import STARTS, EngineConfig, Engine, accuracy, first_batch_stable_lr, train_dense
 from .records import EpochRecord, FinalRecord, Record, StartRecord
 from .rundir import DENSE_FILE, RunDir, write_json
@@ -217,6 +217,14 @@ def _settings(args: argparse.Namespace, explicit: set[str]) -> dict:
     return {name: getattr(args, name) for name in METHOD_SETTINGS if name in own or name in explicit}
 
 
+def _mention_a_published_start(model: torch.nn.Module, name: str, epochs: int) -> None:
+    """Say so where a run is about to train `model` from scratch while a published checkpoint
+    ($JOINTCOMP_MODELS) fits it: a CIFAR ResNet's 30 dense epochs are over an hour on a CPU."""
+    for path in fitting_checkpoints(model, name)[:1]:
+        logging.getLogger("jointcomp").info("training %s dense for %d epochs first; the published %s fits it: "
+                                            "--pretrained %s starts from it instead", name, epochs, path.name, path)
+
+
 def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.resume:
         fixed = explicit - {"resume", *RESUME_OVERRIDES}
@@ -244,6 +252,8 @@ def cmd_compress(args: argparse.Namespace, explicit: set[str]) -> int:
                                  pretrained=args.pretrained)
         engine = Engine(model, data, config, run_dir=args.out, meta=model_description(args.model, data, args.data_dir),
                         overwrite=args.overwrite)
+        if pre_epochs:
+            _mention_a_published_start(model, args.model, pre_epochs)
     final = _progress(engine, 0)
     if final is None:
         return 1

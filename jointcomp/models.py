@@ -7,6 +7,7 @@ the module names of the published CIFAR-10 checkpoints, so those load as they ar
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import logging
@@ -229,6 +230,19 @@ def published_checkpoints(model_name: str, folder: str | os.PathLike | None = No
         return []
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and p.name.startswith(f"{model_name}-") and p.suffix in CHECKPOINT_SUFFIXES)
+
+
+def fitting_checkpoints(model: nn.Module, model_name: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """The `published_checkpoints` of `model_name` whose weights load into `model` as built for its
+    data (the CIFAR ResNets fit CIFAR-10 only); `model` is not changed."""
+    found = []
+    for path in published_checkpoints(model_name, folder):
+        try:
+            load_weights(copy.deepcopy(model), path)
+        except (ValueError, OSError):
+            continue
+        found.append(path)
+    return found
 
 
 OPTIONAL_BUFFERS = ("num_batches_tracked",)  # older checkpoints lack BatchNorm's step counter

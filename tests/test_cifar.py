@@ -179,6 +179,16 @@ def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, cach
 
 
 @needs_shared
+def test_a_compress_about_to_train_a_resnet_from_scratch_names_the_published_start(small_cifar, cache, tmp_path):
+    """Without --pretrained a CIFAR ResNet trains dense first (30 epochs by default: over an hour on a
+    CPU); where a published checkpoint in $JOINTCOMP_MODELS fits, the run says how to start from it."""
+    env = {"JOINTCOMP_CACHE": str(cache), "JOINTCOMP_MODELS": str(SHARED / "models")}
+    result = cli("compress", "--model", "resnet20", "--data", "cifar10", "--data-dir", small_cifar, "--dense-epochs", "1",
+                 "--epochs", "1", "--target", "50x", "--out", tmp_path / "r", env=env)
+    assert f"the published {RESNET20.name} fits it: --pretrained {RESNET20} starts from it instead" in result.stderr
+
+
+@needs_shared
 def test_the_app_can_start_from_a_published_checkpoint_instead_of_training(small_cifar, cache):
     from jointcomp.models import published_checkpoints
     from jointcomp.app.runner import prepare
