@@ -35,7 +35,8 @@ def conv_bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 MODELS = {
     "mlp": ("digits", lambda d: build_model("mlp", d.input_shape, d.num_classes)),
     "lenet5": ("fashion-mnist", lambda d: build_model("lenet5", d.input_shape, d.num_classes)),
-    "resnet20": ("fashion-mnist", lambda d: build_model("resnet20", d.input_shape, d.num_classes)),
+    "resnet20": ("digits", lambda d: build_model("resnet20", d.input_shape, d.num_classes)),  # on 8 x 8 images: the
+    # same network at a twelfth of Fashion-MNIST's pixels (its sharpness there took 41 of the test's 56 s)
     "torchvision:mobilenet_v3_small": (
         "fashion-mnist", lambda d: build_model("torchvision:mobilenet_v3_small", d.input_shape, d.num_classes)),
     "conv-bn factory": ("fashion-mnist", lambda d: conv_bn(d.input_shape, d.num_classes)),

@@ -128,7 +128,9 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet20", data.input_shape, 10)
     meta = {"model": "resnet20", "data": "digits32", "input_shape": [3, 32, 32], "num_classes": 10}
-    engine = Engine(model, data, EngineConfig(target="30x", epochs=1, dense_epochs=1, device="cpu"), meta=meta)
+    config = EngineConfig(target="30x", epochs=1, dense_epochs=1, device="cpu", auto_lr=False)  # the rate is not
+    # what this proves: its sharpness on 32 x 32 images was 21 of the test's 32 s
+    engine = Engine(model, data, config, meta=meta)
     final = list(engine)[-1]
     path = tmp_path / "resnet20.jcz"
     assert engine.export(str(path)) == path.stat().st_size == final.file_bytes
