@@ -294,15 +294,26 @@ def choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def assert_drawn(chart, rows: int = 0) -> None:
-    """A chart element whose plot is drawn: tall enough for its rows (12 px each, title, legend and
-    axis aside) and with coloured marks in its lower part (bars, lines), not only a title."""
+def not_drawn(chart, rows: int = 0) -> str:
+    """What a chart element lacks to count as drawn ('' when nothing): the height for its rows (12 px
+    each, title, legend and axis aside), and coloured marks in its lower part (bars, lines), not only
+    a title."""
     box = chart.bounding_box()
-    assert box["height"] >= 12 * rows + 100, f"{box['height']:.0f} px for {rows} rows"
+    if box["height"] < 12 * rows + 100:
+        return f"{box['height']:.0f} px for {rows} rows"
     drawn = pixels(chart.screenshot())
     lower = drawn[int(len(drawn) * 0.4):]
     coloured = int((lower.max(-1) - lower.min(-1) > 60).sum())
-    assert coloured >= 150, f"{coloured} coloured pixels below the title: no marks drawn"
+    return "" if coloured >= 150 else f"{coloured} coloured pixels below the title: no marks drawn"
+
+
+def assert_drawn(chart, rows: int = 0, timeout_s: float = 60) -> None:
+    """Wait until the chart is drawn (vega draws after the element appears); fail with what it lacks
+    if it is not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (lacks := not_drawn(chart, rows)) and time.monotonic() < deadline:
+        chart.page.wait_for_timeout(250)
+    assert not lacks, lacks
 
 
 SETTLED = """() => !document.querySelector('[data-testid="stStatusWidgetRunningIcon"]')
@@ -337,16 +348,14 @@ def test_every_chart_is_drawn_for_3_4_and_20_layers(app_url, browser, tmp_path, 
     allocation, tradeoff = (page.locator(f".st-key-whatif_{name} .vega-embed") for name in ("allocation", "tradeoff"))
     allocation.wait_for(timeout=300_000)
     tradeoff.wait_for(timeout=300_000)
-    page.wait_for_timeout(1000)  # vega draws asynchronously
-    page.screenshot(path=ARTIFACTS / f"8-what-if-{model}.png", full_page=True)
     assert_drawn(allocation, layers)
     assert_drawn(tradeoff)
+    page.screenshot(path=ARTIFACTS / f"8-what-if-{model}.png", full_page=True)
     page.get_by_role("button", name="Compress without training").click()
     result = page.locator(".st-key-result_allocation .vega-embed")
     result.wait_for(timeout=300_000)
-    page.wait_for_timeout(1000)
-    page.screenshot(path=ARTIFACTS / f"9-result-{model}.png", full_page=True)
     assert_drawn(result, layers)
+    page.screenshot(path=ARTIFACTS / f"9-result-{model}.png", full_page=True)
     if model != "mlp":
         page.get_by_role("link", name="Sweep").click()
         page.get_by_text("Methods").first.wait_for(timeout=60_000)
