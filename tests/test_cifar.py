@@ -156,7 +156,8 @@ def test_a_published_resnet20_compresses_exports_and_runs_as_c(small_cifar, cach
     env = {"JOINTCOMP_CACHE": str(cache)}
     out = tmp_path / "r20"
     cli("compress", "--model", "resnet20", "--data", "cifar10", "--data-dir", small_cifar, "--pretrained", RESNET20,
-        "--target", "50x", "--epochs", "1", "--out", out, env=env)
+        "--target", "50x", "--epochs", "1", "--lr", "0.01", "--out", out, env=env)  # a rate near what its sharpness
+    # allows (0.012-0.0135, BENCHMARKS.md), given: measuring it was 18 of the test's 42 s, and the export is what this proves
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"] > 0.3  # one epoch on 300 images, from 81 %
     evaluated = cli("evaluate", out / "model.jcz", "--data", "cifar10", "--data-dir", small_cifar, env=env).stdout

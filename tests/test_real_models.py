@@ -95,6 +95,8 @@ def test_conv_bn_factory_through_every_command(tmp_path, mode, target):
         assert jcz.stat().st_size <= 9000
     assert summary["accuracy"] > 0.8  # a working classifier, not only a file
 
+    if mode != "paper":  # the commands below read any .jcz alike
+        return
     report = jointcomp("inspect", jcz, cwd=tmp_path).stdout
     assert f"file size: {jcz.stat().st_size} B" in report
     evaluated = jointcomp("evaluate", jcz, "--data", "digits", "--allow-import", cwd=tmp_path).stdout
@@ -148,10 +150,11 @@ def test_resnet20_on_32x32_images_exports_and_reloads_exactly(digits, tmp_path):
 
 
 def test_torchvision_model_on_one_channel_data(tmp_path):
-    """torchvision's models expect RGB: the first convolution is adapted, and said so."""
+    """torchvision's models expect RGB: the first convolution is adapted, and said so. (Neither dense
+    training nor the rate's measurement is what this proves: no dense epoch, the rate given.)"""
     out = tmp_path / "run"
     result = jointcomp("compress", "--model", "torchvision:mobilenet_v3_small", "--data", "digits",
-                       "--dense-epochs", "1", "--epochs", "1", "--target", "30x", "--out", out, cwd=tmp_path)
+                       "--dense-epochs", "0", "--epochs", "1", "--lr", "0.05", "--target", "30x", "--out", out, cwd=tmp_path)
     assert "adapted from 3 to 1 input channels" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["size_bits"] <= summary["target_bits"]
