@@ -257,8 +257,8 @@ def _cached_images(source: Path) -> tuple[torch.Tensor, ...]:
     """The train and test images (uint8, N x C x H x W) and labels of an ImageFolder-style
     archive or folder, decoded once and kept as a safetensors file in `cache_dir()`: one file per
     source path, holding the size and time of the source it was decoded from, and decoded again
-    (replaced, not kept beside) when the source changes. A cache that cannot be written only
-    costs the decoding."""
+    (replaced, not kept beside) when the source changes; earlier versions' files of it are removed.
+    A cache that cannot be written only costs the decoding."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
@@ -266,6 +266,7 @@ def _cached_images(source: Path) -> tuple[torch.Tensor, ...]:
     made_from = f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
     key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
     cached = cache_dir() / f"{source.name.split('.')[0]}-{key}.safetensors"
+    _remove_earlier_caches(cached)
     if cached.is_file():
         try:
             with safe_open(str(cached), "pt") as f:
@@ -283,6 +284,29 @@ def _cached_images(source: Path) -> tuple[torch.Tensor, ...]:
     except OSError as err:
         log.info("cannot cache the decoded images in %s (%s); set $JOINTCOMP_CACHE", cached.parent, err)
     return split["train_x"], split["train_y"], split["test_x"], split["test_y"]
+
+
+def _remove_earlier_caches(kept: Path) -> None:
+    """Delete the decoded-image files that jointcomp versions before one file per source wrote
+    beside `kept` (named as it is, with a key of the source's path, size and time, and no "source"
+    in their metadata): nothing reads them any more, and a CIFAR-10 one is 184 MB. Files with that
+    metadata are other sources' caches, and stay; so does anything that cannot be read."""
+    from safetensors import safe_open
+
+    stem = kept.name.rsplit("-", 1)[0]
+    for path in kept.parent.glob(f"{stem}-*.safetensors"):
+        if path == kept or not re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{16}}\.safetensors", path.name):
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                earlier = "source" not in (f.metadata() or {})
+            if earlier:
+                size = path.stat().st_size
+                path.unlink()
+                log.info("removed %s (%.0f MB): images decoded by an earlier jointcomp, which this one does not read",
+                         path, size / 1e6)
+        except Exception:  # unreadable or gone: not this function's to judge
+            continue
 
 
 _MEMBER = re.compile(r"(?:^|/)(train|test|val)/([^/]+)/[^/]+$")

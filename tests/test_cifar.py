@@ -91,6 +91,28 @@ def test_a_changed_archive_is_decoded_again_into_the_same_cache_file(small_cifar
 
 
 @needs_shared
+def test_decoding_removes_the_cache_files_of_earlier_versions_and_no_others(small_cifar, cache):
+    """jointcomp before one file per source named its files by the source's path, size and time and
+    wrote no metadata: a user who upgraded kept 184 MB per such file. Loading removes them, whether it
+    decodes or reads its cache; another source's current cache, an unreadable file and files of other
+    names stay."""
+    cache.mkdir()
+    earlier = cache / "cifar10-jpeg-0123456789abcdef.safetensors"
+    save_file({"train_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, str(earlier))
+    other = cache / "cifar10-jpeg-fedcba9876543210.safetensors"
+    save_file({"train_x": torch.zeros(1)}, str(other), metadata={"source": "1 bytes, modified 1 ns"})
+    broken, foreign = cache / "cifar10-jpeg-00000000aaaaaaaa.safetensors", cache / "cifar10-jpeg-mine.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    load_dataset("cifar10", small_cifar)
+    assert not earlier.exists() and other.exists() and broken.exists() and foreign.exists()
+    assert len(list(cache.glob("*.safetensors"))) == 4  # the three kept and the new cache
+    save_file({"train_x": torch.zeros(1)}, str(earlier))  # written by an earlier version after this one's
+    load_dataset("cifar10", small_cifar)
+    assert not earlier.exists() and len(list(cache.glob("*.safetensors"))) == 4
+
+
+@needs_shared
 def test_the_published_checkpoints_load_as_they_are_and_classify(small_cifar, cache):
     data = load_dataset("cifar10", small_cifar)
     for name, path in (("resnet20", RESNET20), ("resnet56", RESNET56)):
