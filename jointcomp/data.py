@@ -7,6 +7,7 @@ the caller asks for it (`download=True`).
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import io
@@ -293,9 +294,9 @@ def _remove_earlier_caches(kept: Path) -> None:
     metadata are other sources' caches, and stay; so does anything that cannot be read."""
     from safetensors import safe_open
 
-    stem = kept.name.rsplit("-", 1)[0]
-    for path in kept.parent.glob(f"{stem}-*.safetensors"):
-        if path == kept or not re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{16}}\.safetensors", path.name):
+    stem = glob.escape(kept.name.rsplit("-", 1)[0])
+    for path in kept.parent.glob(f"{stem}-{'[0-9a-f]' * 16}.safetensors"):
+        if path == kept:
             continue
         try:
             with safe_open(str(path), "pt") as f:

@@ -91,7 +91,7 @@ def test_a_changed_archive_is_decoded_again_into_the_same_cache_file(small_cifar
 
 
 @needs_shared
-def test_decoding_removes_the_cache_files_of_earlier_versions_and_no_others(small_cifar, cache):
+def test_loading_removes_the_cache_files_of_earlier_versions_and_no_others(small_cifar, cache):
     """jointcomp before one file per source named its files by the source's path, size and time and
     wrote no metadata: a user who upgraded kept 184 MB per such file. Loading removes them, whether it
     decodes or reads its cache; another source's current cache, an unreadable file and files of other
