@@ -194,25 +194,27 @@ def test_each_column_is_rounded_after_the_corrections_of_those_before():
     assert output_error(q) < 0.8 * output_error(plain)
 
 
-def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it():
+@pytest.mark.parametrize("codebooks", [300, 1])
+def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it(codebooks):
     """The column loop finds each value's nearest centre among its own codebook's midpoints with one
-    searchsorted over all codebooks (float order as integer keys), rows sharing codebooks: the same
-    index as counting the midpoints <= the value, for values on a midpoint, at -0.0 and 0.0, and
-    tiny, equal or repeated centres."""
+    searchsorted (over all codebooks, float order as integer keys, rows sharing codebooks; or over
+    the one codebook's midpoints): the index in all the centres of its codebook's first centre plus
+    the count of its midpoints <= the value, for values on a midpoint, at -0.0 and 0.0, and tiny,
+    equal or repeated centres."""
     import numpy
 
     rng = numpy.random.default_rng(0)
     odd = numpy.array([-1.5, -0.3, -0.0, 0.0, 0.2, 0.2, 1e-30, -1e-30, 3.0], dtype=numpy.float32)
-    books = numpy.sort(numpy.concatenate([rng.choice(odd, (300, 12)), rng.standard_normal((300, 4))], 1), 1)
-    books = torch.from_numpy(books.astype(numpy.float32))
-    mids = ((books[:, :-1] + books[:, 1:]) / 2).numpy()
+    books = numpy.sort(numpy.concatenate([rng.choice(odd, (codebooks, 12)), rng.standard_normal((codebooks, 4))], 1), 1)
+    books = books.astype(numpy.float32)
+    mids = (books[:, :-1] + books[:, 1:]) / 2
     rows = rng.integers(0, len(mids), 1000)  # each value's codebook
-    count = posttrain._counter_at_or_below(mids, rows)
+    nearest = posttrain._nearest_centre(books, rows)
     for _ in range(20):
         on_mid = mids[rows, rng.integers(0, mids.shape[1], len(rows))]
         values = numpy.where(rng.random(len(rows)) < 0.5, on_mid, rng.standard_normal(len(rows)))
         values = numpy.where(rng.random(len(rows)) < 0.1, -0.0, values).astype(numpy.float32)
-        assert numpy.array_equal(count(values), (mids[rows] <= values[:, None]).sum(1))
+        assert numpy.array_equal(nearest(values), rows * books.shape[1] + (mids[rows] <= values[:, None]).sum(1))
 
 
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():

@@ -725,51 +725,53 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     does, a character-level GPT at 16x ended 23 % above its dense validation loss instead of 9 %,
     BENCHMARKS.md). The column loop is thousands of steps on a few hundred numbers each: it runs in
     NumPy on the CPU, whose cost per call is a fraction of torch's (the same arithmetic and results;
-    a LeNet-5 what-if in the app's thread spent half its time here in torch), each column contiguous
-    (a block is held transposed), its error spread one column at a time only over the STEP columns
-    it is among and by one product over the rest of the block (the same sums in another order: a
-    ResNet-56's option tables 22 s -> 12 s), and the blocks' updates of the columns after them in
-    torch."""
+    a LeNet-5 what-if in the app's thread spent half its time here in torch), on the weights held
+    transposed from start to end (a column contiguous, a block a view), its error spread one column
+    at a time only over the STEP columns it is among and by one product over the rest of the block
+    (the same sums in another order: a ResNet-56's option tables 22 s -> 12 s), and each block's
+    update of the columns after it by one product (held in torch's layout, those two products and the
+    copies between the layouts were half of a LeNet-5 layer's 0.2 s)."""
     device, (groups, rows, columns) = w.device, w.shape
-    w, factor = w.detach().cpu().float().clone(), factor.cpu()
-    books, book_of = books.float().cpu(), numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups)
-    nearest_centre = _counter_at_or_below(((books[:, :-1] + books[:, 1:]) / 2).numpy(), book_of)
-    books, kept = books.numpy(), mask.cpu().numpy().copy()
-    q = torch.zeros_like(w)
+    wt = w.detach().cpu().float().transpose(1, 2).contiguous().numpy()  # (groups, columns, rows)
+    factor, books = factor.cpu().float().numpy(), books.cpu().float().numpy()
+    nearest_centre = _nearest_centre(books, numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups))
+    centres, kept = books.ravel(), mask.cpu().numpy().transpose(0, 2, 1).copy()
+    q = numpy.zeros_like(wt)
     for s in range(0, columns, BLOCK):
         e = min(s + BLOCK, columns)
-        block, f = w[:, :, s:e].numpy(), factor[:, s:e, s:e].numpy()
-        score = numpy.square(block / numpy.diagonal(f, axis1=1, axis2=2)[:, None, :])
-        order = numpy.argsort(-score, axis=-1, kind="stable")  # each row's largest first, ties by column
-        numpy.put_along_axis(kept[:, :, s:e], order, numpy.arange(e - s) < kept[:, :, s:e].sum(-1, keepdims=True), -1)
-        block, keep = block.transpose(0, 2, 1).copy(), kept[:, :, s:e].transpose(0, 2, 1).copy()  # a column contiguous
-        rounded, errors = numpy.zeros_like(block), numpy.zeros_like(block)
+        block, f, keep, rounded = wt[:, s:e], factor[:, s:e, s:e], kept[:, s:e], q[:, s:e]  # views, written through
+        score = numpy.square(block / numpy.diagonal(f, axis1=1, axis2=2)[:, :, None])
+        order = numpy.argsort(-score, axis=1, kind="stable")  # each row's largest first, ties by column
+        numpy.put_along_axis(keep, order, numpy.arange(e - s)[:, None] < keep.sum(1, keepdims=True), 1)
+        errors = numpy.zeros_like(block)
         for t in range(0, e - s, STEP):
             u = min(t + STEP, e - s)
             for i in range(t, u):
                 col = block[:, i]
-                nearest = nearest_centre(col.reshape(-1))
-                rounded[:, i] = numpy.where(keep[:, i], books[book_of, nearest].reshape(groups, rows), 0)
+                rounded[:, i] = numpy.where(keep[:, i], centres[nearest_centre(col.ravel())].reshape(groups, rows), 0)
                 errors[:, i] = (col - rounded[:, i]) / f[:, i, i, None]
                 block[:, i + 1:u] -= f[:, i, i + 1:u, None] * errors[:, i, None]
             block[:, u:] -= f[:, t:u, u:].transpose(0, 2, 1) @ errors[:, t:u]
-        q[:, :, s:e] = torch.from_numpy(rounded).transpose(1, 2)
-        errors = errors.transpose(0, 2, 1)
-        w[:, :, e:] -= torch.from_numpy(errors) @ factor[:, s:e, e:]
-    return q.to(device), torch.from_numpy(kept).to(device)
+        wt[:, e:] -= factor[:, s:e, e:].transpose(0, 2, 1) @ errors
+    return (torch.from_numpy(q).transpose(1, 2).contiguous().to(device),
+            torch.from_numpy(kept).transpose(1, 2).contiguous().to(device))
 
 
-def _counter_at_or_below(mids: numpy.ndarray, row: numpy.ndarray) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """For sorted float32 `mids` (codebooks, k) and the codebook `row` (int64) of each value to come:
-    a function that takes those values and says how many of its codebook's mids are <= each (the
-    index of its nearest centre), exactly (mids[row] <= values[:, None]).sum(1), in log k steps a
-    value instead of k (the option tables round 3,840 rows against 255 mids each, a column at a
-    time: 26 s of a ResNet-56's calibration). Every codebook's mids go in one sorted array of int64
+def _nearest_centre(books: numpy.ndarray, row: numpy.ndarray) -> Callable[[numpy.ndarray], numpy.ndarray]:
+    """For sorted float32 `books` (codebooks, centres) and the codebook `row` (int64) of each value
+    to come: a function that takes those values and gives the index of each one's nearest centre in
+    `books.ravel()`, exactly its codebook's first centre plus the count of its midpoints <= the
+    value, in log k steps a value instead of k (the option tables round 3,840 rows against 255
+    midpoints each, a column at a time: 26 s of a ResNet-56's calibration). One codebook: a
+    searchsorted of its midpoints. Several: every codebook's midpoints in one sorted array of int64
     keys, a float's order in its low 32 bits and its codebook above them, so one searchsorted
     answers all rows (an option table's rows share their option's codebook 16 at a time: the keys
     a sixteenth as many, and in cache)."""
+    mids = (books[:, :-1] + books[:, 1:]) / 2
+    if len(books) == 1:
+        return lambda values: mids[0].searchsorted(values, side="right")  # -0.0 and 0.0 compare equal
     keys = (_order_key(mids) + (numpy.arange(len(mids), dtype=numpy.int64)[:, None] << 32)).ravel()
-    above, offsets = row << 32, row * mids.shape[1]
+    above, offsets = row << 32, row * mids.shape[1] - row * books.shape[1]
     return lambda values: numpy.searchsorted(keys, _order_key(values) + above, side="right") - offsets
 
 
