@@ -217,6 +217,22 @@ def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it(
         assert numpy.array_equal(nearest(values), rows * books.shape[1] + (mids[rows] <= values[:, None]).sum(1))
 
 
+def test_the_layers_codebooks_fitted_together_are_each_the_one_fitted_alone():
+    """A candidate's layers get their codebooks in one batched fit: each the very codebook its layer's
+    kept weights get alone (sets of every size: exact below EXACT_BELOW values, sampled above the
+    sample, one value, as many values as centres), so batching changes no result."""
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) * scale for shape, scale in
+               [((20, 1, 5, 5), 0.3), ((500, 800), 0.02), ((50, 20, 5, 5), 0.05), ((10, 500), 0.1), ((4, 4), 1.0)]]
+    masks = [torch.rand(w.shape) < keep for w, keep in zip(weights, (0.5, 0.05, 0.2, 0.9, 0.0))]
+    masks[-1][0, 0] = True  # a layer keeping one weight
+    bits = torch.tensor([2, 3, 5, 8, 1])
+    together = posttrain.layer_codebooks(weights, masks, bits)
+    for w, m, b, book in zip(weights, masks, bits, together):
+        alone = posttrain.layer_codebooks([w], [m], b[None])[0]
+        assert book.numel() == 2 ** int(b) and torch.equal(book, alone)
+
+
 def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     """SparseGPT's adaptive mask: the second block of columns repeats the first block's inputs, so
     pruning the first block's large weights moves them onto their twins, small in the dense weight.
