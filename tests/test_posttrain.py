@@ -19,7 +19,7 @@ from torch import nn
 
 import jointcomp
 from jointcomp import EngineConfig, Engine, whatif
-from jointcomp.budget import Budget
+from jointcomp.budget import BIT_CHOICES, Budget
 from jointcomp.deploy.c import export_c
 from jointcomp.methods import posttrain
 from jointcomp.models import build_model
@@ -324,6 +324,25 @@ def test_reconstructing_in_order_makes_up_for_the_layers_before(network, closer,
     _, in_order = comp.method.reconstruct(alloc.masks, alloc.bits, budget, in_order=True)
     assert in_order < closer * apart, (in_order, apart)
     assert _distance(model, comp.names, alloc, torch.cat(inputs)) == pytest.approx(in_order, rel=1e-4)  # what allocate gives
+
+
+def test_the_uniform_candidate_is_the_uniform_allocation_of_least_table_error(trained_mlp, digits):
+    """A draft's third candidate: of the uniform allocations that fit (one bitwidth, one density),
+    the one whose option-table errors at its masks' kept counts sum least; its masks are made for
+    it alone, and are those `uniform` gives at its bitwidth."""
+    comp = jointcomp.Compressor(copy.deepcopy(trained_mlp), "50x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    method, budget = comp.method, Budget(comp.target_bits)
+    fits = [found for b in BIT_CHOICES if (found := method.uniform(b, budget)) is not None]
+    assert len(fits) > 1
+
+    def table_error(masks: list[torch.Tensor], bits: torch.Tensor) -> float:
+        return sum(posttrain._table_error(keeps, errors, int(m.sum()), int(b))
+                   for (keeps, errors), m, b in zip(method.tables.layers, masks, bits))
+
+    masks, bits = min(fits, key=lambda found: table_error(*found))
+    chosen_masks, chosen_bits = method._uniform_candidate(budget)
+    assert torch.equal(chosen_bits, bits) and all(torch.equal(a, b) for a, b in zip(chosen_masks, masks))
 
 
 def test_the_allocation_at_a_budget_just_drafted_takes_that_draft(trained_mlp, digits, monkeypatch):

@@ -322,6 +322,14 @@ class PostTrain(Method):
     def uniform(self, b: int, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """Uniform allocation at `b` bits: one bitwidth and the one density that fills `budget` for
         every layer, each layer's weights of largest (w / d)^2 kept; None when it does not fit."""
+        found = self._uniform_counts(b, budget)
+        if found is None:
+            return None
+        bits, keep = found
+        return [top_k_mask(score, k) for score, k in zip(self.scaled, keep)], bits
+
+    def _uniform_counts(self, b: int, budget: Budget) -> tuple[torch.Tensor, list[int]] | None:
+        """`uniform`'s bits and each layer's kept count, without its masks."""
         bits, density = self.projector.uniform_density(b, budget)
         if density <= 0:
             return None
@@ -330,23 +338,24 @@ class PostTrain(Method):
         size = self.projector.accounting.size_bits(bits, torch.tensor(keep, dtype=torch.float64), numel, budget.density)
         if size + self.projector.reserved_bits > budget.bits:
             return None
-        return [top_k_mask(score, k) for score, k in zip(self.scaled, keep)], bits
+        return bits, keep
 
     def _uniform_candidate(self, budget: Budget) -> tuple[list[torch.Tensor], torch.Tensor] | None:
-        """Of the uniform allocations that fit, the one whose summed option-table error is least.
-        Where every option is cheap (8x, 16x on ResNet-20) one bitwidth everywhere reconstructs as well
-        as the joint choice or better: the tables price layers alone, and how errors compound decides."""
+        """Of the uniform allocations that fit, the one whose summed option-table error is least
+        (its masks made for it alone). Where every option is cheap (8x, 16x on ResNet-20) one
+        bitwidth everywhere reconstructs as well as the joint choice or better: the tables price
+        layers alone, and how errors compound decides."""
         best, least = None, math.inf
         for b in BIT_CHOICES:
-            found = self.uniform(b, budget)
+            found = self._uniform_counts(b, budget)
             if found is None:
                 continue
-            masks, bits = found
-            error = sum(_table_error(keeps, errors, int(m.sum()), int(layer_bits))
-                        for (keeps, errors), m, layer_bits in zip(self.tables.layers, masks, bits))
+            bits, keep = found
+            error = sum(_table_error(keeps, errors, k, int(layer_bits))
+                        for (keeps, errors), k, layer_bits in zip(self.tables.layers, keep, bits))
             if error < least:
-                best, least = found, error
-        return best
+                best, least = b, error
+        return None if best is None else self.uniform(best, budget)
 
     def reconstruct(self, masks: list[torch.Tensor], bits: torch.Tensor, budget: Budget, in_order: bool = True,
                     sketch: bool = False, told: Callable[[int, str], None] | None = None) -> tuple[Allocation, float]:
