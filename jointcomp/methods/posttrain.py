@@ -791,8 +791,9 @@ def _nearest_centre(books: numpy.ndarray, row: numpy.ndarray) -> Callable[[numpy
     if len(books) == 1:
         return lambda values: mids[0].searchsorted(values, side="right")  # -0.0 and 0.0 compare equal
     keys = (_order_key(mids) + (numpy.arange(len(mids), dtype=numpy.int64)[:, None] << 32)).ravel()
-    above, offsets = row << 32, row * mids.shape[1] - row * books.shape[1]
-    return lambda values: numpy.searchsorted(keys, _order_key(values) + above, side="right") - offsets
+    above = row << 32
+    # among the keys a value's place is row * (k - 1) + count; among the centres, row * k + count
+    return lambda values: numpy.searchsorted(keys, _order_key(values) + above, side="right") + row
 
 
 def _order_key(values: numpy.ndarray) -> numpy.ndarray:
