@@ -219,8 +219,8 @@ def test_the_nearest_centre_of_each_row_is_found_as_a_plain_comparison_finds_it(
 
 def test_the_layers_codebooks_fitted_together_are_each_the_one_fitted_alone():
     """A candidate's layers get their codebooks in one batched fit: each the very codebook its layer's
-    kept weights get alone (sets of every size: exact below EXACT_BELOW values, sampled above the
-    sample, one value, as many values as centres), so batching changes no result."""
+    kept weights get alone (sets of every size: exact below EXACT_BELOW values, Lloyd's above, one
+    value, fewer values than centres), so batching changes no result."""
     torch.manual_seed(0)
     weights = [torch.randn(shape) * scale for shape, scale in
                [((20, 1, 5, 5), 0.3), ((500, 800), 0.02), ((50, 20, 5, 5), 0.05), ((10, 500), 0.1), ((4, 4), 1.0)]]
