@@ -313,17 +313,38 @@ def test_reconstructing_in_order_makes_up_for_the_layers_before(network, closer,
     outputs closer to the dense network's than reconstructing each on its dense inputs, with the
     same masks and bits. With BatchNorm, only if each layer's inputs are normalized as they will be
     (the statistics before it moved first): aimed through stale statistics, this conv-BN network's
-    outputs ended 6x farther than on dense inputs."""
+    outputs ended 6x farther than on dense inputs. The first layer, which nothing compressed comes
+    before, is the same in both."""
     model = trained_mlp if network == "mlp" else _conv_bn_on_digits(digits)
     comp = jointcomp.Compressor(model, "200x", method="posttrain")
     inputs = calibration_inputs(digits, 256, seed=0, device=torch.device("cpu"))
     comp.calibrate(inputs)
     budget = Budget(comp.target_bits)
+    drafted = comp.method.draft(budget)
+    on_dense, apart = comp.method.reconstruct(drafted.masks, drafted.bits, budget, in_order=False)
+    layered, in_order = comp.method.reconstruct(drafted.masks, drafted.bits, budget, in_order=True)
     alloc = comp.method.allocate(budget)
-    _, apart = comp.method.reconstruct(alloc.masks, alloc.bits, budget, in_order=False)
-    _, in_order = comp.method.reconstruct(alloc.masks, alloc.bits, budget, in_order=True)
     assert in_order < closer * apart, (in_order, apart)
+    assert torch.equal(layered.values[0], on_dense.values[0]) and torch.equal(layered.codebooks[0], on_dense.codebooks[0])
+    assert not torch.equal(layered.values[-1], on_dense.values[-1])
     assert _distance(model, comp.names, alloc, torch.cat(inputs)) == pytest.approx(in_order, rel=1e-4)  # what allocate gives
+
+
+def test_a_reconstruction_is_remembered_for_its_very_masks_not_for_masks_of_as_many_weights(trained_mlp, digits):
+    """`reconstruct` remembers its latest results: masks that keep as many weights in each layer, in
+    other places, get a reconstruction of their own (the codebook fitted to the weights they keep),
+    not one remembered for other masks."""
+    comp = jointcomp.Compressor(trained_mlp, "50x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    budget = Budget(comp.target_bits)
+    drafted = comp.method.draft(budget)
+    moved = [m.flip(-1) for m in drafted.masks]  # as many kept in every row, at other columns
+    assert all(not torch.equal(a, b) for a, b in zip(moved, drafted.masks))
+    again, _ = comp.method.reconstruct(moved, drafted.bits, budget, in_order=False)
+    w, h = comp.method.params[0].detach().float(), comp.method.hessians[0]
+    book, values, kept = posttrain.reconstruct_layer(w, h, moved[0], int(drafted.bits[0]))
+    assert torch.equal(again.codebooks[0], book) and torch.equal(again.values[0], values)
+    assert torch.equal(again.masks[0], kept)
 
 
 def test_the_uniform_candidate_is_the_uniform_allocation_of_least_table_error(trained_mlp, digits):
