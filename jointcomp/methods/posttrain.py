@@ -407,8 +407,9 @@ class PostTrain(Method):
                     return
                 dense, compressed = self.dense.inputs[name], args[0].detach()
                 if not found and len(self.users[j]) == 1 and torch.equal(dense, compressed):
-                    rebuild(j, self.params[j].detach().float(), self.hessians[j], self.factors[j])  # as on dense inputs
-                    return  # (nothing compressed before it: the moments are H, W* is W)
+                    # nothing compressed comes before it: its moments would be H and W* = W
+                    rebuild(j, self.params[j].detach().float(), self.hessians[j], self.factors[j])
+                    return
                 cross, h = _mean_moments([(module, dense, compressed)])
                 rebuild(j, _towards_dense(self.params[j].detach().float(), cross, h), h)
             return hook
