@@ -272,12 +272,13 @@ class PostTrain(Method):
 
     def _draft(self, budget: Budget, report: ProgressCallback) -> tuple[Allocation, float, int]:
         """`draft`'s allocation, its outputs' distance from the dense network's and how many candidates
-        it compared, telling `report` of each layer
-        reconstructed as a share of `allocate`'s reconstructions (the candidates', then one in order).
+        it compared, telling `report` of each layer reconstructed as a share of `allocate`'s
+        reconstructions (the candidates', then one in order).
         The latest is remembered: a budget searched on drafts is then allocated at the same budget
         (`trim_to_fit`), and the candidates' two projections are 0.1-0.3 s of a LeNet-5 what-if's 3 s."""
         if self._drafted is not None and _same_budget(self._drafted[0], budget):
-            return copy.copy(self._drafted[1]), self._drafted[2], self._drafted[3]
+            _, alloc, distance, compared = self._drafted
+            return copy.copy(alloc), distance, compared
         candidates = [self._tables_candidate(budget)]
         magnitude = self.projector.joint([p.detach().float() for p in self.params], budget)
         candidates.append((magnitude.masks, magnitude.bits, magnitude.lambda_prune, magnitude.lambda_quant))
@@ -405,13 +406,13 @@ class PostTrain(Method):
             def hook(module: nn.Module, args: tuple) -> None:
                 if j in found:  # a weight several modules use: on the inputs of the first the pass reaches
                     return
-                dense, compressed = self.dense.inputs[name], args[0].detach()
+                weight, dense, compressed = self.params[j].detach().float(), self.dense.inputs[name], args[0].detach()
                 if not found and len(self.users[j]) == 1 and torch.equal(dense, compressed):
                     # nothing compressed comes before it: its moments would be H and W* = W
-                    rebuild(j, self.params[j].detach().float(), self.hessians[j], self.factors[j])
+                    rebuild(j, weight, self.hessians[j], self.factors[j])
                     return
                 cross, h = _mean_moments([(module, dense, compressed)])
-                rebuild(j, _towards_dense(self.params[j].detach().float(), cross, h), h)
+                rebuild(j, _towards_dense(weight, cross, h), h)
             return hook
 
         if in_order:
@@ -583,7 +584,8 @@ def _shrunk(cross: torch.Tensor, gram: torch.Tensor, fourth: torch.Tensor, count
     spread = centred.square().sum((-2, -1))  # |H - mean I|^2
     noise = (fourth - gram.square().sum((-2, -1))) / count  # of the estimate H, |H_sample - H|^2 expected
     rho = torch.where(spread > 0, (noise / spread.clamp(min=1e-300)).clamp(0, 1), torch.zeros_like(spread))
-    return _plus_diagonal((1 - rho[:, None, None]) * cross, rho * mean), _plus_diagonal((1 - rho[:, None, None]) * gram, rho * mean)
+    keep, ridge = (1 - rho)[:, None, None], rho * mean
+    return _plus_diagonal(keep * cross, ridge), _plus_diagonal(keep * gram, ridge)
 
 
 def _plus_diagonal(m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
