@@ -771,10 +771,14 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     at a time only over the STEP columns it is among and by one product over the rest of the block
     (the same sums in another order: a ResNet-56's option tables 22 s -> 12 s), and each block's
     update of the columns after it by one product (held in torch's layout, those two products and the
-    copies between the layouts were half of a LeNet-5 layer's 0.2 s)."""
+    copies between the layouts were half of a LeNet-5 layer's 0.2 s). The two products are torch's, on
+    the memory the NumPy steps work in: NumPy's own BLAS threads, woken by a product, went on spinning
+    on the cores torch's next forward pass needed (a LeNet-5 what-if 1.75 s -> 1.25 s a move,
+    BENCHMARKS.md)."""
     device, (groups, rows, columns) = w.device, w.shape
-    wt = w.detach().cpu().float().transpose(1, 2).contiguous().numpy()  # (groups, columns, rows)
-    factor, books = factor.cpu().float().numpy(), books.cpu().float().numpy()
+    wt_torch = w.detach().cpu().float().transpose(1, 2).contiguous()  # (groups, columns, rows)
+    factor_torch = factor.cpu().float().contiguous()
+    wt, factor, books = wt_torch.numpy(), factor_torch.numpy(), books.cpu().float().numpy()  # the same memory
     nearest_centre = _nearest_centre(books, numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups))
     centres, kept = books.ravel(), mask.cpu().numpy().transpose(0, 2, 1).copy()
     q = numpy.zeros_like(wt)
@@ -784,7 +788,8 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
         score = numpy.square(block / numpy.diagonal(f, axis1=1, axis2=2)[:, :, None])
         order = numpy.argsort(-score, axis=1, kind="stable")  # each row's largest first, ties by column
         numpy.put_along_axis(keep, order, numpy.arange(e - s)[:, None] < keep.sum(1, keepdims=True), 1)
-        errors = numpy.zeros_like(block)
+        errors_torch = torch.zeros(groups, e - s, rows)
+        errors = errors_torch.numpy()
         for t in range(0, e - s, STEP):
             u = min(t + STEP, e - s)
             for i in range(t, u):
@@ -792,8 +797,8 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
                 rounded[:, i] = numpy.where(keep[:, i], centres[nearest_centre(col.ravel())].reshape(groups, rows), 0)
                 errors[:, i] = (col - rounded[:, i]) / f[:, i, i, None]
                 block[:, i + 1:u] -= f[:, i, i + 1:u, None] * errors[:, i, None]
-            block[:, u:] -= f[:, t:u, u:].transpose(0, 2, 1) @ errors[:, t:u]
-        wt[:, e:] -= factor[:, s:e, e:].transpose(0, 2, 1) @ errors
+            wt_torch[:, s + u:e].baddbmm_(factor_torch[:, s + t:s + u, s + u:e].mT, errors_torch[:, t:u], alpha=-1)
+        wt_torch[:, e:].baddbmm_(factor_torch[:, s:e, e:].mT, errors_torch, alpha=-1)
     return (torch.from_numpy(q).transpose(1, 2).contiguous().to(device),
             torch.from_numpy(kept).transpose(1, 2).contiguous().to(device))
 
