@@ -252,6 +252,36 @@ def test_each_block_keeps_the_weights_the_corrections_before_it_made_large():
     assert kept[:, :, posttrain.BLOCK:posttrain.BLOCK + 32].all() and torch.equal(kept.sum(-1), mask.sum(-1))
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 3, 3), (1, 16), (6, 16)], ids=["depthwise", "one-output", "six-rows"])
+def test_reconstructing_a_layer_leaves_the_weight_it_is_given_as_it_was(shape):
+    """`reconstruct_layer` gives a new weight and leaves the one it starts from as it was, also where
+    each group of the layer has one row (a depthwise convolution, a Linear layer of one output): there
+    the column loop's transposed copy of the weight would be the weight's own memory."""
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    groups, columns = (shape[0], 9) if len(shape) == 4 else (1, shape[1])
+    x = torch.randn(groups, 300, columns)
+    h = torch.einsum("gnc,gnd->gcd", x, x) / 300
+    given = weight.clone()
+    _, q, kept = posttrain.reconstruct_layer(weight, h, torch.rand(shape) < 0.5, 2)
+    assert torch.equal(weight, given)
+    assert not torch.equal(q, weight) and (q[~kept] == 0).all()
+
+
+def test_the_what_ifs_leave_a_network_of_depthwise_convolutions_dense(digits):
+    """Compressing without training at two targets touches none of the weights it compresses from
+    (the app's what-ifs ask again and again of the same dense network), depthwise layers included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, digits.num_classes))
+    dense = copy.deepcopy(model.state_dict())
+    comp = jointcomp.Compressor(model, "20x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 128, seed=0, device=torch.device("cpu")))
+    for target in ("20x", "60x"):
+        whatif.plan(comp, target)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())
+
+
 def test_moments_of_few_inputs_are_shrunk_towards_the_truth_and_of_many_left_alone():
     """H of a Linear layer from fewer calibration inputs than it has columns is a noisy estimate of
     its inputs' true second moments: shrunk (Ledoit-Wolf) it is closer to them than the sample's own;

@@ -776,7 +776,9 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     on the cores torch's next forward pass needed (a LeNet-5 what-if 1.75 s -> 1.25 s a move,
     BENCHMARKS.md)."""
     device, (groups, rows, columns) = w.device, w.shape
-    wt_torch = w.detach().cpu().float().transpose(1, 2).contiguous()  # (groups, columns, rows)
+    # (groups, columns, rows), a copy whatever the shape: with one row per group (a depthwise convolution, a
+    # Linear layer of one output) the transpose is contiguous already and the loop wrote into the caller's weight
+    wt_torch = w.detach().cpu().float().transpose(1, 2).clone(memory_format=torch.contiguous_format)
     factor_torch = factor.cpu().float().contiguous()
     wt, factor, books = wt_torch.numpy(), factor_torch.numpy(), books.cpu().float().numpy()  # the same memory
     nearest_centre = _nearest_centre(books, numpy.tile(book_of.cpu().numpy().astype(numpy.int64), groups))
