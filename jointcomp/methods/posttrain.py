@@ -773,8 +773,8 @@ def _round_columns(w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor, bo
     update of the columns after it by one product (held in torch's layout, those two products and the
     copies between the layouts were half of a LeNet-5 layer's 0.2 s). The two products are torch's, on
     the memory the NumPy steps work in: NumPy's own BLAS threads, woken by a product, went on spinning
-    on the cores torch's next forward pass needed (a LeNet-5 what-if 1.75 s -> 1.25 s a move,
-    BENCHMARKS.md)."""
+    on the cores torch's next forward pass needed (a LeNet-5 what-if 1.64-1.70 s -> 1.32-1.38 s a move,
+    bench/whatif_moves.py, BENCHMARKS.md)."""
     device, (groups, rows, columns) = w.device, w.shape
     # (groups, columns, rows), a copy whatever the shape: with one row per group (a depthwise convolution, a
     # Linear layer of one output) the transpose is contiguous already and the loop wrote into the caller's weight
