@@ -492,18 +492,30 @@ def test_posttrain_is_deterministic_and_a_new_target_reuses_the_option_tables(tr
     assert comp.method.allocate(Budget(comp.resolve("200x"))).size_bits <= comp.resolve("200x")
 
 
-def test_calibration_gives_torchs_threads_back(trained_mlp, digits):
-    """The option tables are built in a thread of their own on one intra-op thread while the
-    sensitivities take the rest: after it, the caller and every thread started later have torch's
-    thread count of before (torch keeps the last count set, by any thread, for threads to come)."""
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for a test (the suite's workers run on one), then as before."""
     before = torch.get_num_threads()
-    comp = jointcomp.Compressor(trained_mlp, "50x", method="posttrain")
-    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+def threads_of_a_new_thread() -> int:
     later = []
     thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     thread.start()
     thread.join()
-    assert (torch.get_num_threads(), later) == (before, [before])
+    return later[0]
+
+
+def test_calibration_gives_torchs_threads_back(trained_mlp, digits, two_threads):
+    """The option tables are built in a thread of their own on one intra-op thread while the
+    sensitivities take the rest: after it, the caller and every thread started later have torch's
+    thread count of before (torch keeps the last count set, by any thread, for threads to come)."""
+    comp = jointcomp.Compressor(trained_mlp, "50x", method="posttrain")
+    comp.calibrate(calibration_inputs(digits, 256, seed=0, device=torch.device("cpu")))
+    assert (torch.get_num_threads(), threads_of_a_new_thread()) == (two_threads, two_threads)
 
 
 def test_calibration_tells_how_far_it_is_from_the_calling_thread():
@@ -602,10 +614,11 @@ class GaveUp(Exception):
     pass
 
 
-def test_a_calibration_given_up_stops_building_tables(monkeypatch):
+def test_a_calibration_given_up_stops_building_tables_and_gives_torchs_threads_back(monkeypatch, two_threads):
     """The app's rerun (another network picked) stops a calibration at its next progress report:
     the tables' worker stops after the table in hand instead of building the rest on a core the
-    next calibration needs."""
+    next calibration needs, and the calibration ends after it: the worker's count (one thread)
+    given back last left every thread started later on one (the app's later what-ifs)."""
     built = []
     build = posttrain._option_table
     monkeypatch.setattr(posttrain, "_option_table", lambda *args: built.append(1) or build(*args))
@@ -619,6 +632,7 @@ def test_a_calibration_given_up_stops_building_tables(monkeypatch):
     with pytest.raises(GaveUp):
         comp.calibrate(torch.randn(64, 3, 32, 32).split(32), gives_up)
     assert len(built) < len(comp.specs) == 20
+    assert (torch.get_num_threads(), threads_of_a_new_thread()) == (two_threads, two_threads)
 
 
 def test_a_training_set_smaller_than_the_calibration_asked_for_gives_all_and_says_so(digits, caplog):

@@ -6,6 +6,7 @@ Control (stop, live target) is thread-safe.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -41,12 +42,19 @@ THREADS = torch.get_num_threads()  # torch's own choice for this process, before
 WHATIFS_CALIBRATION_SHARE = 0.9
 
 
-def use_threads_for(model: nn.Module) -> None:
-    """The intra-op threads of the calling (background) thread for training `model`: one for a
-    small model. In a thread that is not the main one, the digits MLP's steps took 2.5x as long
-    with two OpenMP threads as with one (with one they are as fast as on the main thread), while
-    LeNet-5's (430k weights) were 1.3x faster with two (BENCHMARKS.md, "The app while a run trains")."""
+@contextlib.contextmanager
+def threads_for(model: nn.Module) -> Iterator[None]:
+    """The calling (background) thread's intra-op threads set for computing on `model` (a run, the
+    what-ifs) for a while: one for a small model. In a thread that is not the main one, the digits
+    MLP's steps took 2.5x as long with two OpenMP threads as with one (with one they are as fast as on
+    the main thread), while LeNet-5's (430k weights) were 1.3x faster with two (BENCHMARKS.md, "The app
+    while a run trains"). torch's count is also what every thread started later begins with (the
+    page's reruns), so it is given back as the process's own after."""
     torch.set_num_threads(1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(THREADS)
 
 
 @dataclass
@@ -167,12 +175,12 @@ class Runner(_Worker):
         return runner
 
     def _work(self) -> None:
-        use_threads_for(self.engine.model)
-        for record in self.engine:
-            if isinstance(record, StepRecord):
-                self._last_step = time.monotonic()
-                self._first_step = self._first_step or self._last_step
-            self.records.append(record)
+        with threads_for(self.engine.model):
+            for record in self.engine:
+                if isinstance(record, StepRecord):
+                    self._last_step = time.monotonic()
+                    self._first_step = self._first_step or self._last_step
+                self.records.append(record)
 
     def stop(self, wait: float = 0.0) -> None:
         self.engine.stop()
@@ -281,8 +289,9 @@ class WhatIfs:
         time (the app's sessions share one: scoring swaps the compressor's weights for a while)."""
         with self._lock:
             if target not in self._plans:
-                self._plans[target] = whatif.plan(self.compressor, target, self.dense_accuracy, self.sketches,
-                                                  self.evaluate)
+                with threads_for(self.compressor.model):
+                    self._plans[target] = whatif.plan(self.compressor, target, self.dense_accuracy, self.sketches,
+                                                      self.evaluate)
             return self._plans[target]
 
 
@@ -294,19 +303,20 @@ def what_ifs(model: nn.Module, data: Dataset, config: EngineConfig, model_name: 
     the dense network on the sketch's examples). `progress(fraction, text)`: how far the
     calibration is (most of a minute on a ResNet-56), then the dense score."""
     config = config.with_method("posttrain")
-    comp = Compressor(place(copy.deepcopy(model), torch.device("cpu")), config=config,
-                      meta=model_description(model_name, data))  # no evaluate of
-    # its own (nothing scored on construction): the what-ifs are scored by the `evaluate` chosen below
-    inputs = calibration_inputs(data, config.calibration, config.seed, torch.device("cpu"))
-    comp.calibrate(inputs, part_of(progress, 0.0, WHATIFS_CALIBRATION_SHARE))
-    sketches = comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE
-    examples = SKETCH_EXAMPLES if sketches else None
-    evaluate = lambda m: accuracy(m, data, examples)  # noqa: E731
-    if dense_accuracy is None or sketches:
-        if progress:
-            scored = len(data.val_y) if examples is None else min(examples, len(data.val_y))
-            progress(WHATIFS_CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
-        dense_accuracy = comp.score(None, evaluate)
+    with threads_for(model):
+        comp = Compressor(place(copy.deepcopy(model), torch.device("cpu")), config=config,
+                          meta=model_description(model_name, data))  # no evaluate of its own (nothing
+        # scored on construction): the what-ifs are scored by the `evaluate` chosen below
+        inputs = calibration_inputs(data, config.calibration, config.seed, torch.device("cpu"))
+        comp.calibrate(inputs, part_of(progress, 0.0, WHATIFS_CALIBRATION_SHARE))
+        sketches = comp.dense_bops / DENSE_BITS**2 > SKETCH_ABOVE
+        examples = SKETCH_EXAMPLES if sketches else None
+        evaluate = lambda m: accuracy(m, data, examples)  # noqa: E731
+        if dense_accuracy is None or sketches:
+            if progress:
+                scored = len(data.val_y) if examples is None else min(examples, len(data.val_y))
+                progress(WHATIFS_CALIBRATION_SHARE, f"scoring the dense network on {scored:,} validation images")
+            dense_accuracy = comp.score(None, evaluate)
     return WhatIfs(comp, sketches, dense_accuracy, evaluate, sum(len(x) for x in inputs))
 
 
@@ -346,8 +356,8 @@ class Sweep(_Worker):
             self.current = self.make_engine(target, method)
             if self.current.calibration is None:  # a run made without one takes the sweep's
                 self.current.calibration = self.calibration
-            use_threads_for(self.current.model)
-            final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
+            with threads_for(self.current.model):
+                final = [r for r in self.current if isinstance(r, FinalRecord)][-1]
             self.results.append({"target": target, "method": method, **final.summary()})
             if not self.current.compressor.method.trains:  # calibrated, its weights still the dense ones
                 self.calibration = self.current.compressor
