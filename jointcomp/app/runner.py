@@ -35,7 +35,7 @@ from ..records import (EpochRecord, FinalRecord, Record, StartRecord, StepRecord
 
 
 ACTIVE: dict[str, "Runner"] = {}  # run folder -> its runner, for every run this server started
-SMALL_MODEL = 200_000  # parameters: below this, a run in a background thread trains on one intra-op thread
+SMALL_MODEL = 200_000  # parameters: below this, the app's runs and what-ifs compute on one intra-op thread
 THREADS = torch.get_num_threads()  # torch's own choice for this process, before any run changed it
 # Of the what-ifs' start, the calibration's share of the time, for progress (the rest: scoring the
 # dense network; a ResNet-56's 41 s and 4 s)

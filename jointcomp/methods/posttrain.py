@@ -216,8 +216,8 @@ class PostTrain(Method):
                    f"pricing each layer's options: {len(tables)} of {n} tables, {sensed} of {n} sensitivities")
 
         given_up = threading.Event()  # the caller gave up (the app's rerun stops a calibration at its next report)
-        # the pool ends (its tables given up or built) before the count is given back: torch's count is also
-        # what later threads start with, and the worker's own giving back must not come last
+        # the pool ends first (its tables built or given up): its worker gives back the one thread it began with,
+        # and torch's last count set is what later threads begin with, so the caller's must come last
         with _intra_op_threads(max(1, torch.get_num_threads() - 1)), ThreadPoolExecutor(1) as pool:
             building = pool.submit(_option_tables, weights, hessians, self.factors, self.projector.min_keep, tables,
                                    given_up)
