@@ -132,6 +132,14 @@ def network_whatif(page, url: str, data: str, model: str, moves: int) -> tuple[f
         slider_latency(page, moves)
 
 
+def opened(browser, url: str):
+    """A new page of the app at `url`, once it shows its default what-if."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(url)
+    page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=300_000)
+    return page
+
+
 def button(page, key: str):
     """An app button by its Streamlit key, the one shown (a button with a tooltip has a hidden copy)."""
     return page.locator(f".st-key-{key} button:visible")
@@ -197,9 +205,7 @@ def main() -> None:
         if args.nice_browser:
             subprocess.run(["sh", "-c", "renice -n 19 -p $(pgrep -f chromium)"], capture_output=True)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(url)
-            page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=300_000)
+            page = opened(browser, url)
             latency = slider_latency(page, args.moves)
 
             default_run = run_to_the_end(page)
@@ -208,9 +214,7 @@ def main() -> None:
             button(page, "stop").click()
             page.get_by_text("Result (stopped").wait_for(timeout=120_000)
             page.close()
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(url)
-            page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=300_000)
+            page = opened(browser, url)
             detached = long_run(page, runs, args.epochs, close=True)
         finally:
             browser.close()
@@ -238,9 +242,7 @@ def whatif_only(networks: list[str], moves: int, screenshots: Path | None, after
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
             if after_default_run:
-                page = browser.new_page(viewport={"width": 1500, "height": 1100})
-                page.goto(url)
-                page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=300_000)
+                page = opened(browser, url)
                 print(f"default run: {run_to_the_end(page):.1f} s", flush=True)
                 page.close()
             for network in networks:
